@@ -1,0 +1,125 @@
+"""The `minillm` command: env, course run, report, build-notebooks."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+REQUIRED = [("torch", "2.4"), ("numpy", None), ("matplotlib", None), ("tqdm", None), ("ipywidgets", "7.7"),
+            ("jupyterlab", None), ("nbclient", None), ("nbformat", None), ("ipykernel", None)]
+OPTIONAL = [("triton", "GPU kernels (chapter 02 onwards); the torch fallbacks run without it"),
+            ("pytest", "the test suite"), ("nbval", "notebook tests"), ("hypothesis", "property tests")]
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _check_module(name: str, minimum: str | None) -> tuple[bool, str]:
+    try:
+        module = importlib.import_module(name)
+    except Exception as error:  # a broken install raises more than ImportError
+        return False, f"not importable ({type(error).__name__}: {error})"
+    version = getattr(module, "__version__", "?")
+    if minimum and version != "?" and _version_tuple(version) < _version_tuple(minimum):
+        return False, f"{version} is older than the {minimum} the course needs"
+    return True, version
+
+
+def check_environment() -> int:
+    """Print [OK]/[FAIL] for each dependency and a hardware summary; return the number of failures."""
+    from . import __version__
+    failures = 0
+    ok = sys.version_info >= (3, 10)
+    failures += not ok
+    print(f"[{'OK' if ok else 'FAIL'}] python {sys.version.split()[0]}" + ("" if ok else " (need 3.10 or newer)"))
+    for name, minimum in REQUIRED:
+        ok, detail = _check_module(name, minimum)
+        failures += not ok
+        print(f"[{'OK' if ok else 'FAIL'}] {name} {detail}")
+    for name, purpose in OPTIONAL:
+        ok, detail = _check_module(name, None)
+        print(f"[{'OK' if ok else '--'}] {name} {detail if ok else 'not installed (optional: ' + purpose + ')'}")
+    from .cost import format_hardware, probe_hardware
+    print(f"minillm {__version__}")
+    print(format_hardware(probe_hardware()))
+    if failures:
+        print(f"{failures} required item(s) failed: run `make course` (it installs what is missing) or "
+              "`pip install -e .` in the course folder.")
+    return failures
+
+
+def cmd_env(args) -> int:
+    return 1 if check_environment() else 0
+
+
+def cmd_course(args) -> int:
+    from .cost import report
+    from .notebooks import run_course
+    runs = run_course(args.chapters or None, fast=args.fast, timeout=args.timeout)
+    text, png = report()
+    print(text)
+    if png:
+        print(f"plot: {png}")
+    failed = [r for r in runs if not r.ok]
+    for r in failed:
+        print(f"FAILED {r.path.name}: {r.error}\n  the executed notebook with the error: {r.output_path}")
+    print(f"{len(runs) - len(failed)} of {len(runs)} chapter(s) ran in {sum(r.seconds for r in runs):.0f} s")
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from .cost import Ledger, report
+    text, png = report(Ledger(args.ledger) if args.ledger else None, out_dir=args.out)
+    print(text)
+    if png:
+        print(f"plot: {png}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .notebooks import build_notebooks
+    problems = build_notebooks(check=args.check)
+    for problem in problems:
+        print(problem)
+    if args.check:
+        if problems:
+            print("notebooks/ is out of sync with solutions/: run `minillm build-notebooks`")
+            return 1
+        print("notebooks/ is in sync with solutions/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minillm", description="the minillm course's command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("env", help="check the installation ([OK]/[FAIL]) and describe this machine")
+    p.set_defaults(func=cmd_env)
+    p = sub.add_parser("course", help="run the course's chapters headless")
+    course = p.add_subparsers(dest="action", required=True)
+    p = course.add_parser("run", help="execute chapters with nbclient into runs/course/ and print the report")
+    p.add_argument("chapters", nargs="*", help="chapter numbers (default: all), e.g. 00 01")
+    p.add_argument("--fast", action="store_true", help="the quick pass (MINILLM_FAST=1): tiny sizes")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
+    p.set_defaults(func=cmd_course)
+    p = sub.add_parser("report", help="print the ledger as tables and write a plot")
+    p.add_argument("--ledger", help="ledger file (default runs/ledger.jsonl)")
+    p.add_argument("--out", help="folder for the plot (default runs/)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("build-notebooks", help="write notebooks/ (student versions) from solutions/")
+    p.add_argument("--check", action="store_true", help="only check that notebooks/ is in sync; exit 1 if not")
+    p.set_defaults(func=cmd_build)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"minillm {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Check cells for the exercises: one call per exercise, one deterministic line when right, a hint when wrong.
+
+A check cell in a notebook looks like
+
+    minillm.grading.check("ex00.1", matmul_flops)
+
+The reference answer and the hints live in `minillm/checks/chNN.py`, registered with `@exercise`.
+A right answer prints `✓ ex00.1 matmul FLOPs formula matches the reference (1 point)`; a wrong one raises
+`AssertionError` with a hint a student can act on; an unfinished stub raises its `NotImplementedError`.
+Instructors grade whole notebooks with `minillm grade` (see docs/INSTRUCTORS.md).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Exercise:
+    grade_id: str
+    title: str
+    points: int
+    checker: Callable[..., str | None]
+
+
+_REGISTRY: dict[str, Exercise] = {}
+_GRADE_ID = re.compile(r"^ex(\d\d)\.\d+$")
+
+
+def exercise(grade_id: str, title: str, points: int = 1):
+    """Register the checker of one exercise. The checker raises AssertionError (with a hint) when wrong
+    and may return a short phrase that replaces the default 'matches the reference'."""
+    if not _GRADE_ID.match(grade_id):
+        raise ValueError(f"grade_id {grade_id!r} must look like 'ex03.2' (chapter number, dot, exercise number)")
+
+    def register(checker):
+        _REGISTRY[grade_id] = Exercise(grade_id, title, points, checker)
+        return checker
+    return register
+
+
+def get_exercise(grade_id: str) -> Exercise:
+    match = _GRADE_ID.match(grade_id)
+    if not match:
+        raise ValueError(f"grade_id {grade_id!r} must look like 'ex03.2'")
+    if grade_id not in _REGISTRY:
+        try:
+            importlib.import_module(f"minillm.checks.ch{match.group(1)}")
+        except ModuleNotFoundError as error:
+            raise KeyError(f"no checks are defined for chapter {match.group(1)} (looked for "
+                           f"minillm/checks/ch{match.group(1)}.py)") from error
+    if grade_id not in _REGISTRY:
+        known = ", ".join(sorted(g for g in _REGISTRY if g.startswith(f"ex{match.group(1)}."))) or "none"
+        raise KeyError(f"unknown exercise {grade_id!r}; chapter {match.group(1)} has: {known}")
+    return _REGISTRY[grade_id]
+
+
+def check(grade_id: str, *answer: Any, **options: Any) -> int:
+    """Run the registered checker on the student's answer; print one line and return the points earned."""
+    ex = get_exercise(grade_id)
+    verdict = ex.checker(*answer, **options) or "matches the reference"
+    plural = "s" if ex.points != 1 else ""
+    print(f"✓ {ex.grade_id} {ex.title} {verdict} ({ex.points} point{plural})")
+    return ex.points
+
+
+# Helpers for writing checkers: each raises AssertionError with a message a student can act on.
+
+def expect_close(got, expected, what: str, rtol: float = 1e-5, atol: float = 1e-8, hint: str = "") -> None:
+    """Assert two numbers or tensors agree; the message shows what was expected and what came back."""
+    suffix = f" Hint: {hint}" if hint else ""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(got, torch.Tensor):
+            raise AssertionError(f"{what}: expected a torch.Tensor, got {type(got).__name__}.{suffix}")
+        if got.shape != expected.shape:
+            raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}.{suffix}")
+        if not torch.allclose(got.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True):
+            worst = (got.double() - expected.double()).abs().nan_to_num(float("inf")).max().item()
+            raise AssertionError(f"{what}: values differ from the reference (largest difference {worst:.3g}).{suffix}")
+        return
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        try:
+            got = float(got)
+        except (TypeError, ValueError):
+            raise AssertionError(f"{what}: expected a number, got {type(got).__name__} {got!r}.{suffix}") from None
+    if not math.isclose(float(got), float(expected), rel_tol=rtol, abs_tol=atol):
+        raise AssertionError(f"{what}: expected {expected:.6g}, got {float(got):.6g}.{suffix}")
+
+
+def expect_equal(got, expected, what: str, hint: str = "") -> None:
+    if got != expected:
+        suffix = f" Hint: {hint}" if hint else ""
+        raise AssertionError(f"{what}: expected {expected!r}, got {got!r}.{suffix}")

@@ -1,0 +1,67 @@
+"""Where minillm keeps things: the repository, the runs folder (ledger, checkpoints), the data cache.
+
+Every path can be moved with an environment variable, so tests and graders can work in a temp folder:
+MINILLM_RUNS (ledger, checkpoints, peaks), MINILLM_DATA (downloaded corpora).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def repo_root() -> Path | None:
+    """The course checkout this package lives in, or None when minillm was installed without one."""
+    root = PACKAGE_DIR.parent
+    if (root / "pyproject.toml").exists() and (root / "solutions").is_dir():
+        return root
+    return None
+
+
+def runs_dir() -> Path:
+    """Folder for the ledger, checkpoints and cached measurements (created on demand)."""
+    env = os.environ.get("MINILLM_RUNS")
+    if env:
+        path = Path(env)
+    else:
+        root = repo_root()
+        path = (root / "runs") if root is not None else Path.cwd() / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path:
+    """Cache folder for downloaded corpora (created on demand)."""
+    env = os.environ.get("MINILLM_DATA")
+    path = Path(env) if env else Path.home() / ".cache" / "minillm" / "data"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def datasets_dir() -> Path:
+    """The shipped `datasets/` folder (manifest of downloadable corpora)."""
+    root = repo_root()
+    if root is not None:
+        return root / "datasets"
+    return PACKAGE_DIR / "datasets"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

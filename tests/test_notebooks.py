@@ -1,0 +1,146 @@
+"""The course machinery: student twins in sync with solutions, shared first cells, stubs that fail."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minillm import grading
+from minillm.notebooks import (BEGIN, BOOTSTRAP, END, PARAMETERS, build_notebooks, build_student, chapter_paths,
+                               load, stub_solution_regions)
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTIONS = chapter_paths(folder=ROOT / "solutions")
+
+
+def source(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_there_are_chapters():
+    assert SOLUTIONS and SOLUTIONS[0].name == "00_setup.ipynb"
+
+
+def test_stub_keeps_indentation_and_signature():
+    src = f"def f(x):\n    {BEGIN}\n    return x + 1\n    {END}\n\nprint(f)"
+    out = stub_solution_regions(src, "ex01.2")
+    assert "return x + 1" not in out
+    assert "    raise NotImplementedError(\"exercise ex01.2" in out
+    assert out.startswith("def f(x):\n    # YOUR CODE HERE") and out.endswith("print(f)")
+    namespace = {}
+    exec(out, namespace)
+    with pytest.raises(NotImplementedError, match="ex01.2"):
+        namespace["f"](1)
+
+
+@pytest.mark.parametrize("bad", [f"{BEGIN}\nx = 1", f"x = 1\n{END}", f"{BEGIN}\n{BEGIN}\n{END}\n{END}"])
+def test_unbalanced_markers_are_errors(bad):
+    with pytest.raises(ValueError, match="SOLUTION"):
+        stub_solution_regions(bad, "ex00.1")
+
+
+def test_build_check_detects_drift(tmp_path):
+    solutions, notebooks = tmp_path / "solutions", tmp_path / "notebooks"
+    solutions.mkdir()
+    nb = load(SOLUTIONS[0])
+    (solutions / SOLUTIONS[0].name).write_text(json.dumps(nb))
+    assert build_notebooks(check=True, source_dir=solutions, out_dir=notebooks)  # missing twin
+    assert build_notebooks(verbose=False, source_dir=solutions, out_dir=notebooks) == []
+    assert build_notebooks(check=True, source_dir=solutions, out_dir=notebooks) == []
+    nb["cells"][-1]["source"] = "# an edit to the solution"
+    (solutions / SOLUTIONS[0].name).write_text(json.dumps(nb))
+    problems = build_notebooks(check=True, source_dir=solutions, out_dir=notebooks)
+    assert problems and "out of date" in problems[0]
+
+
+def test_repository_notebooks_are_in_sync():
+    assert build_notebooks(check=True) == [], "run `minillm build-notebooks`"
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_solution_conventions(path):
+    nb = load(path)
+    cells = nb["cells"]
+    assert source(cells[0]) == BOOTSTRAP, "first cell must be the shared bootstrap (minillm.notebooks.BOOTSTRAP)"
+    assert source(cells[1]) == PARAMETERS and "parameters" in cells[1]["metadata"].get("tags", [])
+    ids = [c["id"] for c in cells]
+    assert len(ids) == len(set(ids)), "cell ids must be unique"
+    checks = [c for c in cells if c["metadata"].get("nbgrader", {}).get("grade")]
+    solutions = [c for c in cells if BEGIN in source(c)]
+    assert checks and solutions, "every chapter has at least one graded exercise"
+    chapter = path.name[:2]
+    for cell in checks:
+        meta = cell["metadata"]["nbgrader"]
+        assert meta["grade_id"].startswith(f"ex{chapter}.") and meta["points"] > 0
+        exercise = grading.get_exercise(meta["grade_id"])
+        assert exercise.points == meta["points"]
+        assert f'check("{meta["grade_id"]}"' in source(cell)
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            assert not cell["outputs"], f"{path.name}: cell {cell['id']} has outputs; solutions are stored clean"
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_student_twin_matches_and_fails_only_on_stubs(path):
+    """Run the student notebook: every check cell fails, and only with the stubs' NotImplementedError."""
+    import nbclient
+    import nbformat
+
+    student_path = ROOT / "notebooks" / path.name
+    student = nbformat.read(student_path, as_version=4)
+    assert [c.id for c in student.cells] == [c["id"] for c in load(path)["cells"]]
+    assert BEGIN not in student_path.read_text()
+    client = nbclient.NotebookClient(student, timeout=300, kernel_name="python3", allow_errors=True,
+                                     resources={"metadata": {"path": str(student_path.parent)}})
+    client.execute()
+    for cell in student.cells:
+        if cell.cell_type != "code":
+            continue
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        if cell.metadata.get("nbgrader", {}).get("grade"):
+            assert errors, f"check cell {cell.id} passed on a stub"
+        for error in errors:
+            assert error.ename == "NotImplementedError", f"cell {cell.id}: {error.ename}: {error.evalue}"
+
+
+def test_cli_env_and_build_check():
+    env = subprocess.run([sys.executable, "-m", "minillm", "env"], capture_output=True, text=True)
+    assert env.returncode == 0, env.stdout + env.stderr
+    assert "[OK] torch" in env.stdout and "[FAIL]" not in env.stdout
+    check = subprocess.run([sys.executable, "-m", "minillm", "build-notebooks", "--check"], capture_output=True, text=True)
+    assert check.returncode == 0 and "in sync" in check.stdout
+
+
+def test_course_run_writes_ledger_and_report(tmp_path):
+    env = {**os.environ, "MINILLM_RUNS": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "minillm", "course", "run", "--fast", "00"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "00_setup.ipynb ok" in run.stdout
+    assert (tmp_path / "course" / "00_setup.ipynb").exists()
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert {e["chapter"] for e in ledger} == {"00"} and len(ledger) >= 5
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_course_run_unknown_chapter_is_a_clear_error(tmp_path):
+    unknown = subprocess.run([sys.executable, "-m", "minillm", "course", "run", "99"], capture_output=True, text=True,
+                             env={**os.environ, "MINILLM_RUNS": str(tmp_path)})
+    assert unknown.returncode == 2 and "no chapter 99" in unknown.stderr
+
+
+def test_a_failing_chapter_is_reported_by_name_and_cell(tmp_path):
+    import nbformat
+    from minillm.notebooks import run_chapter
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", id="fine"), nbformat.v4.new_code_cell("1 / 0", id="broken"),
+                nbformat.v4.new_code_cell("y = 2", id="after")]
+    path = tmp_path / "98_broken.ipynb"
+    nbformat.write(nb, path)
+    run = run_chapter(path, fast=True, timeout=60, out_dir=tmp_path / "out")
+    assert not run.ok
+    assert "cell 1 (broken" in run.error and "ZeroDivisionError" in run.error
+    assert run.output_path.exists()
