@@ -1,0 +1,149 @@
+"""Benchmarks that print what a trick saves on this machine: `python -m minillm.bench SUBCOMMAND`.
+
+Each benchmark measures its baseline in the same run and prints the ratio, so the figures hold for the
+machine they ran on. `bpe` belongs to chapter 01 (tokenization).
+
+Adding a benchmark: write one function `bench_NAME(**options) -> dict` that prints plain lines and
+returns its figures, then add one line to `BENCHMARKS` naming its help text and command-line options.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from minillm.tokenizers import BPETokenizer, CharTokenizer, pretokenize
+
+
+def load_text(corpus: str) -> str:
+    """A corpus by name, from `minillm.data.load_corpus` (with a built-in fallback for "pydocs")."""
+    try:
+        from minillm.data import load_corpus
+    except ImportError:
+        load_corpus = None
+    if load_corpus is not None:
+        return load_corpus(corpus)
+    if corpus != "pydocs":
+        raise ValueError(f"bench: corpus {corpus!r} needs minillm.data.load_corpus, which this install lacks; "
+                         "use --corpus pydocs")
+    import pydoc_data.topics
+    topics = pydoc_data.topics.topics
+    return "".join(topics[k] for k in sorted(topics))
+
+
+def _naive_merge_seconds(text: str, n_merges: int) -> float:
+    """Seconds per merge of the textbook trainer, which recounts every pair of every chunk each merge.
+
+    It still counts each distinct chunk once, so the ratio printed isolates the incremental update.
+    """
+    chunk_counts = Counter(pretokenize(text))
+    words = [list(chunk.encode("utf-8", errors="surrogatepass")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    start = time.perf_counter()
+    for merge_index in range(n_merges):
+        pair_counts: Counter = Counter()
+        for word, freq in zip(words, freqs):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += freq
+        if not pair_counts:
+            break
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        new_id = 256 + merge_index
+        for i, word in enumerate(words):
+            merged, j = [], 0
+            while j < len(word):
+                if j + 1 < len(word) and (word[j], word[j + 1]) == best:
+                    merged.append(new_id)
+                    j += 2
+                else:
+                    merged.append(word[j])
+                    j += 1
+            words[i] = merged
+    return (time.perf_counter() - start) / max(n_merges, 1)
+
+
+def bench_bpe(vocab_size: int = 512, corpus: str = "pydocs", baseline_merges: int = 10) -> dict:
+    """Train byte-level BPE on one core; compare its token count and encode speed with characters."""
+    text = load_text(corpus)
+    n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
+
+    start = time.perf_counter()
+    bpe = BPETokenizer().train(text, vocab_size)
+    train_seconds = time.perf_counter() - start
+    n_merges = len(bpe.merges)
+
+    start = time.perf_counter()
+    bpe_ids = bpe.encode(text)
+    bpe_encode_seconds = time.perf_counter() - start
+    if bpe.decode(bpe_ids) != text:
+        raise RuntimeError("bench bpe: decode(encode(text)) != text; the tokenizer is broken")
+
+    char = CharTokenizer().train(text)
+    start = time.perf_counter()
+    char_ids = char.encode(text)
+    char_encode_seconds = time.perf_counter() - start
+
+    naive_seconds_per_merge = _naive_merge_seconds(text, baseline_merges) if baseline_merges > 0 else None
+
+    megabytes = n_bytes / 1e6
+    result = {
+        "corpus": corpus, "bytes": n_bytes, "vocab_size": bpe.vocab_size, "merges": n_merges,
+        "train_seconds": train_seconds, "merges_per_second": n_merges / train_seconds,
+        "bpe_tokens": len(bpe_ids), "char_tokens": len(char_ids),
+        "bpe_bytes_per_token": n_bytes / len(bpe_ids), "char_bytes_per_token": n_bytes / len(char_ids),
+        "bpe_encode_megabytes_per_second": megabytes / bpe_encode_seconds,
+        "char_encode_megabytes_per_second": megabytes / char_encode_seconds,
+        "naive_seconds_per_merge": naive_seconds_per_merge,
+    }
+    print(f"bpe: {n_merges} merges on {corpus} ({n_bytes:,} bytes) in {train_seconds:.2f} s "
+          f"({result['merges_per_second']:,.0f} merges/s, vocab_size {bpe.vocab_size})")
+    if naive_seconds_per_merge is not None:
+        incremental_per_merge = train_seconds / max(n_merges, 1)
+        print(f"bpe: naive trainer (recount all pairs each merge) measured on {baseline_merges} merges: "
+              f"{naive_seconds_per_merge * 1e3:.1f} ms/merge vs {incremental_per_merge * 1e3:.2f} ms/merge "
+              f"incremental (setup included), {naive_seconds_per_merge / incremental_per_merge:.0f}x")
+    print(f"bpe: {len(bpe_ids):,} tokens ({result['bpe_bytes_per_token']:.2f} bytes/token) vs "
+          f"{len(char_ids):,} char tokens ({result['char_bytes_per_token']:.2f} bytes/token): "
+          f"{len(char_ids) / len(bpe_ids):.2f}x fewer tokens")
+    print(f"bpe: encode {result['bpe_encode_megabytes_per_second']:.2f} MB/s "
+          f"({bpe_encode_seconds:.2f} s) vs char encode {result['char_encode_megabytes_per_second']:.2f} MB/s "
+          f"({char_encode_seconds:.3f} s)")
+    return result
+
+
+@dataclass
+class Benchmark:
+    run: Callable[..., dict]
+    help: str
+    # option name -> argparse.add_argument keyword arguments
+    options: dict[str, dict] = field(default_factory=dict)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "bpe": Benchmark(bench_bpe, "train byte-level BPE; tokens and encode speed vs characters (chapter 01)", {
+        "--vocab-size": dict(type=int, default=512, help="BPE vocabulary size, >= 256 (default 512)"),
+        "--corpus": dict(default="pydocs", help="corpus name for minillm.data.load_corpus (default pydocs)"),
+        "--baseline-merges": dict(type=int, default=10,
+                                  help="merges to time with the naive recount trainer, 0 to skip (default 10)"),
+    }),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m minillm.bench", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="SUBCOMMAND")
+    for name, benchmark in BENCHMARKS.items():
+        subparser = subparsers.add_parser(name, help=benchmark.help, description=benchmark.help)
+        for option, kwargs in benchmark.options.items():
+            subparser.add_argument(option, **kwargs)
+    args = vars(parser.parse_args(argv))
+    try:
+        return BENCHMARKS[args.pop("benchmark")].run(**args)
+    except ValueError as err:  # bad options (e.g. vocab size too small): a usage message, not a traceback
+        parser.error(str(err))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Tests of minillm.tokenizers (chapter 01): round trips, the BPE trainer against a naive reference,
+special tokens, saving and loading, and the errors a learner will meet."""
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer, pretokenize
+
+MIXED_TEXT = (
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox doesn't!\n"
+    "def add(a, b):\n    return a + b  # 1234 + 5678 = 6912\n"
+    "Ünïcödé: café, naïve, Straße, 東京, Москва, 🙂🚀 and     spaces\t\ttabs.\n"
+) * 3
+
+
+def corpus_text() -> str:
+    try:
+        from minillm.data import load_corpus
+        return load_corpus("pydocs")
+    except (ImportError, AttributeError):
+        import pydoc_data.topics
+        topics = pydoc_data.topics.topics
+        return "".join(topics[k] for k in sorted(topics))
+
+
+@functools.lru_cache(maxsize=None)
+def small_bpe() -> BPETokenizer:
+    return BPETokenizer().train(MIXED_TEXT, 256 + 80)
+
+
+@functools.lru_cache(maxsize=None)
+def small_char() -> CharTokenizer:
+    return CharTokenizer().train(MIXED_TEXT)
+
+
+def naive_bpe_merges(text: str, n_merges: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Textbook BPE: every chunk occurrence kept separately, every pair recounted before every merge."""
+    words = [list(chunk.encode("utf-8")) for chunk in pretokenize(text)]
+    merges = []
+    for merge_index in range(n_merges):
+        counts = Counter(pair for word in words for pair in zip(word, word[1:]))
+        if not counts:
+            break
+        top = max(counts.values())
+        best = min(pair for pair, count in counts.items() if count == top)
+        new_id = 256 + merge_index
+        merges.append(best)
+        for w, word in enumerate(words):
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == list(best):
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            words[w] = out
+    return merges, [token for word in words for token in word]
+
+
+# --- pre-splitting --------------------------------------------------------------------------------
+
+def test_pretokenize_rejoins_and_splits_like_gpt2():
+    assert pretokenize("Hello world, it's 2024!!  ok") == [
+        "Hello", " world", ",", " it", "'s", " 2024", "!!", " ", " ok"]
+    assert "".join(pretokenize(MIXED_TEXT)) == MIXED_TEXT
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text())
+def test_pretokenize_covers_every_character(text):
+    assert "".join(pretokenize(text)) == text
+
+
+# --- round trips ----------------------------------------------------------------------------------
+
+@settings(max_examples=150, deadline=None)
+@given(st.text())
+def test_bpe_round_trips_any_text(text):
+    tokenizer = small_bpe()
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text())
+def test_char_with_byte_fallback_round_trips_any_text(text):
+    tokenizer = small_char()
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_lone_surrogates_round_trip():
+    text = "a\ud800b\udfffc"
+    assert small_bpe().decode(small_bpe().encode(text)) == text
+    assert small_char().decode(small_char().encode(text)) == text
+
+
+@pytest.mark.parametrize("make", [small_bpe, small_char, lambda: BPETokenizer(), lambda: CharTokenizer()])
+def test_empty_string(make):
+    tokenizer = make()
+    assert tokenizer.encode("") == []
+    assert tokenizer.decode([]) == ""
+
+
+# --- BPE training -----------------------------------------------------------------------------------
+
+def test_hand_checkable_first_merge():
+    # "aaabdaaabac" is one chunk; pairs: aa x4, ab x2, bd, da, ba, ac once each
+    tokenizer = BPETokenizer().train("aaabdaaabac", 256 + 3)
+    a, b = ord("a"), ord("b")
+    assert tokenizer.merges[0] == (a, a)
+    assert tokenizer.token_bytes(256) == b"aa"
+    assert tokenizer.vocab_size == 256 + len(tokenizer.merges) == 259
+    assert tokenizer.encode("aaabdaaabac")[0] >= 256
+
+
+def test_incremental_trainer_equals_naive_reference():
+    n_merges = 120
+    tokenizer = BPETokenizer().train(MIXED_TEXT, 256 + n_merges)
+    reference_merges, reference_ids = naive_bpe_merges(MIXED_TEXT, n_merges)
+    assert tokenizer.merges == reference_merges
+    # encoding by merge rank reproduces the segmentation training ended with
+    assert tokenizer.encode(MIXED_TEXT) == reference_ids
+
+
+def test_training_is_deterministic_and_save_load_keeps_encodings(tmp_path):
+    first = BPETokenizer().train(MIXED_TEXT, 256 + 60)
+    second = BPETokenizer().train(MIXED_TEXT, 256 + 60)
+    assert first.merges == second.merges
+    path = tmp_path / "bpe.json"
+    first.save(path)
+    loaded = BPETokenizer.load(path)
+    assert loaded.merges == first.merges
+    assert loaded.encode(MIXED_TEXT) == first.encode(MIXED_TEXT)
+    assert isinstance(load_tokenizer(path), BPETokenizer)
+
+
+def test_training_stops_with_a_warning_when_nothing_is_left_to_merge():
+    with pytest.warns(UserWarning, match="no pairs left"):
+        tokenizer = BPETokenizer().train("abab", 256 + 10)
+    assert tokenizer.merges == [(ord("a"), ord("b")), (256, 256)]
+
+
+@pytest.mark.slow
+def test_bpe_compresses_real_text():
+    sample = corpus_text()[:50_000]
+    tokenizer = BPETokenizer().train(sample, 512)
+    ids = tokenizer.encode(sample)
+    bytes_per_token = len(sample.encode("utf-8")) / len(ids)
+    # observed ~2.1 on this sample; a broken merge loop gives 1.0
+    assert bytes_per_token > 1.8
+    assert tokenizer.decode(ids) == sample
+
+
+# --- special tokens -----------------------------------------------------------------------------------
+
+def test_special_tokens_are_single_ids_and_never_merged():
+    specials = ["<|end|>", "<|endoftext|>"]
+    text = "<|endoftext|>".join(["hello there", "general kenobi", "hello again"] * 20)
+    tokenizer = BPETokenizer(special_tokens=specials).train(text, 256 + 20 + len(specials))
+    assert tokenizer.vocab_size == 256 + len(tokenizer.merges) + 2
+    end_of_text = tokenizer.special_token_id("<|endoftext|>")
+    assert end_of_text == 256 + len(tokenizer.merges) + 1
+    ids = tokenizer.encode("hi<|endoftext|>there<|end|>")
+    assert ids.count(end_of_text) == 1
+    assert ids[-1] == tokenizer.special_token_id("<|end|>")
+    assert tokenizer.decode(ids) == "hi<|endoftext|>there<|end|>"
+    # without atomic matching "<|" would be among the most frequent pairs of this text
+    merged = [tokenizer.token_bytes(i) for i in range(256, 256 + len(tokenizer.merges))]
+    assert not any(b"<|" in token or b"|>" in token for token in merged)
+
+
+def test_longest_special_token_wins():
+    tokenizer = BPETokenizer(special_tokens=["<s>", "<s>>"])
+    ids = tokenizer.encode("a<s>>b")
+    assert ids == [ord("a"), tokenizer.special_token_id("<s>>"), ord("b")]
+
+
+# --- CharTokenizer ---------------------------------------------------------------------------------
+
+def test_char_vocabulary_order_cap_and_fallback_ids():
+    tokenizer = CharTokenizer().train("bbaacd", vocab_size=3)
+    assert tokenizer.chars == ["a", "b", "c"]  # ties broken by codepoint, "d" cut by the cap
+    assert tokenizer.vocab_size == 3 + 256
+    assert tokenizer.encode("abc") == [0, 1, 2]
+    assert tokenizer.encode("d") == [3 + ord("d")]  # fallback bytes come after the characters
+    assert tokenizer.encode("é") == [3 + 0xC3, 3 + 0xA9]
+    assert tokenizer.decode(tokenizer.encode("dé!")) == "dé!"
+
+
+def test_char_save_load(tmp_path):
+    tokenizer = CharTokenizer(byte_fallback=False).train(MIXED_TEXT)
+    path = tmp_path / "char.json"
+    tokenizer.save(path)
+    loaded = load_tokenizer(path)
+    assert isinstance(loaded, CharTokenizer) and not loaded.byte_fallback
+    assert loaded.chars == tokenizer.chars
+    assert loaded.encode(MIXED_TEXT) == tokenizer.encode(MIXED_TEXT)
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+def test_bpe_vocab_size_below_256_is_refused():
+    with pytest.raises(ValueError, match="vocab_size >= 256"):
+        BPETokenizer().train(MIXED_TEXT, 200)
+    with pytest.raises(ValueError, match="vocab_size >= 257"):
+        BPETokenizer(special_tokens=["<|endoftext|>"]).train(MIXED_TEXT, 256)
+
+
+def test_non_str_input_is_refused():
+    with pytest.raises(TypeError, match="expected a str"):
+        small_bpe().encode(b"bytes")
+    with pytest.raises(TypeError, match="expected a str"):
+        CharTokenizer().train(["a", "b"])
+
+
+def test_out_of_range_decode_names_the_id():
+    tokenizer = small_bpe()
+    with pytest.raises(ValueError, match=f"token id {tokenizer.vocab_size} is out of range for vocab_size"):
+        tokenizer.decode([65, tokenizer.vocab_size])
+    with pytest.raises(ValueError, match="token id -1"):
+        small_char().decode([-1])
+
+
+def test_char_without_fallback_names_the_unseen_character():
+    tokenizer = CharTokenizer(byte_fallback=False).train("abc")
+    with pytest.raises(ValueError, match=r"'é' \(U\+00E9\).*byte_fallback=True"):
+        tokenizer.encode("abé")
+
+
+def test_loading_the_wrong_kind_or_a_corrupted_file(tmp_path):
+    char_path = tmp_path / "char.json"
+    CharTokenizer().train("abc").save(char_path)
+    with pytest.raises(ValueError, match=r"char\.json.*holds a 'CharTokenizer', expected 'BPETokenizer'"):
+        BPETokenizer.load(char_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"type": "BPETokenizer", "merges": [[1, 2]')
+    with pytest.raises(ValueError, match=r"broken\.json.*not valid JSON"):
+        load_tokenizer(broken)
+    bad_merge = tmp_path / "bad_merge.json"
+    bad_merge.write_text(json.dumps({"type": "BPETokenizer", "version": 1, "pattern": ".", "special_tokens": [],
+                                     "merges": [[1, 2], [300, 1]]}))
+    with pytest.raises(ValueError, match="merge 1 is"):
+        BPETokenizer.load(bad_merge)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing.json")
