@@ -1,0 +1,1029 @@
+"""What things cost on this machine: hardware probe, measured peaks, the Meter, prices, the Ledger.
+
+Taught in chapter 00 (setup) and used by every chapter: each measurement is a `Meter` run whose figures
+go into the `Ledger` (JSON lines under runs/), which `minillm report` turns into tables and a plot.
+
+Units: GB means 10**9 bytes everywhere (as on datasheets), FLOP/s counts a multiply-add as two FLOPs,
+prices are dollars per device-hour.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import numbers
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, runs_dir
+
+__all__ = [
+    "synchronize", "Meter", "best_seconds", "probe_hardware", "hardware_id", "format_hardware",
+    "default_device", "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour",
+    "set_price_per_hour", "Ledger", "savings_table", "report", "format_quantity",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+def synchronize(device: str | torch.device | None = None) -> None:
+    """Wait for queued GPU work, so wall-clock time measures the work and not just its launch."""
+    device = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.synchronize(device)
+    elif device is not None and device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+class Meter:
+    """Measure one piece of work: wall time (GPU synchronised), tokens, FLOPs, peak memory, dollars.
+
+        with Meter("bigram training", chapter="01") as m:
+            ...
+            m.add(tokens=batch_tokens, flops=batch_flops)
+        m.tokens_per_second, m.dollars
+
+    Entering the same meter again adds to its time, so one meter can cover several separate stretches.
+    """
+
+    def __init__(self, label: str, chapter: str | None = None, device: str | torch.device | None = None,
+                 tokens: int = 0, flops: float = 0.0, price_per_hour: float | None = None):
+        if price_per_hour is not None and not (isinstance(price_per_hour, numbers.Real)
+                                               and math.isfinite(price_per_hour) and price_per_hour >= 0):
+            raise ValueError(f"Meter: price_per_hour={price_per_hour!r} must be a finite number >= 0 "
+                             "(dollars per hour); leave it None to use the price table")
+        self.label = label
+        self.chapter = chapter
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.tokens = int(tokens)
+        self.flops = float(flops)
+        self._price_per_hour = price_per_hour
+        self.seconds = 0.0
+        self.peak_memory_bytes: int | None = None
+        self._start: float | None = None
+
+    def add(self, tokens: int = 0, flops: float = 0.0) -> None:
+        self.tokens += int(tokens)
+        self.flops += float(flops)
+
+    def __enter__(self) -> "Meter":
+        if self._start is not None:
+            raise RuntimeError(f"Meter {self.label!r} is already running; nest two different meters instead")
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+        self._start = None
+        if self.device.type == "cuda":
+            self.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak_memory_bytes = _process_peak_rss_bytes()
+        return False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def flops_per_second(self) -> float:
+        return self.flops / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def price_per_hour(self) -> float:
+        if self._price_per_hour is None:
+            self._price_per_hour = price_per_hour()[0]
+        return self._price_per_hour
+
+    @property
+    def dollars(self) -> float:
+        return self.seconds / 3600.0 * self.price_per_hour
+
+    @property
+    def dollars_per_million_tokens(self) -> float:
+        return self.dollars / self.tokens * 1e6 if self.tokens else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "flops": self.flops,
+            "tokens_per_second": self.tokens_per_second if self.tokens else None,
+            "flops_per_second": self.flops_per_second if self.flops else None,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "price_per_hour": self.price_per_hour,
+            "dollars": self.dollars,
+        }
+
+    def __repr__(self) -> str:
+        return (f"Meter({self.label!r}: {self.seconds:.3f} s, {self.tokens} tokens, "
+                f"{self.flops:.3g} FLOPs, ${self.dollars:.6f})")
+
+
+def _process_peak_rss_bytes() -> int | None:
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except Exception:  # Windows has no resource module
+        return None
+
+
+def best_seconds(fn: Callable[[], object], device: str | torch.device | None = None, repeats: int = 5,
+                 warmup: int = 1, budget_seconds: float | None = None) -> float:
+    """Fastest of `repeats` timed calls of `fn` after `warmup` untimed ones, each timed with a Meter.
+
+    The minimum, not the mean: anything that slows a run (another process, a cold cache) only adds time,
+    so the fastest run is the closest to what the hardware can do. With `budget_seconds`, the number of
+    repeats shrinks so that slow work (bf16 on an old CPU) stays within roughly that budget.
+    """
+    if repeats < 1:
+        raise ValueError(f"best_seconds: repeats={repeats} must be at least 1")
+    for _ in range(max(warmup, 0)):
+        fn()
+    times: list[float] = []
+    for _ in range(repeats):
+        with Meter("best_seconds", device=device, price_per_hour=0.0) as meter:
+            fn()
+        times.append(meter.seconds)
+        if budget_seconds is not None and sum(times) >= budget_seconds:
+            break
+    return min(times)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What machine is this?
+# ----------------------------------------------------------------------------------------------------
+
+_HARDWARE: dict | None = None
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        result = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    value = result.stdout.strip()
+    return value if result.returncode == 0 and value else None
+
+
+def _cpu_model() -> str:
+    cpuinfo = _read_text("/proc/cpuinfo")
+    for key in ("model name", "Hardware", "Processor", "cpu model"):
+        match = re.search(rf"^{key}\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+        if match and match.group(1).strip():
+            return match.group(1).strip()
+    if sys.platform == "darwin":
+        brand = _sysctl("machdep.cpu.brand_string")
+        if brand:
+            return brand
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _memory_gb() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (AttributeError, ValueError, OSError):
+        pass
+    match = re.search(r"^MemTotal:\s*(\d+)\s*kB", _read_text("/proc/meminfo"), re.MULTILINE)
+    if match:
+        return int(match.group(1)) * 1024 / 1e9
+    if sys.platform == "darwin":
+        size = _sysctl("hw.memsize")
+        if size and size.isdigit():
+            return int(size) / 1e9
+    return None
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # bf16 matmul is only fast on a CPU with bf16 instructions (AVX512-BF16/AMX on x86, FEAT_BF16 on ARM);
+    # elsewhere torch converts to fp32 and bf16 is slower than plain fp32.
+    flags = set()
+    for line in _read_text("/proc/cpuinfo").splitlines():
+        if line.lower().startswith(("flags", "features")):
+            flags.update(line.split(":", 1)[-1].split())
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return True
+    if sys.platform == "darwin":
+        return _sysctl("hw.optional.arm.FEAT_BF16") == "1"
+    return False
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def probe_hardware(refresh: bool = False) -> dict:
+    """Describe this machine: CPU, memory, the accelerator torch will use, and what precisions it runs fast.
+
+    The answer is cached for the life of the process (the hardware does not change under us); pass
+    refresh=True to probe again. Returns a fresh copy, so callers may modify it.
+    """
+    global _HARDWARE
+    if _HARDWARE is None or refresh:
+        memory_gb = _memory_gb()
+        hw: dict = {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "memory_gb": round(memory_gb, 1) if memory_gb is not None else None,
+            "device": "cpu",
+            "gpu": None,
+            "compute_capability": None,
+            "gpu_memory_gb": None,
+            "gpu_count": 0,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "bf16": _cpu_has_fast_bf16(),
+            "fp8": False,
+        }
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            props = torch.cuda.get_device_properties(0)
+            hw.update(device="cuda", gpu=torch.cuda.get_device_name(0), compute_capability=f"{major}.{minor}",
+                      gpu_memory_gb=round(props.total_memory / 1e9, 1), gpu_count=torch.cuda.device_count(),
+                      # bf16 tensor cores arrive with Ampere (8.0), fp8 ones with Ada/Hopper (8.9);
+                      # older GPUs emulate bf16, which runs but is slow.
+                      bf16=(major, minor) >= (8, 0), fp8=(major, minor) >= (8, 9))
+        elif _mps_available():
+            hw.update(device="mps", gpu=hw["cpu"], gpu_count=1)  # the GPU is part of the Apple chip
+            try:
+                probe = torch.ones(4, 4, dtype=torch.bfloat16, device="mps")
+                (probe @ probe).cpu()
+                hw["bf16"] = True
+            except Exception:  # older macOS builds reject bf16 on MPS
+                hw["bf16"] = False
+        _HARDWARE = hw
+    return dict(_HARDWARE)
+
+
+def _slug(text: str) -> str:
+    text = text.lower()
+    text = re.sub(r"\((r|tm|c)\)|®|™", " ", text)
+    text = re.sub(r"@.*$", " ", text)  # clock speed: the same chip is sold at several
+    text = re.sub(r"\b(cpu|processor|with radeon graphics|\d+-core)\b", " ", text)
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def hardware_id(hw: dict | None = None) -> str:
+    """A short stable name for this machine, used in cache file names and the ledger.
+
+    "cpu-intel-xeon-2c" for a CPU (model and logical cores), "cuda-nvidia-h100-80gb-hbm3" for a GPU
+    (peaks and prices are per GPU, so the count of GPUs is not part of it).
+    """
+    hw = probe_hardware() if hw is None else hw
+    device = hw.get("device") or "cpu"
+    if device != "cpu" and hw.get("gpu"):
+        name = _slug(str(hw["gpu"]))
+        return f"{device}-{name}"[:80]
+    cores = hw.get("cores")
+    name = _slug(str(hw.get("cpu") or "unknown"))[:60].strip("-") or "unknown"
+    return f"cpu-{name}-{cores}c" if cores else f"cpu-{name}"
+
+
+def format_hardware(hw: dict | None = None) -> str:
+    """One or two lines a human reads: the CPU side, then the accelerator (if any)."""
+    hw = probe_hardware() if hw is None else hw
+    memory = f", {hw['memory_gb']:.1f} GB RAM" if hw.get("memory_gb") else ""
+    first = (f"CPU: {hw.get('cpu')}, {hw.get('cores')} cores{memory} | torch {hw.get('torch')}, "
+             f"Python {hw.get('python')}, {hw.get('platform')}")
+    device = hw.get("device", "cpu")
+    if device == "cuda":
+        count = f" x{hw['gpu_count']}" if (hw.get("gpu_count") or 0) > 1 else ""
+        gpu_memory = f", {hw['gpu_memory_gb']:.1f} GB" if hw.get("gpu_memory_gb") else ""
+        second = (f"GPU: {hw.get('gpu')}{count} (compute capability {hw.get('compute_capability')}"
+                  f"{gpu_memory}) | fast bf16: {_yes(hw.get('bf16'))}, fp8: {_yes(hw.get('fp8'))}")
+    elif device == "mps":
+        second = f"GPU: {hw.get('gpu')} via MPS | bf16: {_yes(hw.get('bf16'))}"
+    else:
+        second = f"No GPU: torch runs on the CPU | fast bf16: {_yes(hw.get('bf16'))}"
+    return f"{first}\n{second}"
+
+
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def default_device() -> torch.device:
+    """The fastest device torch can use here: cuda, then Apple's mps, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The machine's ceilings: measured and from the datasheet
+# ----------------------------------------------------------------------------------------------------
+
+# Matmul sizes and memory-copy bytes: large enough to reach the hardware's steady state, small enough to
+# finish in seconds (fast: < 5 s on 2 CPU cores; full: < 30 s on a CPU).
+_MATMUL_SIZE = {("cpu", True): 1024, ("cpu", False): 2048, ("gpu", True): 4096, ("gpu", False): 8192}
+_COPY_BYTES = {("cpu", True): 128 * 2**20, ("cpu", False): 512 * 2**20,
+               ("gpu", True): 512 * 2**20, ("gpu", False): 2 * 2**30}
+_BUDGET_SECONDS = {True: 0.6, False: 5.0}  # per dtype, timed part only
+
+
+def _fast_mode(fast: bool | None) -> bool:
+    return os.environ.get("MINILLM_FAST") == "1" if fast is None else bool(fast)
+
+
+def _matmul_dtypes(device: torch.device, hw: dict) -> list[torch.dtype]:
+    if device.type == "cpu":
+        # CPUs always run bf16 (slowly without bf16 instructions: worth seeing); fp16 is not a CPU format.
+        return [torch.float32, torch.bfloat16]
+    if device.type == "cuda":
+        dtypes = [torch.float32, torch.float16]
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            dtypes.append(torch.bfloat16)
+        return dtypes
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if hw.get("bf16") else [])
+
+
+def _measure_matmul(n: int, dtype: torch.dtype, device: torch.device, budget: float) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    seconds = best_seconds(lambda: torch.matmul(a, b, out=out), device=device, repeats=10, warmup=2,
+                           budget_seconds=budget)
+    return 2 * n**3 / seconds
+
+
+def _measure_copy(num_bytes: int, device: torch.device, budget: float) -> float:
+    source = torch.ones(num_bytes // 4, device=device, dtype=torch.float32)
+    target = torch.empty_like(source)
+    seconds = best_seconds(lambda: target.copy_(source), device=device, repeats=10, warmup=2,
+                           budget_seconds=budget)
+    return 2 * source.numel() * source.element_size() / seconds  # every byte is read once and written once
+
+
+def _peaks_cache_path(hw_id: str) -> Path:
+    return runs_dir() / f"peaks-{hw_id}.json"
+
+
+def measure_peaks(device: str | torch.device | None = None, fast: bool | None = None, refresh: bool = False,
+                  cache: bool = True) -> dict:
+    """Measure this machine's ceilings: matmul FLOP/s per dtype and memory-copy GB/s (best of a few runs).
+
+    The answer is cached in runs/peaks-<hardware_id>.json and reused unless refresh=True (a full-size
+    measurement also replaces a cached fast one). `fast` defaults to MINILLM_FAST=1 from the environment.
+    """
+    fast = _fast_mode(fast)
+    device = torch.device(device) if device is not None else default_device()
+    hw = probe_hardware()
+    if device.type != hw["device"]:
+        hw = dict(hw, device=device.type)
+    hw_id = hardware_id(hw)
+    path = _peaks_cache_path(hw_id)
+    if cache and not refresh and path.exists():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            warnings.warn(f"measure_peaks: {path} is unreadable; measuring again and replacing it")
+        else:
+            if isinstance(cached, dict) and "matmul_flops_per_second" in cached and (fast or not cached.get("fast")):
+                return cached
+
+    kind = "cpu" if device.type == "cpu" else "gpu"
+    n = _MATMUL_SIZE[(kind, fast)]
+    budget = _BUDGET_SECONDS[fast]
+    flops = {}
+    for dtype in _matmul_dtypes(device, hw):
+        flops[str(dtype).removeprefix("torch.")] = _measure_matmul(n, dtype, device, budget)
+    copy_bytes = _COPY_BYTES[(kind, fast)]
+    result = {
+        "hardware_id": hw_id,
+        "device": device.type,
+        "measured_at": _now_iso(),
+        "matmul_flops_per_second": flops,
+        "memory_bytes_per_second": _measure_copy(copy_bytes, device, budget),
+        "matmul_size": n,
+        "copy_bytes": copy_bytes,
+        "fast": fast,
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":  # with TF32 allowed, "float32" matmuls run on tensor cores at lower precision
+        result["float32_uses_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    if cache:
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# Vendor datasheet peaks for the GPUs learners meet, per GPU, dense (no 2:4 sparsity), in FLOP/s; fp16 and
+# bf16 are tensor-core figures with fp32 accumulation, fp32 is the plain (non-TF32) rate. None: no such
+# tensor cores. Measured matmuls fall short of these; chapter 02 shows by how much on your GPU.
+DATASHEET: dict[str, dict] = {
+    "T4": {"fp32": 8.1e12, "fp16": 65e12, "bf16": None, "fp8": None,
+           "memory_gb_per_s": 320, "memory_gb": 16,
+           "source": "NVIDIA T4 Tensor Core GPU datasheet (Turing, 70 W)"},
+    "L4": {"fp32": 30.3e12, "fp16": 121e12, "bf16": 121e12, "fp8": 242.5e12,
+           "memory_gb_per_s": 300, "memory_gb": 24,
+           "source": "NVIDIA L4 Tensor Core GPU datasheet (Ada; dense = half the sparsity figures)"},
+    "A100": {"fp32": 19.5e12, "fp16": 312e12, "bf16": 312e12, "fp8": None,
+             "memory_gb_per_s": 2039, "memory_gb": 80,
+             "source": "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB)"},
+    "H100": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12, "fp8": 1979e12,
+             "memory_gb_per_s": 3350, "memory_gb": 80,
+             "source": "NVIDIA H100 Tensor Core GPU datasheet (SXM5; dense = half the sparsity figures)"},
+    "H800": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12, "fp8": 1979e12,
+             "memory_gb_per_s": 3350, "memory_gb": 80,
+             "source": "NVIDIA H800 SXM5: H100 compute with NVLink cut to 400 GB/s (export variant)"},
+    "H200": {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12, "fp8": 1979e12,
+             "memory_gb_per_s": 4800, "memory_gb": 141,
+             "source": "NVIDIA H200 Tensor Core GPU datasheet (SXM; H100 compute, HBM3e)"},
+}
+
+# Variants whose figures differ from the table's main entry: (model, words that must all be in the name).
+_DATASHEET_VARIANTS: list[tuple[str, tuple[str, ...], dict]] = [
+    ("H100", ("PCIE",), {"fp32": 51e12, "fp16": 756e12, "bf16": 756e12, "fp8": 1513e12,
+                         "memory_gb_per_s": 2000, "memory_gb": 80,
+                         "source": "NVIDIA H100 Tensor Core GPU datasheet (PCIe 80GB)"}),
+    ("A100", ("40GB",), {"memory_gb_per_s": 1555, "memory_gb": 40,
+                         "source": "NVIDIA A100 Tensor Core GPU datasheet (40GB HBM2)"}),
+]
+
+
+def _gpu_model_in(name: str, model: str) -> bool:
+    # Whole-word match on letters and digits: "A100" must not match "A10", "L4" must not match "L40S",
+    # "H100" must not match "GH100"; dashes and spaces count as word breaks ("A100-SXM4-80GB").
+    return re.search(rf"(?<![A-Z0-9]){re.escape(model.upper())}(?![A-Z0-9])", name.upper()) is not None
+
+
+def datasheet_peaks(gpu_name: str | None) -> dict | None:
+    """The datasheet entry for a GPU name as torch reports it ("Tesla T4", "NVIDIA H100 80GB HBM3").
+
+    Returns a copy with "model" added, or None for a CPU, Apple GPU or a GPU not in `DATASHEET`.
+    """
+    if not gpu_name:
+        return None
+    for model in sorted(DATASHEET, key=len, reverse=True):
+        if _gpu_model_in(gpu_name, model):
+            entry = dict(DATASHEET[model], model=model)
+            for variant_model, words, changes in _DATASHEET_VARIANTS:
+                if variant_model == model and all(word in gpu_name.upper() for word in words):
+                    entry.update(changes)
+            return entry
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prices
+# ----------------------------------------------------------------------------------------------------
+
+PRICES_FILE = PACKAGE_DIR / "prices.json"
+
+
+def _user_prices_path() -> Path:
+    env = os.environ.get("MINILLM_PRICES")
+    return Path(env) if env else runs_dir() / "prices.json"
+
+
+def _read_prices_file(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"prices file {path} is not valid JSON ({error}); fix it or delete it to use "
+                         "the shipped prices") from None
+    if not isinstance(data, dict) or not isinstance(data.get("prices", {}), dict):
+        raise ValueError(f"prices file {path} must hold an object like "
+                         '{"date": "...", "prices": {"NVIDIA T4": {"per_hour": 0.35}}}; fix it or delete it')
+    entries = {}
+    for key, entry in data.get("prices", {}).items():
+        if isinstance(entry, numbers.Real) and not isinstance(entry, bool):
+            entry = {"per_hour": entry}  # a bare number is the price per hour
+        per_hour = entry.get("per_hour") if isinstance(entry, dict) else None
+        if not (isinstance(per_hour, numbers.Real) and not isinstance(per_hour, bool)
+                and math.isfinite(per_hour) and per_hour >= 0):
+            raise ValueError(f"prices file {path}: {key!r} needs \"per_hour\": a number of dollars >= 0, "
+                             f"got {entry!r}")
+        entries[key] = dict(entry)
+    return {**data, "prices": entries}
+
+
+def load_prices(path: str | os.PathLike | None = None) -> dict:
+    """The shipped price table merged with the user's override file, the override winning.
+
+    `path` is the override file; by default $MINILLM_PRICES or runs/prices.json, used when it exists. Each
+    entry gets a "from" field saying which file (and date) its price came from.
+    """
+    shipped = _read_prices_file(PRICES_FILE)
+    merged = {key: value for key, value in shipped.items() if key != "prices"}
+    origin = f"prices.json {shipped.get('date', 'undated')}"
+    prices = {key: dict(entry, **{"from": origin}) for key, entry in shipped["prices"].items()}
+    override_path = Path(path) if path is not None else _user_prices_path()
+    if override_path.exists():
+        override = _read_prices_file(override_path)
+        origin = f"{override_path} {override.get('date', 'undated')}"
+        for key, entry in override["prices"].items():
+            prices[key] = {**prices.get(key, {}), **entry, "from": origin}
+        merged["override"] = str(override_path)
+    merged["prices"] = prices
+    return merged
+
+
+def _price_key(hw: dict, prices: dict) -> str:
+    hw_id = hardware_id(hw)
+    if hw_id in prices:  # an exact price the learner set for this machine
+        return hw_id
+    device = hw.get("device", "cpu")
+    if device == "cuda":
+        gpu = str(hw.get("gpu") or "")
+        for key in sorted(prices, key=len, reverse=True):
+            model = key.removeprefix("NVIDIA ").strip()
+            if model and model not in ("cpu", "mps", "other GPU") and _gpu_model_in(gpu, model):
+                return key
+        return "other GPU"
+    return "mps" if device == "mps" and "mps" in prices else "cpu"
+
+
+def price_per_hour(hw: dict | None = None, prices: dict | None = None) -> tuple[float, str]:
+    """Dollars per hour for this machine (one GPU, or the CPU) and where that figure came from.
+
+        price_per_hour() -> (0.35, "prices.json 2026-11-28: NVIDIA T4 (Colab/cloud on-demand ...)")
+    """
+    hw = probe_hardware() if hw is None else hw
+    table = (load_prices() if prices is None else prices)["prices"]
+    key = _price_key(hw, table)
+    if key not in table:
+        raise KeyError(f"price table has no {key!r} entry; add one with set_price_per_hour(dollars) or "
+                       "restore minillm/prices.json")
+    entry = table[key]
+    what = f" ({entry['what']})" if entry.get("what") else ""
+    return float(entry["per_hour"]), f"{entry.get('from', 'prices')}: {key}{what}"
+
+
+def set_price_per_hour(dollars: float, hw: dict | None = None) -> Path:
+    """Record what this machine really costs you per hour; every later price lookup uses it.
+
+    Writes (atomically) the user override file, $MINILLM_PRICES or runs/prices.json, under this
+    machine's hardware_id, keeping any other prices already in it. Returns the file's path.
+    """
+    if not (isinstance(dollars, numbers.Real) and not isinstance(dollars, bool) and math.isfinite(dollars)
+            and dollars >= 0):
+        raise ValueError(f"set_price_per_hour: dollars={dollars!r} must be a finite number >= 0 "
+                         "(dollars per hour of this machine)")
+    hw = probe_hardware() if hw is None else hw
+    path = _user_prices_path()
+    data = _read_prices_file(path) if path.exists() else {"prices": {}}
+    today = _dt.date.today().isoformat()
+    data["date"] = today
+    data.setdefault("note", "Your own prices; they override minillm/prices.json. Edit freely.")
+    data["prices"][hardware_id(hw)] = {"per_hour": float(dollars), "what": f"set by you on {today}"}
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ledger
+# ----------------------------------------------------------------------------------------------------
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(value, where: str):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None  # JSON has no NaN or infinity
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a 0-d tensor or numpy scalar
+        return _jsonable(value.item(), where)
+    raise TypeError(f"Ledger: {where} is a {type(value).__name__} ({str(value)[:40]!r}), which the "
+                    "ledger cannot store; pass a number, string, bool or None, or a list/dict of those "
+                    "(e.g. float(x) or tensor.item())")
+
+
+_RESERVED_KEYS = ("time", "chapter", "label", "hardware_id", "hardware", "values")
+
+
+class Ledger:
+    """Every measurement of the course, one JSON object per line in runs/ledger.jsonl.
+
+        ledger = Ledger()
+        ledger.record(meter, chapter="01")
+        ledger.latest(chapter="01", label="bigram training")["values"]["tokens_per_second"]
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else runs_dir() / "ledger.jsonl"
+        self._corrupt_lines_reported = 0
+
+    def append(self, chapter: str, label: str, values: dict, hardware: dict | None = None, **tags) -> dict:
+        """Add one entry and make sure it is on disk before returning it."""
+        if isinstance(chapter, int) and not isinstance(chapter, bool):
+            chapter = f"{chapter:02d}"
+        if not isinstance(chapter, str) or not chapter:
+            raise ValueError(f"Ledger.append: chapter={chapter!r} must be a non-empty string such as '03'")
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"Ledger.append: label={label!r} must be a non-empty string naming the measurement")
+        if not isinstance(values, dict):
+            raise TypeError(f"Ledger.append: values must be a dict of name -> number, got {type(values).__name__}")
+        clashes = [key for key in tags if key in _RESERVED_KEYS]
+        if clashes:
+            raise ValueError(f"Ledger.append: tag(s) {clashes} clash with the entry's own fields "
+                             f"{list(_RESERVED_KEYS)}; rename them")
+        hw = probe_hardware() if hardware is None else hardware
+        entry = {
+            "time": _now_iso(),
+            "chapter": chapter,
+            "label": label,
+            "hardware_id": hardware_id(hw),
+            "hardware": {"cpu": hw.get("cpu"), "gpu": hw.get("gpu"), "device": hw.get("device")},
+            "values": {str(key): _jsonable(value, f"values[{key!r}]") for key, value in values.items()},
+        }
+        entry.update({key: _jsonable(value, f"tag {key!r}") for key, value in tags.items()})
+        line = json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One write in append mode, then fsync: a crash loses at most the line being written.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return entry
+
+    def record(self, meter: Meter, chapter: str | None = None, **extra_values) -> dict:
+        """Append a Meter's figures (time, tokens/s, FLOP/s, peak memory, dollars) plus any extra values."""
+        chapter = chapter if chapter is not None else meter.chapter
+        if chapter is None:
+            raise ValueError(f"Ledger.record: meter {meter.label!r} has no chapter; pass chapter='NN' "
+                             "here or to Meter(...)")
+        return self.append(chapter, meter.label, {**meter.to_dict(), **extra_values})
+
+    def entries(self, chapter: str | None = None, label: str | None = None) -> list[dict]:
+        """All entries, oldest first, optionally only one chapter's and/or one label's."""
+        if not self.path.exists():
+            return []
+        found, corrupt = [], []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if not (isinstance(entry, dict) and isinstance(entry.get("values"), dict)
+                        and "chapter" in entry and "label" in entry):
+                    corrupt.append(number)
+                    continue
+                if chapter is not None and entry["chapter"] != chapter:
+                    continue
+                if label is not None and entry["label"] != label:
+                    continue
+                found.append(entry)
+        if len(corrupt) > self._corrupt_lines_reported:
+            self._corrupt_lines_reported = len(corrupt)
+            warnings.warn(f"Ledger {self.path}: skipped {len(corrupt)} corrupt line(s) (line {corrupt[0]}"
+                          f"{' and more' if len(corrupt) > 1 else ''}); the other entries are fine. "
+                          "Delete those lines to silence this.", stacklevel=2)
+        return found
+
+    def latest(self, chapter: str | None = None, label: str | None = None) -> dict | None:
+        matches = self.entries(chapter, label)
+        return matches[-1] if matches else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables, the report, the plot
+# ----------------------------------------------------------------------------------------------------
+
+_PREFIXES = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, "")]
+_SYMBOL_UNITS = {"FLOP", "FLOPs", "B", "tok", "param", "Hz", "W", "J"}  # an SI prefix attaches directly
+
+
+def _significant(value: float, digits: int) -> str:
+    text = f"{value:.{digits}g}"
+    if "e+" in text:  # 999.7 rounds to "1e+03"; print "1000" instead
+        text = f"{value:.0f}"
+    return text
+
+
+def format_quantity(value, unit: str = "", digits: int = 3) -> str:
+    """A number with a readable unit: (1.23e9, "FLOP/s") -> "1.23 GFLOP/s", (0.012, "s") -> "12 ms".
+
+    Knows seconds ("s"), dollars ("$", "$/h"), percent ("%"), ratios ("x"/"×"), and puts SI prefixes on
+    everything else (bytes are decimal: 1 GB = 1e9 B). None and NaN print as "n/a".
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"{value} {unit}".strip()
+    value = float(value)
+    if math.isinf(value):
+        return f"{'-' if value < 0 else ''}inf {unit}".strip()
+    sign, magnitude = ("-" if value < 0 else ""), abs(value)
+    if unit in ("$", "$/h"):
+        suffix = "/h" if unit == "$/h" else ""
+        if magnitude >= 1e6:
+            return f"{sign}${_significant(magnitude / 1e6, digits)}M{suffix}"
+        if magnitude >= 1000:
+            return f"{sign}${magnitude:,.0f}{suffix}"
+        return f"{sign}${_significant(magnitude, digits)}{suffix}"
+    if unit == "%":
+        return f"{value:.1f}%"
+    if unit in ("x", "×"):
+        return f"×{_significant(value, digits)}"
+    if unit == "s":
+        if magnitude >= 2 * 3600:
+            return f"{sign}{_significant(magnitude / 3600, digits)} h"
+        if magnitude >= 120:
+            return f"{sign}{_significant(magnitude / 60, digits)} min"
+        for scale, name in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+            if magnitude == 0 or float(f"{magnitude / scale:.{digits}g}") >= 1:
+                break
+        return f"{sign}{_significant(magnitude / scale, digits)} {name}"
+    if magnitude == 0:
+        return f"0 {unit}".strip()
+    if magnitude >= 1e18:  # beyond peta, prefixes stop helping readers: 3.3e+24 FLOP
+        return f"{sign}{magnitude:.{digits}g} {unit}".strip()
+    scale, prefix = 1.0, ""
+    for candidate_scale, candidate_prefix in _PREFIXES:
+        # choose by the rounded value so 999.7e6 becomes "1 G", not "1e+03 M"
+        if float(f"{magnitude / candidate_scale:.{digits}g}") >= 1:
+            scale, prefix = candidate_scale, candidate_prefix
+            break
+    number = f"{sign}{_significant(magnitude / scale, digits)}"
+    if not unit:
+        return f"{number}{prefix}"
+    if unit.split("/")[0] in _SYMBOL_UNITS:
+        return f"{number} {prefix}{unit}"
+    return f"{number}{prefix} {unit}"  # word units: "1.2M tokens"
+
+
+def _positive_number(value, row: int, what: str, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"savings_table row {row} ({what!r}): {field} value {value!r} must be a number")
+    value = float(value)
+    if not math.isnan(value) and value <= 0:
+        raise ValueError(f"savings_table row {row} ({what!r}): {field} value {value} must be > 0 to form a "
+                         "ratio; measure something positive (time, bytes, tokens/s)")
+    return value
+
+
+def _named_value(spec, default_name: str, row: int, what: str, field: str) -> tuple[str, float]:
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        return str(spec[0]), _positive_number(spec[1], row, what, field)
+    if isinstance(spec, numbers.Real):
+        return default_name, _positive_number(spec, row, what, field)
+    raise TypeError(f"savings_table row {row} ({what!r}): {field} must be (name, value), e.g. "
+                    f"('chars', 1.2e5); got {spec!r}")
+
+
+def _savings_row(row: dict, index: int) -> dict:
+    if not isinstance(row, dict):
+        raise TypeError(f"savings_table row {index} must be a dict, got {type(row).__name__}")
+    missing = [key for key in ("what", "baseline", "improved", "better") if key not in row]
+    if missing:
+        raise ValueError(f"savings_table row {index} misses {missing}; a row looks like "
+                         '{"what": "tokens per second", "baseline": ("chars", 1.2e5), '
+                         '"improved": ("BPE", 3.4e5), "unit": "tok/s", "better": "higher"}')
+    what, better = str(row["what"]), row["better"]
+    if better not in ("higher", "lower"):
+        raise ValueError(f"savings_table row {index} ({what!r}): better={better!r} must be 'higher' "
+                         "(speed, accuracy) or 'lower' (time, bytes, dollars)")
+    baseline_name, baseline = _named_value(row["baseline"], "baseline", index, what, "baseline")
+    improved_name, improved = _named_value(row["improved"], "improved", index, what, "improved")
+    # ratio > 1 means the improvement won; the saving is the share of resources no longer needed for the
+    # same work, which is 1 - 1/ratio for both directions (twice the speed saves half the time).
+    ratio = improved / baseline if better == "higher" else baseline / improved
+    return {"what": what, "baseline_name": baseline_name, "baseline": baseline, "improved_name": improved_name,
+            "improved": improved, "ratio": ratio, "saving_percent": (1 - 1 / ratio) * 100,
+            "unit": str(row.get("unit", "")), "better": better}
+
+
+def _table(header: list[str], rows: list[list[str]], right_align_from: int) -> list[str]:
+    widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(width) if i >= right_align_from else cell.ljust(width)
+                         for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+    return [line(header), "  ".join("-" * width for width in widths)] + [line(row) for row in rows]
+
+
+def savings_table(chapter: str, rows: list[dict], ledger: Ledger | None = None, title: str | None = None) -> str:
+    """The table every chapter ends with: baseline vs improved, measured in this run, saved to the ledger.
+
+        print(savings_table("01", [{"what": "tokens per second", "baseline": ("chars", 1.2e5),
+                                    "improved": ("BPE", 3.4e5), "unit": "tok/s", "better": "higher"}]))
+
+    Ratio > 1 means the improvement won (for "lower" rows: baseline / improved). Saving is the share of
+    time, bytes or dollars no longer needed for the same work, 1 - 1/ratio; negative when it lost.
+    Appends one ledger entry per row, labelled "savings: <what>". Returns the text; prints nothing.
+    """
+    if not rows:
+        raise ValueError("savings_table: no rows; pass at least one baseline-vs-improved measurement")
+    parsed = [_savings_row(row, i) for i, row in enumerate(rows)]
+    ledger = Ledger() if ledger is None else ledger
+    hw = probe_hardware()
+    for row in parsed:
+        ledger.append(chapter, f"savings: {row['what']}", {key: row[key] for key in row if key != "what"},
+                      hardware=hw)
+    body = [[row["what"], f"{row['baseline_name']}: {format_quantity(row['baseline'], row['unit'])}",
+             f"{row['improved_name']}: {format_quantity(row['improved'], row['unit'])}",
+             format_quantity(row["ratio"], "x"), format_quantity(row["saving_percent"], "%")]
+            for row in parsed]
+    heading = f"Chapter {chapter} savings" + (f": {title}" if title else "") + f" ({hardware_id(hw)})"
+    lines = _table(["what", "baseline", "improved", "ratio", "saving"], body, right_align_from=3)
+    return "\n".join([heading] + lines)
+
+
+_KEY_UNITS = [  # (test on the value's key, unit), first match wins
+    (lambda key: "tokens_per_second" in key, "tok/s"),
+    (lambda key: "flops_per_second" in key, "FLOP/s"),
+    (lambda key: "bytes_per_second" in key, "B/s"),
+    (lambda key: key == "price_per_hour", "$/h"),
+    (lambda key: key.startswith("dollars") or key.endswith("dollars"), "$"),
+    (lambda key: key.endswith("bytes"), "B"),
+    (lambda key: key == "seconds" or key.endswith("_seconds"), "s"),
+    (lambda key: key == "flops" or key.endswith("_flops"), "FLOP"),
+    (lambda key: key == "tokens" or key.endswith("_tokens"), "tok"),
+    (lambda key: key.endswith("percent"), "%"),
+    (lambda key: key == "ratio", "x"),
+]
+_REPORT_KEYS = ["seconds", "tokens_per_second", "flops_per_second", "dollars", "peak_memory_bytes"]
+_DISPLAY_NAMES = {"seconds": "time", "tokens_per_second": "speed", "flops_per_second": "compute",
+                  "dollars": "cost", "peak_memory_bytes": "peak memory"}
+
+
+def _unit_for_key(key: str) -> str | None:
+    last = key.rsplit(".", 1)[-1]
+    for test, unit in _KEY_UNITS:
+        if test(key) or test(last):
+            return unit
+    return None
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _describe_values(values: dict, limit: int = 6) -> str:
+    if "ratio" in values and "baseline" in values and "improved" in values:
+        unit = values.get("unit", "")
+        ratio = values.get("ratio")
+        saving = format_quantity(values.get("saving_percent"), "%")
+        verdict = ("not measured" if ratio is None else f"{saving} saved" if ratio >= 1
+                   else f"{saving}: worse than baseline")
+        return (f"{values.get('baseline_name', 'baseline')} {format_quantity(values['baseline'], unit)} -> "
+                f"{values.get('improved_name', 'improved')} {format_quantity(values['improved'], unit)}: "
+                f"{format_quantity(ratio, 'x')} ({verdict})")
+    flat = {key: value for key, value in _flatten(values).items() if value is not None and not isinstance(value, list)}
+    order = [key for key in _REPORT_KEYS if key in flat] + [key for key in flat if key not in _REPORT_KEYS
+                                                            and key not in ("tokens", "flops", "price_per_hour")]
+    parts = []
+    for key in order[:limit]:
+        value, unit = flat[key], _unit_for_key(key)
+        # the unit already says "per second", so "matmul_flops_per_second.float32" reads "matmul float32"
+        name = _DISPLAY_NAMES.get(key) or re.sub(r"_(flops|bytes|tokens)_per_second", "", key)
+        name = name.replace(".", " ").replace("_", " ")
+        if unit is not None or isinstance(value, str):
+            text = format_quantity(value, unit or "")
+        else:
+            text = _significant(float(value), 4) if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+                else str(value)
+        parts.append(f"{name} {text}")
+    return ", ".join(parts) if parts else "(no values)"
+
+
+def _latest_per_label(entries: list[dict]) -> dict[str, dict[str, dict]]:
+    by_chapter: dict[str, dict[str, dict]] = {}
+    for entry in entries:
+        by_chapter.setdefault(str(entry["chapter"]), {})[str(entry["label"])] = entry
+    return {chapter: by_chapter[chapter] for chapter in sorted(by_chapter)}
+
+
+def report(ledger: Ledger | None = None, out_dir: str | os.PathLike | None = None,
+           show: bool = False) -> tuple[str, Path | None]:
+    """The whole ledger in one table (latest entry per chapter and label) and one plot.
+
+    The plot shows each savings row's improvement ratio on a log axis (or, with no savings rows yet, the
+    wall time of each measurement) and is written to out_dir/report.png (default runs/report.png; a path
+    ending in .png is used as is). Returns (text, png_path); png_path is None when there was nothing to plot.
+    """
+    ledger = Ledger() if ledger is None else ledger
+    entries = ledger.entries()
+    if not entries:
+        return (f"The ledger {ledger.path} is empty: run a chapter (each ends with savings_table) or "
+                "Ledger().record(meter, chapter='NN') to add measurements.", None)
+    grouped = _latest_per_label(entries)
+    machines = sorted({str(entry.get("hardware_id")) for entry in entries})
+    lines = [f"minillm report: {len(entries)} ledger entries in {ledger.path}",
+             f"machines: {', '.join(machines)}"]
+    for chapter, labelled in grouped.items():
+        lines.append("")
+        lines.append(f"chapter {chapter}")
+        width = max(len(label) for label in labelled)
+        for label, entry in labelled.items():
+            lines.append(f"  {label.ljust(width)}  {_describe_values(entry['values'])}")
+
+    savings = [(chapter, entry) for chapter, labelled in grouped.items() for entry in labelled.values()
+               if isinstance(entry["values"].get("ratio"), (int, float)) and entry["values"]["ratio"] > 0]
+    timed = [(chapter, entry) for chapter, labelled in grouped.items() for entry in labelled.values()
+             if isinstance(entry["values"].get("seconds"), (int, float)) and entry["values"]["seconds"] > 0]
+    if not savings and not timed:
+        lines += ["", "(nothing to plot: no savings rows and no timed measurements yet)"]
+        return "\n".join(lines), None
+
+    png_path = Path(out_dir) if out_dir is not None else runs_dir()
+    if png_path.suffix.lower() != ".png":
+        png_path = png_path / "report.png"
+    _plot(savings, timed, png_path, show)
+    lines += ["", f"plot: {png_path}"]
+    return "\n".join(lines), png_path
+
+
+def _plot(savings: list[tuple[str, dict]], timed: list[tuple[str, dict]], png_path: Path, show: bool) -> None:
+    if show:
+        import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's state alone
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    if savings:
+        labels = [f"ch{chapter} {entry['label'].removeprefix('savings: ')}\n"
+                  f"({entry['values'].get('baseline_name', 'baseline')} -> "
+                  f"{entry['values'].get('improved_name', 'improved')})" for chapter, entry in savings]
+        values = [float(entry["values"]["ratio"]) for _, entry in savings]
+        title = "Savings measured on this machine, per chapter"
+        xlabel = "improvement factor, improved vs baseline (log scale; right of 1 = better)"
+    else:
+        labels = [f"ch{chapter} {entry['label']}" for chapter, entry in timed]
+        values = [float(entry["values"]["seconds"]) for _, entry in timed]
+        title = "Wall time of each measurement (no savings rows yet)"
+        xlabel = "wall time (log scale)"
+
+    height = 1.6 + (0.6 if savings else 0.35) * len(values)
+    figure = plt.figure(figsize=(9, height)) if show else Figure(figsize=(9, height))
+    axes = figure.add_subplot(1, 1, 1)
+    positions = list(range(len(values)))[::-1]  # first row at the top, like the table
+    colours = ["tab:green" if value >= 1 else "tab:red" for value in values] if savings else "tab:blue"
+    if savings:
+        # bars grow from 1 (break-even): right for a win, left for a loss, equal lengths for x2 and x0.5
+        axes.barh(positions, [value - 1.0 for value in values], left=1.0, color=colours)
+    else:
+        axes.barh(positions, values, color=colours)
+    axes.set_xscale("log")
+    axes.set_yticks(positions)
+    axes.set_yticklabels(labels, fontsize=8)
+    for position, value in zip(positions, values):
+        text = format_quantity(value, "x") if savings else format_quantity(value, "s")
+        loss = savings and value < 1  # a losing bar grows left, so its label goes on the left too
+        axes.annotate(text, (value, position), xytext=(-3 if loss else 3, 0), textcoords="offset points",
+                      va="center", ha="right" if loss else "left", fontsize=8)
+    unit = "x" if savings else "s"
+    tick_text = FuncFormatter(lambda x, _: format_quantity(x, unit, digits=2))
+    axes.xaxis.set_major_formatter(tick_text)
+    axes.xaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
+    axes.xaxis.set_minor_formatter(tick_text)
+    axes.tick_params(axis="x", which="minor", labelsize=7)
+    if savings:
+        axes.axvline(1.0, color="black", linewidth=0.8)
+    low, high = min(values + [1.0] if savings else values), max(values + [1.0] if savings else values)
+    axes.set_xlim(low / 1.4, high * 1.6)  # room for the annotations
+    axes.set_xlabel(xlabel)
+    axes.set_title(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(png_path, buffer.getvalue())
+    if show:
+        plt.show()

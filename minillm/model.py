@@ -1,0 +1,300 @@
+"""A GPT in one readable file: RMSNorm, rotary position embeddings, causal self-attention, MLP, blocks.
+
+Taught in chapter 03 (pretraining). Later chapters build on these names: chapter 04 swaps the MLP for a
+mixture of experts, chapter 07 adds a KV cache to `generate`, chapter 08 tunes the model with loss
+masking (targets of -100 are ignored by the loss).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTION_KINDS = ("sdpa", "manual")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 512
+    block_size: int = 128        # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    attention: str = "sdpa"      # "sdpa" (fused F.scaled_dot_product_attention) or "manual" (mask + softmax)
+    tie_weights: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig: {name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             "pick n_embd as a multiple of n_head")
+        head_dim = self.n_embd // self.n_head
+        if head_dim % 2 != 0:
+            raise ValueError(f"GPTConfig: head dimension n_embd/n_head={self.n_embd}/{self.n_head}={head_dim} is "
+                             "odd; RoPE rotates pairs of dimensions, so pick n_embd/n_head even")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout={self.dropout!r} must be a number with 0 <= dropout < 1")
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
+                or not self.rope_base > 1.0:
+            raise ValueError(f"GPTConfig: rope_base={self.rope_base!r} must be a number > 1 (10000 is usual)")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"GPTConfig: attention={self.attention!r} is unknown; "
+                             f"choose one of {', '.join(map(repr, ATTENTION_KINDS))}")
+        if not isinstance(self.tie_weights, bool):
+            raise ValueError(f"GPTConfig: tie_weights={self.tie_weights!r} must be True or False")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned per-channel weight (no bias, no mean)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares overflows/underflows easily in 16-bit, so normalise in float32.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_cos_sin(head_dim: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_dim/2): position p rotates pair i by p * base^(-2i/head_dim)."""
+    if head_dim % 2 != 0:
+        raise ValueError(f"rope_cos_sin: head_dim={head_dim} must be even (RoPE rotates pairs of dimensions)")
+    inverse_frequency = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inverse_frequency)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (..., T, D) by the angles of positions 0..T-1 (cos, sin: (T, D/2)).
+
+    Dimension i is paired with i + D/2. A rotation by angle(p) at query position p and angle(s) at key
+    position s leaves q.k depending only on p - s: attention sees relative positions.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t only sees positions <= t; RoPE on queries and keys."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.n_embd = config.n_head, config.head_dim, config.n_embd
+        self.kind = config.attention
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        cos, sin = rope_cos_sin(config.head_dim, config.block_size, config.rope_base)
+        # Non-persistent: derived from the config, so they stay out of checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, channels = x.shape
+        q, k, v = self.qkv(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(batch, time, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        cos, sin = self.rope_cos[:time], self.rope_sin[:time]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kind == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(diagonal=1)
+            scores = scores.masked_fill(future, float("-inf"))
+            weights = F.softmax(scores.float(), dim=-1).type_as(q)
+            y = self.attn_dropout(weights) @ v
+        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden, bias=False)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: each sublayer reads a normalised copy and adds its result to the stream."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.norm_attn = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.norm_mlp = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm_attn(x))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: expected a GPTConfig, got {type(config).__name__}; build one with GPTConfig(...)")
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_final = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # One matrix maps tokens to vectors and vectors back to token scores: fewer parameters,
+            # and rare tokens' output rows get trained through their input use too.
+            self.lm_head.weight = self.token_embedding.weight
+        self.apply(self._init_weights)
+        # Every block adds two outputs to the residual stream, so its variance grows with 2*n_layer
+        # additions; shrinking those projections by 1/sqrt(2*n_layer) keeps the stream's scale near
+        # constant with depth at initialisation (GPT-2's recipe).
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets (B, T), also the mean cross-entropy.
+
+        Targets equal to -100 are left out of the mean (used to mask prompts during fine-tuning).
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"GPT.forward: idx must have shape (batch, time), got {tuple(idx.shape)}; "
+                             "for a single sequence pass idx.unsqueeze(0)")
+        time = idx.shape[1]
+        if time > self.config.block_size:
+            raise ValueError(f"GPT.forward: sequence length {time} exceeds block_size={self.config.block_size}; "
+                             f"crop the input to its last {self.config.block_size} tokens, e.g. "
+                             f"idx[:, -{self.config.block_size}:]")
+        x = self.dropout(self.token_embedding(idx))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm_final(x))
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"GPT.forward: targets shape {tuple(targets.shape)} must equal idx shape "
+                                 f"{tuple(idx.shape)}")
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Trainable parameters, tied weights counted once.
+
+        non_embedding=True leaves out the token embedding table (the convention of scaling-law papers);
+        an untied LM head is a matmul and stays counted.
+        """
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if non_embedding:
+            total -= self.token_embedding.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Analytic matmul FLOPs per token (a multiply-add counts as 2).
+
+        forward = 2 * (matmul parameters, including the LM head) + 4 * n_layer * seq_len * n_embd for the
+        attention scores q.k and the weighted sum of values. Attention is counted in full, T x T per head,
+        as if not causal: that is what torch.utils.flop_counter.FlopCounterMode reports for the explicit
+        attention matmuls and for the CUDA SDPA kernels (it ignores is_causal). On CPU the counter
+        records nothing for the fused SDPA kernel, so compare against attention="manual" there.
+        Training = 3 * forward (the backward pass computes gradients for inputs and for weights).
+        seq_len defaults to block_size; embedding lookups, norms and softmax are not matmuls and are left out.
+        """
+        config = self.config
+        seq_len = config.block_size if seq_len is None else seq_len
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"flops_per_token: seq_len={seq_len!r} must be a positive integer")
+        per_layer = (4 + 2 * config.mlp_ratio) * config.n_embd ** 2  # qkv + out proj, then the MLP
+        matmul_parameters = config.n_layer * per_layer + config.vocab_size * config.n_embd
+        forward = 2.0 * matmul_parameters + 4.0 * config.n_layer * seq_len * config.n_embd
+        return 3.0 * forward if training else forward
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx ((T,) or (B, T)); returns the same rank.
+
+        temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely tokens.
+        The context is cropped to the last block_size tokens, so any prompt length works.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"generate: temperature={temperature!r} must be >= 0 (0 means greedy)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"generate: top_k={top_k!r} must be an integer >= 1, or None to keep all tokens")
+        if idx.dim() not in (1, 2):
+            raise ValueError(f"generate: idx must have shape (time,) or (batch, time), got {tuple(idx.shape)}")
+        if idx.shape[-1] == 0:
+            raise ValueError("generate: the prompt is empty; give at least one token to start from")
+        squeeze = idx.dim() == 1
+        sequence = idx.unsqueeze(0) if squeeze else idx
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            for _ in range(max_new_tokens):
+                logits, _ = self(sequence[:, -self.config.block_size:])
+                logits = logits[:, -1, :].float()
+                if temperature == 0:
+                    next_token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        k = min(top_k, logits.shape[-1])
+                        kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+                    probabilities = F.softmax(logits, dim=-1)
+                    next_token = torch.multinomial(probabilities, 1, generator=generator)
+                sequence = torch.cat((sequence, next_token.to(sequence.dtype)), dim=1)
+        finally:
+            self.train(was_training)
+        return sequence.squeeze(0) if squeeze else sequence
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
+                            device_type: str) -> torch.optim.AdamW:
+        """AdamW that decays 2-D weights (matmuls, embeddings) but not norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # The fused CUDA kernel updates all parameters in a few launches instead of several per tensor.
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)

@@ -1,0 +1,418 @@
+"""The course's one training loop: AdamW, warmup + cosine schedule, clipping, mixed precision, checkpoints.
+
+Taught in chapter 03 (pretraining); every later chapter trains through `train`. A run can be stopped
+with Ctrl-C (it saves a checkpoint and returns) and resumed exactly with `resume_from=`.
+
+Precision: "bf16" on CPU runs under torch.autocast("cpu", bfloat16). "fp16" on CPU is refused with an
+error rather than silently changed: fp16 autocast with loss scaling is a GPU technique, and a silent
+fallback would make the speed ladder report a rung that never ran.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minillm.cost import Meter
+from minillm.data import BatchSampler
+from minillm.paths import runs_dir
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_FORMAT = "minillm-checkpoint-v1"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite."""
+
+    def __init__(self, message: str, step: int, checkpoint_path: str | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint_path = checkpoint_path
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0       # 0 turns clipping off
+    eval_interval: int = 50      # also evaluates at the last step
+    eval_batches: int = 10
+    precision: str = "auto"      # auto = bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU/MPS
+    compile: bool = False        # torch.compile the model; on failure warn and continue uncompiled
+    seed: int = 0
+    device: str = "auto"         # auto = cuda > mps > cpu
+    checkpoint_path: str | None = None
+    checkpoint_interval: int | None = None
+    progress: bool = True        # tqdm bar: loss, lr, tokens/s
+
+    def __post_init__(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"TrainConfig: {name}={getattr(self, name)!r} {rule}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "must be a positive integer")
+        for name in ("warmup_steps", "seed"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "must be an integer >= 0")
+        if not is_number(self.lr) or self.lr <= 0:
+            fail("lr", "must be a positive number, e.g. 3e-3")
+        if not is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", "must be between 0 and 1 (the final lr is lr * min_lr_ratio)")
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
+            fail("weight_decay", "must be a number >= 0")
+        if self.grad_clip is None:
+            self.grad_clip = 0.0
+        if not is_number(self.grad_clip) or self.grad_clip < 0:
+            fail("grad_clip", "must be a number >= 0 (0 turns clipping off)")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(is_number(b) and 0 <= b < 1 for b in self.betas)):
+            fail("betas", "must be two numbers in [0, 1), e.g. (0.9, 0.95)")
+        self.betas = tuple(self.betas)
+        if self.precision not in PRECISIONS:
+            fail("precision", f"is unknown; choose one of {', '.join(map(repr, PRECISIONS))}")
+        if not isinstance(self.compile, bool):
+            fail("compile", "must be True or False")
+        if not isinstance(self.progress, bool):
+            fail("progress", "must be True or False")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
+            fail("device", "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if self.checkpoint_path is not None:
+            if not isinstance(self.checkpoint_path, (str, os.PathLike)):
+                fail("checkpoint_path", "must be a file path or None")
+            self.checkpoint_path = os.fspath(self.checkpoint_path)
+        if self.checkpoint_interval is not None:
+            if not is_int(self.checkpoint_interval) or self.checkpoint_interval < 1:
+                fail("checkpoint_interval", "must be a positive integer or None")
+            if self.checkpoint_path is None:
+                fail("checkpoint_interval", "needs a checkpoint_path to save to; set checkpoint_path too")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]          # per step: step, loss, lr, tokens, seconds (+ val_loss at eval steps)
+    meter: Meter                 # the whole run: time, tokens, FLOPs
+    final_val_loss: float | None
+    step: int                    # last completed step (steps are numbered from 1)
+    interrupted: bool
+    checkpoint_path: str | None = field(default=None)  # where the interrupted run was saved
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.meter.tokens_per_second
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (1..steps): linear warmup to lr, then cosine to lr*min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    min_lr = config.lr * config.min_lr_ratio
+    decay_steps = config.steps - config.warmup_steps
+    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - config.warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, tokens, block_size: int, batch_size: int, batches: int,
+                  seed: int = 1234, device: str | torch.device | None = None) -> float:
+    """Mean loss over `batches` fixed batches: the same windows every call, so calls compare fairly.
+
+    device defaults to the model's device. Runs in eval mode (no dropout) and restores the mode after.
+    """
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    sampler = BatchSampler(_as_token_tensor(tokens, "estimate_loss"), block_size, batch_size, seed, device)
+    was_training = model.training
+    model.eval()
+    try:
+        losses = [model(*sampler.batch(i))[1] for i in range(batches)]
+    finally:
+        model.train(was_training)
+    return torch.stack(losses).mean().item()
+
+
+def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainConfig | None = None, *,
+          resume_from: str | None = None, meter: Meter | None = None) -> TrainResult:
+    """Train `model` on random windows of `train_tokens`; returns the history and the measured cost."""
+    config = TrainConfig() if config is None else config
+    device = _resolve_device(config.device)
+    precision = _resolve_precision(config.precision, device)
+    model.to(device)
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    train_tokens = _as_token_tensor(train_tokens, "train_tokens", vocab_size, block_size)
+    if val_tokens is not None:
+        val_tokens = _as_token_tensor(val_tokens, "val_tokens", vocab_size, block_size)
+    optimizer = model.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision in ("bf16", "fp16"))
+    completed = 0
+    if resume_from is not None:
+        checkpoint = load_checkpoint(resume_from, model, optimizer)
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        _set_rng_state(checkpoint["rng"])
+        completed = checkpoint["step"]
+    else:
+        torch.manual_seed(config.seed)  # dropout masks
+    last_good_path = os.fspath(resume_from) if resume_from is not None else None
+    rng_after_step = _rng_state()
+    forward_model = _maybe_compile(model) if config.compile else model
+
+    def micro_batch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal forward_model
+        with autocast:
+            try:
+                return forward_model(x, y)[1]
+            except Exception as error:  # torch.compile fails lazily, at the first call
+                if forward_model is model:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); continuing uncompiled")
+                forward_model = model
+                return model(x, y)[1]
+
+    sampler = BatchSampler(train_tokens, block_size, config.batch_size, config.seed, device)
+    tokens_per_step = config.batch_size * config.grad_accum * block_size
+    flops_per_step = model.flops_per_token(training=True) * tokens_per_step
+    meter = Meter("train", device=device) if meter is None else meter
+    # A meter the caller already started times itself; we only add tokens and FLOPs to it.
+    timing = contextlib.nullcontext() if meter._start is not None else meter
+    history: list[dict] = []
+    final_val_loss = None
+    interrupted, interrupt_path, saved_step = False, None, None
+    bar = tqdm(total=config.steps, initial=completed, disable=not config.progress, desc="train")
+    run_start = last_time = time.perf_counter()
+    model.train()
+    try:
+        with timing:
+            for step in range(completed + 1, config.steps + 1):
+                lr = lr_at(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(config.grad_accum):
+                    x, y = sampler.batch(step * config.grad_accum + micro)
+                    loss = micro_batch_loss(x, y)
+                    # Dividing by grad_accum makes the summed gradients the mean over the full batch.
+                    scaler.scale(loss / config.grad_accum).backward()
+                    loss_sum += loss.detach()
+                step_loss = loss_sum.item() / config.grad_accum
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+                # With fp16 an infinite gradient is normal: the scaler skips the step and lowers its scale.
+                if not math.isfinite(step_loss) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
+                    raise _diverged(step, step_loss, model, optimizer, scaler, config, completed,
+                                    rng_after_step, last_good_path)
+                scaler.step(optimizer)
+                scaler.update()
+                completed, rng_after_step = step, _rng_state()
+                meter.add(tokens=tokens_per_step, flops=flops_per_step)
+                now = time.perf_counter()
+                record = {"step": step, "loss": step_loss, "lr": lr, "tokens": step * tokens_per_step,
+                          "seconds": now - run_start}
+                if val_tokens is not None and (step % config.eval_interval == 0 or step == config.steps):
+                    with autocast:
+                        final_val_loss = estimate_loss(model, val_tokens, block_size, config.batch_size,
+                                                       config.eval_batches, device=device)
+                    record["val_loss"] = final_val_loss
+                history.append(record)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}",
+                                tokens_per_s=f"{tokens_per_step / max(now - last_time, 1e-9):,.0f}")
+                bar.update(1)
+                last_time = now
+                if config.checkpoint_interval and step % config.checkpoint_interval == 0:
+                    save_checkpoint(config.checkpoint_path, model, optimizer, step, config,
+                                    scaler=scaler, rng_state=rng_after_step)
+                    last_good_path, saved_step = config.checkpoint_path, step
+        if config.checkpoint_path and history and saved_step != completed:
+            save_checkpoint(config.checkpoint_path, model, optimizer, completed, config,
+                            scaler=scaler, rng_state=rng_after_step)
+    except KeyboardInterrupt:
+        interrupted = True
+        interrupt_path = config.checkpoint_path or os.fspath(runs_dir() / "interrupted.pt")
+        save_checkpoint(interrupt_path, model, optimizer, completed, config, scaler=scaler, rng_state=rng_after_step)
+        bar.close()
+        print(f"Interrupted after step {completed}/{config.steps}; saved a checkpoint to {interrupt_path}.\n"
+              f"Resume with: train(model, train_tokens, val_tokens, config, resume_from={interrupt_path!r})")
+    finally:
+        bar.close()
+    return TrainResult(history, meter, final_val_loss, completed, interrupted, interrupt_path)
+
+
+def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, step: int = 0,
+                    train_config: TrainConfig | None = None, extra: dict | None = None, *,
+                    scaler: torch.amp.GradScaler | None = None, rng_state: dict | None = None) -> None:
+    """Save everything needed to rebuild the model and resume training, atomically.
+
+    torch.save goes to a temporary file in the same folder, which os.replace then renames over `path`:
+    a crash or Ctrl-C mid-write leaves the previous checkpoint intact, never a half-written one.
+    """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every key
+    config = getattr(model, "config", None)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model_state": model.state_dict(),
+        "model_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "step": int(step),
+        "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
+        "rng": rng_state if rng_state is not None else _rng_state(),
+        "extra": extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                    map_location="cpu") -> dict:
+    """Load a checkpoint written by save_checkpoint into `model` (and `optimizer`).
+
+    With model=None a GPT is rebuilt from the saved config. Returns the checkpoint dict, with "model"
+    set to the loaded model and "model_state", "model_config", "train_config", "step", "extra", ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}; check the path, "
+                                "or train with TrainConfig(checkpoint_path=...) to write one")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({type(error).__name__}: "
+                         f"{error}); it is truncated or corrupt, delete it and use another checkpoint") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"load_checkpoint: {path} was not written by minillm.train.save_checkpoint")
+    if model is None:
+        from minillm.model import GPT, GPTConfig
+        if checkpoint["model_config"] is None:
+            raise ValueError(f"load_checkpoint: {path} holds no model config; pass the model to load into")
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+    else:
+        model = getattr(model, "_orig_mod", model)
+        config = getattr(model, "config", None)
+        saved = checkpoint["model_config"]
+        if saved is not None and dataclasses.is_dataclass(config) and dataclasses.asdict(config) != saved:
+            current = dataclasses.asdict(config)
+            differences = ", ".join(f"{k}: saved {saved.get(k)!r} vs model {current.get(k)!r}"
+                                    for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
+            raise ValueError(f"load_checkpoint: {path} was saved from a different model config ({differences}); "
+                             "build the model from checkpoint['model_config'] or call load_checkpoint(path)")
+    model.load_state_dict(checkpoint["model_state"])
+    if optimizer is not None:
+        if checkpoint["optimizer"] is None:
+            raise ValueError(f"load_checkpoint: {path} holds no optimizer state, so training cannot resume from it")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoint["model"] = model
+    return checkpoint
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig: device={name!r} but no CUDA GPU is available; use device='auto' or 'cpu'")
+    return device
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"TrainConfig: precision='fp16' needs a CUDA GPU (fp16 autocast with loss scaling is a "
+                         f"GPU technique), but the device is {device.type}; use precision='bf16' or 'fp32'")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"TrainConfig: precision='bf16' is not supported by {torch.cuda.get_device_name(device)}; "
+                         "use precision='fp16' (with loss scaling) or 'fp32'")
+    return precision
+
+
+def _as_token_tensor(tokens, name: str, vocab_size: int | None = None, block_size: int | None = None) -> torch.Tensor:
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
+        raise ValueError(f"{name}: expected a 1-D sequence of integer token ids, got a {tokens.dtype} tensor "
+                         f"of shape {tuple(tokens.shape)}")
+    tokens = tokens.long()
+    if block_size is not None and len(tokens) < block_size + 1:
+        raise ValueError(f"{name}: {len(tokens)} tokens is too few for block_size={block_size}; "
+                         "give at least block_size+1 tokens or use a smaller block_size")
+    if vocab_size is not None and len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"{name}: token ids range over [{int(tokens.min())}, {int(tokens.max())}] but the model's "
+                         f"vocab_size is {vocab_size}; encode with the model's tokenizer or raise vocab_size")
+    return tokens
+
+
+def _maybe_compile(model: torch.nn.Module) -> torch.nn.Module:
+    try:
+        return torch.compile(model)
+    except Exception as error:
+        warnings.warn(f"torch.compile is unavailable ({type(error).__name__}: {error}); continuing uncompiled")
+        return model
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _diverged(step: int, loss: float, model, optimizer, scaler, config: TrainConfig, completed: int,
+              rng_state: dict, last_good_path: str | None) -> TrainingDivergedError:
+    """Keep (or write) the last finite state, then describe what went wrong and where to restart from."""
+    weights_finite = all(torch.isfinite(p).all() for p in model.parameters())
+    if weights_finite:
+        # The weights from the last completed step are still finite: save them as the restart point.
+        last_good_path = config.checkpoint_path or os.fspath(runs_dir() / "last_good.pt")
+        save_checkpoint(last_good_path, model, optimizer, completed, config, scaler=scaler, rng_state=rng_state)
+    where = (f"the last good checkpoint is {last_good_path}" if last_good_path
+             else "no good checkpoint was saved (set checkpoint_path and checkpoint_interval to keep one)")
+    return TrainingDivergedError(
+        f"training diverged at step {step}: loss={loss} (or the gradient norm is not finite); {where}. "
+        "Lower lr, raise warmup_steps or keep grad_clip on, then resume_from that checkpoint.",
+        step=step, checkpoint_path=last_good_path)

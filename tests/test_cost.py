@@ -1,0 +1,277 @@
+"""Tests of minillm.cost: the Meter, prices, the ledger, savings tables, measured peaks, the report."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minillm import cost
+
+CPU_BOX = {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "device": "cpu", "gpu": None}
+T4_BOX = {"cpu": "Intel(R) Xeon(R) CPU @ 2.20GHz", "cores": 2, "device": "cuda", "gpu": "Tesla T4",
+          "compute_capability": "7.5", "gpu_count": 1}
+H800_BOX = dict(T4_BOX, gpu="NVIDIA H800", compute_capability="9.0")
+
+
+@pytest.fixture(autouse=True)
+def isolated_runs(tmp_path, monkeypatch):
+    """Every test gets its own runs/ folder and no user price override from the environment."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("MINILLM_RUNS", str(runs))
+    monkeypatch.delenv("MINILLM_PRICES", raising=False)
+    monkeypatch.delenv("MINILLM_FAST", raising=False)
+    return runs
+
+
+# --- Meter -----------------------------------------------------------------------------------------
+
+def test_meter_times_a_sleep_and_counts_tokens_and_flops():
+    with cost.Meter("nap", chapter="00", price_per_hour=3.6) as meter:
+        time.sleep(0.05)
+        meter.add(tokens=1000, flops=2e6)
+        meter.add(tokens=500)
+    assert 0.045 <= meter.seconds < 0.5
+    assert meter.tokens == 1500 and meter.flops == 2e6
+    assert meter.tokens_per_second == pytest.approx(1500 / meter.seconds)
+    assert meter.dollars == pytest.approx(meter.seconds / 3600 * 3.6)
+    assert meter.to_dict()["dollars"] == pytest.approx(meter.dollars)
+
+
+def test_meter_dollars_use_the_price_table(monkeypatch):
+    monkeypatch.setattr(cost, "probe_hardware", lambda refresh=False: dict(T4_BOX))
+    meter = cost.Meter("t4 work")
+    meter.seconds = 7200.0
+    assert meter.dollars == pytest.approx(2 * cost.price_per_hour(T4_BOX)[0])
+    with pytest.raises(ValueError, match="price_per_hour"):
+        cost.Meter("bad", price_per_hour=-1)
+
+
+# --- hardware -------------------------------------------------------------------------------------
+
+def test_probe_and_ids_describe_this_machine():
+    hw = cost.probe_hardware()
+    assert hw["cores"] >= 1 and hw["device"] in ("cpu", "cuda", "mps")
+    assert hw["torch"] == torch.__version__
+    assert cost.default_device().type == hw["device"]
+    assert cost.hardware_id(CPU_BOX) == "cpu-intel-xeon-2c"
+    assert cost.hardware_id(T4_BOX) == "cuda-tesla-t4"
+    assert cost.hardware_id(dict(T4_BOX, gpu="NVIDIA H100 80GB HBM3")) == "cuda-nvidia-h100-80gb-hbm3"
+    assert "Tesla T4" in cost.format_hardware(T4_BOX)
+    assert len(cost.format_hardware().splitlines()) == 2
+
+
+@pytest.mark.parametrize("name, model", [
+    ("Tesla T4", "T4"), ("NVIDIA L4", "L4"), ("NVIDIA A100-SXM4-80GB", "A100"),
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H800", "H800"), ("NVIDIA H200", "H200"),
+    ("NVIDIA L40S", None), ("NVIDIA A10", None), ("NVIDIA GH200 480GB", None), (None, None), ("", None),
+])
+def test_datasheet_matches_whole_model_names(name, model):
+    entry = cost.datasheet_peaks(name)
+    assert (entry["model"] if entry else None) == model
+
+
+def test_datasheet_variants_and_figures():
+    assert cost.datasheet_peaks("NVIDIA H800")["memory_gb_per_s"] == 3350
+    assert cost.datasheet_peaks("Tesla T4")["bf16"] is None
+    assert cost.datasheet_peaks("NVIDIA H100 PCIe")["bf16"] < cost.datasheet_peaks("NVIDIA H100 80GB HBM3")["bf16"]
+    assert cost.datasheet_peaks("NVIDIA A100-SXM4-40GB")["memory_gb"] == 40
+    cost.datasheet_peaks("Tesla T4")["fp32"] = 0  # a copy: the table itself must not change
+    assert cost.DATASHEET["T4"]["fp32"] == 8.1e12
+
+
+# --- prices ---------------------------------------------------------------------------------------
+
+def test_prices_per_device_and_labelled():
+    dollars, source = cost.price_per_hour(T4_BOX)
+    assert dollars == cost.load_prices()["prices"]["NVIDIA T4"]["per_hour"] > 0
+    assert source.startswith("prices.json 2026-11-28: NVIDIA T4")
+    assert cost.price_per_hour(H800_BOX)[0] == 2.0  # DeepSeek-V3's assumption, not H100's price
+    assert cost.price_per_hour(CPU_BOX)[1].startswith("prices.json 2026-11-28: cpu")
+    assert cost.price_per_hour(dict(T4_BOX, gpu="NVIDIA RTX 9999"))[1].split(": ")[1].startswith("other GPU")
+
+
+def test_price_override_file_wins(isolated_runs, tmp_path, monkeypatch):
+    shipped = cost.price_per_hour(T4_BOX)[0]
+    path = cost.set_price_per_hour(0.123, hw=T4_BOX)
+    assert path == isolated_runs / "prices.json"
+    dollars, source = cost.price_per_hour(T4_BOX)
+    assert dollars == 0.123 != shipped and str(path) in source
+    assert cost.price_per_hour(H800_BOX)[0] == 2.0  # other machines keep the shipped price
+
+    override = tmp_path / "my_prices.json"
+    override.write_text(json.dumps({"date": "2027-01-01", "prices": {"NVIDIA H800": {"per_hour": 1.5}}}))
+    monkeypatch.setenv("MINILLM_PRICES", str(override))
+    assert cost.price_per_hour(H800_BOX) == (1.5, f"{override} 2027-01-01: NVIDIA H800 (DeepSeek-V3 technical "
+                                                  "report's own assumption: $2 per H800 GPU-hour rental)")
+    override.write_text('{"prices": {"NVIDIA T4": {"per_hour": "cheap"}}}')
+    with pytest.raises(ValueError, match="per_hour"):
+        cost.load_prices()
+    with pytest.raises(ValueError, match="dollars"):
+        cost.set_price_per_hour(float("nan"), hw=T4_BOX)
+
+
+# --- ledger ---------------------------------------------------------------------------------------
+
+def test_ledger_round_trip_nan_and_filters(isolated_runs):
+    ledger = cost.Ledger()
+    assert ledger.path == isolated_runs / "ledger.jsonl"
+    first = ledger.append("01", "bigram", {"loss": 2.5, "steps": 10, "broken": float("nan"),
+                                           "tensor": torch.tensor(1.5), "note": "ok", "none": None},
+                          hardware=CPU_BOX, seed=3)
+    ledger.append("01", "bigram", {"loss": 2.0}, hardware=CPU_BOX)
+    ledger.append("03", "gpt", {"loss": 4.0}, hardware=CPU_BOX)
+    again = cost.Ledger().entries(chapter="01")
+    assert [entry["values"]["loss"] for entry in again] == [2.5, 2.0]
+    assert again[0] == first and first["seed"] == 3 and first["hardware_id"] == "cpu-intel-xeon-2c"
+    assert first["values"]["broken"] is None and first["values"]["tensor"] == 1.5
+    assert "NaN" not in ledger.path.read_text()
+    assert ledger.latest(chapter="01", label="bigram")["values"]["loss"] == 2.0
+    assert ledger.latest(label="gpt")["chapter"] == "03" and ledger.latest(chapter="09") is None
+
+
+def test_ledger_rejects_what_json_cannot_hold():
+    ledger = cost.Ledger()
+    with pytest.raises(TypeError, match="'weights'"):
+        ledger.append("01", "x", {"weights": torch.ones(3)}, hardware=CPU_BOX)
+    with pytest.raises(TypeError, match="'when'"):
+        ledger.append("01", "x", {"when": object()}, hardware=CPU_BOX)
+    with pytest.raises(ValueError, match="clash"):
+        ledger.append("01", "x", {}, hardware=CPU_BOX, time=1)
+    assert ledger.entries() == []  # nothing half-written
+
+
+def test_ledger_skips_corrupt_lines(isolated_runs):
+    ledger = cost.Ledger()
+    ledger.append("02", "a", {"v": 1}, hardware=CPU_BOX)
+    with open(ledger.path, "a") as f:
+        f.write('{"time": "2026-11-28", "chapter": "02", "lab\n')  # a crash mid-line
+        f.write("[1, 2]\n")
+    ledger.append("02", "b", {"v": 2}, hardware=CPU_BOX)
+    with pytest.warns(UserWarning, match="2 corrupt"):
+        assert [entry["label"] for entry in ledger.entries()] == ["a", "b"]
+
+
+def test_ledger_records_a_meter():
+    with cost.Meter("sleep", chapter="00", price_per_hour=1.0) as meter:
+        meter.add(tokens=10)
+    entry = cost.Ledger().record(meter, batch_size=4)
+    assert entry["chapter"] == "00" and entry["label"] == "sleep"
+    assert entry["values"]["tokens"] == 10 and entry["values"]["batch_size"] == 4
+    with pytest.raises(ValueError, match="chapter"):
+        cost.Ledger().record(cost.Meter("orphan", price_per_hour=1.0))
+
+
+# --- savings table and formatting -----------------------------------------------------------------
+
+def test_savings_table_ratios_both_directions():
+    ledger = cost.Ledger()
+    text = cost.savings_table("01", [
+        {"what": "tokens per second", "baseline": ("chars", 1.0e5), "improved": ("BPE", 4.0e5),
+         "unit": "tok/s", "better": "higher"},
+        {"what": "seconds to target loss", "baseline": ("fp32", 30.0), "improved": ("bf16", 10.0),
+         "unit": "s", "better": "lower"},
+        {"what": "tokens per second (MoE)", "baseline": ("dense", 2.0e5), "improved": ("MoE", 1.0e5),
+         "unit": "tok/s", "better": "higher"},
+    ], ledger=ledger, title="tokenization")
+    speed = ledger.latest(label="savings: tokens per second")["values"]
+    assert speed["ratio"] == pytest.approx(4.0) and speed["saving_percent"] == pytest.approx(75.0)
+    time_row = ledger.latest(label="savings: seconds to target loss")["values"]
+    assert time_row["ratio"] == pytest.approx(3.0) and time_row["saving_percent"] == pytest.approx(200 / 3)
+    moe = ledger.latest(label="savings: tokens per second (MoE)")["values"]
+    assert moe["ratio"] == pytest.approx(0.5) and moe["saving_percent"] == pytest.approx(-100.0)
+    assert len(ledger.entries(chapter="01")) == 3
+    assert "tokenization" in text and "×4" in text and "75.0%" in text and "-100.0%" in text
+    assert "400 ktok/s" in text and "10 s" in text
+
+
+def test_savings_table_rejects_bad_rows():
+    with pytest.raises(ValueError, match="better"):
+        cost.savings_table("01", [{"what": "x", "baseline": ("a", 1), "improved": ("b", 2), "better": "more"}])
+    with pytest.raises(ValueError, match="misses"):
+        cost.savings_table("01", [{"what": "x", "baseline": ("a", 1)}])
+    with pytest.raises(ValueError, match="> 0"):
+        cost.savings_table("01", [{"what": "x", "baseline": ("a", 0), "improved": ("b", 2), "better": "lower"}])
+    assert cost.Ledger().entries() == []
+
+
+@pytest.mark.parametrize("value, unit, text", [
+    (1.23e9, "FLOP/s", "1.23 GFLOP/s"), (9.997e11, "FLOP/s", "1 TFLOP/s"), (312e12, "FLOP/s", "312 TFLOP/s"),
+    (45.6, "FLOP/s", "45.6 FLOP/s"), (2.5e9, "B/s", "2.5 GB/s"), (1.5e6, "B", "1.5 MB"),
+    (3.4e5, "tok/s", "340 ktok/s"), (1.2e6, "tokens", "1.2M tokens"), (0.0123, "s", "12.3 ms"),
+    (90, "s", "90 s"), (600, "s", "10 min"), (0.00123, "$", "$0.00123"), (2.0, "$/h", "$2/h"),
+    (5.576e6, "$", "$5.58M"), (2.834, "x", "×2.83"), (64.66, "%", "64.7%"), (None, "s", "n/a"),
+    (float("nan"), "B", "n/a"), (0, "FLOP/s", "0 FLOP/s"), (-2e3, "B", "-2 kB"), (3.3e24, "FLOP", "3.3e+24 FLOP"),
+])
+def test_format_quantity(value, unit, text):
+    assert cost.format_quantity(value, unit) == text
+
+
+# --- measured peaks -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_measure_peaks_measures_once_then_uses_the_cache(isolated_runs, monkeypatch):
+    peaks = cost.measure_peaks(device="cpu", fast=True)
+    assert peaks["fast"] is True and peaks["device"] == "cpu"
+    assert set(peaks["matmul_flops_per_second"]) == {"float32", "bfloat16"}
+    assert all(value > 0 and math.isfinite(value) for value in peaks["matmul_flops_per_second"].values())
+    assert peaks["memory_bytes_per_second"] > 0
+    cache_file = isolated_runs / f"peaks-{peaks['hardware_id']}.json"
+    assert json.loads(cache_file.read_text()) == peaks
+
+    def no_timing_allowed(*args, **kwargs):
+        raise AssertionError("measure_peaks timed something although the cache was there")
+    monkeypatch.setattr(cost, "best_seconds", no_timing_allowed)
+    assert cost.measure_peaks(device="cpu", fast=True) == peaks
+
+    monkeypatch.setattr(cost, "best_seconds", lambda fn, **kwargs: 0.5)  # refresh must time again
+    refreshed = cost.measure_peaks(device="cpu", fast=True, refresh=True)
+    n = refreshed["matmul_size"]
+    assert refreshed["matmul_flops_per_second"]["float32"] == pytest.approx(2 * n**3 / 0.5)
+    assert json.loads(cache_file.read_text()) == refreshed
+
+
+def test_best_seconds_takes_the_fastest_run(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(cost, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    durations = iter([5.0, 0.3, 0.1, 0.2])  # the first call is the untimed warm-up
+
+    def work():
+        clock["now"] += next(durations)
+    assert cost.best_seconds(work, repeats=3, warmup=1) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="repeats"):
+        cost.best_seconds(work, repeats=0)
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def test_report_on_an_empty_ledger(isolated_runs):
+    text, png = cost.report()
+    assert png is None and "empty" in text
+    assert not (isolated_runs / "report.png").exists()
+
+
+def test_report_table_and_png(isolated_runs, tmp_path):
+    ledger = cost.Ledger()
+    with cost.Meter("bigram training", chapter="01", price_per_hour=0.35) as meter:
+        meter.add(tokens=20_000, flops=4e9)
+    ledger.record(meter)
+    ledger.append("00", "peaks", {"matmul_flops_per_second": {"float32": 3.3e11}, "memory_bytes_per_second": 1.2e10},
+                  hardware=CPU_BOX)
+    cost.savings_table("01", [{"what": "tokens per text", "baseline": ("chars", 1000), "improved": ("BPE", 400),
+                               "unit": "tok", "better": "lower"},
+                              {"what": "loss per dollar", "baseline": ("dense", 2.0), "improved": ("MoE", 1.6),
+                               "unit": "", "better": "higher"}], ledger=ledger)
+    text, png = cost.report(ledger)
+    assert png == isolated_runs / "report.png"
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 5000
+    for expected in ("chapter 00", "chapter 01", "bigram training", "savings: tokens per text", "×2.5",
+                     "matmul float32 330 GFLOP/s", "memory 12 GB/s", "tok/s", "$", "worse than baseline"):
+        assert expected in text, expected
+    assert text.index("chapter 00") < text.index("chapter 01")
+
+    elsewhere = tmp_path / "plots" / "mine.png"
+    assert cost.report(ledger, out_dir=elsewhere)[1] == elsewhere and elsewhere.exists()

@@ -1,0 +1,314 @@
+"""Tests of minillm.train: learning, schedule, exact resume, Ctrl-C, divergence, bf16, checkpoints."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+import minillm.train as train_module
+from minillm.cost import Meter
+from minillm.model import GPT, GPTConfig
+from minillm.train import (TrainConfig, TrainingDivergedError, estimate_loss, load_checkpoint, lr_at,
+                           save_checkpoint, train)
+
+
+@pytest.fixture(autouse=True)
+def isolated_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILLM_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MINILLM_DATA", str(tmp_path / "data"))
+
+
+@pytest.fixture(scope="module")
+def byte_tokens() -> torch.Tensor:
+    """Real English text as bytes (vocab 256): the standard library's bundled documentation."""
+    try:
+        from minillm.data import load_corpus
+        text = load_corpus("pydocs")
+    except Exception:  # minillm.data may be mid-rewrite; the same text straight from pydoc_data
+        from pydoc_data import topics
+        text = "".join(topics.topics[key] for key in sorted(topics.topics))
+    return torch.tensor(list(text.encode()), dtype=torch.long)
+
+
+def byte_model(seed: int = 0, **overrides) -> GPT:
+    settings = dict(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**settings))
+
+
+def quick_config(**overrides) -> TrainConfig:
+    settings = dict(steps=8, batch_size=4, warmup_steps=2, eval_interval=4, eval_batches=2, progress=False,
+                    device="cpu", precision="fp32")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def parameters_of(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_loss_falls_on_real_text(byte_tokens):
+    split = int(0.9 * len(byte_tokens))
+    train_tokens, val_tokens = byte_tokens[:split], byte_tokens[split:]
+    model = byte_model()
+    before = estimate_loss(model, val_tokens, 32, 16, 4)
+    config = quick_config(steps=50, batch_size=16, warmup_steps=5, eval_interval=25, eval_batches=4)
+    result = train(model, train_tokens, val_tokens, config)
+    assert before == pytest.approx(math.log(256), abs=0.3)  # an untrained model guesses uniformly
+    assert result.final_val_loss < before - 1.5
+    assert [r["step"] for r in result.history] == list(range(1, 51))
+    assert [r["step"] for r in result.history if "val_loss" in r] == [25, 50]
+    assert result.step == 50 and not result.interrupted
+    first, last = result.history[0], result.history[-1]
+    assert last["tokens"] == 50 * 16 * 32 and last["seconds"] > 0
+    assert sum(r["loss"] for r in result.history[-5:]) < sum(r["loss"] for r in result.history[:5]) - 5 * 1.5
+    assert result.meter.tokens == 50 * 16 * 32
+    assert result.meter.flops == pytest.approx(model.flops_per_token(training=True) * 50 * 16 * 32)
+    assert result.tokens_per_second > 0
+
+
+def test_estimate_loss_is_repeatable(byte_tokens):
+    model = byte_model()
+    first = estimate_loss(model, byte_tokens[:5000], 32, 4, 3)
+    assert estimate_loss(model, byte_tokens[:5000], 32, 4, 3) == first
+    assert estimate_loss(model, byte_tokens[:5000], 32, 4, 3, seed=99) != first
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    config = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(step, config) for step in range(0, 101)]
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(0.5e-3)
+    assert lrs[10] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))          # rising during warmup
+    assert all(a > b for a, b in zip(lrs[10:100], lrs[11:101]))     # falling afterwards
+    assert lrs[55] == pytest.approx((1e-3 + 1e-4) / 2)              # cosine midpoint
+    assert lrs[100] == pytest.approx(1e-4)
+    no_warmup = TrainConfig(steps=10, warmup_steps=0, lr=2e-3)
+    assert lr_at(0, no_warmup) == pytest.approx(2e-3)
+
+
+def test_resume_gives_the_same_run_as_training_straight_through(byte_tokens, tmp_path):
+    # dropout and grad_accum on: resuming must restore the RNG and the micro-batch order too. A constant
+    # lr, so that a 6-step run follows the same schedule as the first half of a 12-step one (the next
+    # test stops a run part-way to check resuming within a warmup + cosine schedule).
+    overrides = dict(steps=12, grad_accum=2, warmup_steps=0, min_lr_ratio=1.0,
+                     checkpoint_path=str(tmp_path / "half.pt"))
+    straight = byte_model(dropout=0.1)
+    straight_result = train(straight, byte_tokens, byte_tokens[-4000:], quick_config(**overrides))
+
+    first_half = byte_model(dropout=0.1)
+    train(first_half, byte_tokens, byte_tokens[-4000:], quick_config(**dict(overrides, steps=6)))
+    resumed = byte_model(seed=123, dropout=0.1)  # different init: the checkpoint must overwrite it
+    resumed_result = train(resumed, byte_tokens, byte_tokens[-4000:],
+                           quick_config(**dict(overrides, checkpoint_path=None)),
+                           resume_from=str(tmp_path / "half.pt"))
+
+    assert [r["step"] for r in resumed_result.history] == list(range(7, 13))
+    straight_losses = torch.tensor([r["loss"] for r in straight_result.history[6:]])
+    resumed_losses = torch.tensor([r["loss"] for r in resumed_result.history])
+    torch.testing.assert_close(resumed_losses, straight_losses, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(parameters_of(resumed), parameters_of(straight), rtol=1e-6, atol=1e-7)
+    assert resumed_result.final_val_loss == pytest.approx(straight_result.final_val_loss, rel=1e-6)
+
+
+def test_resume_within_a_warmup_cosine_schedule(byte_tokens, tmp_path):
+    path = str(tmp_path / "stop.pt")
+    straight = byte_model()
+    train(straight, byte_tokens, config=quick_config(steps=10))
+    partial = byte_model()
+    config = quick_config(steps=10, checkpoint_path=path, checkpoint_interval=5)
+
+    def stop_after_five(step, cfg):
+        if step == 6:
+            raise KeyboardInterrupt
+        return lr_at(step, cfg)
+
+    original = train_module.lr_at
+    train_module.lr_at = stop_after_five
+    try:
+        result = train(partial, byte_tokens, config=config)
+    finally:
+        train_module.lr_at = original
+    assert result.interrupted and result.step == 5
+    resumed = byte_model(seed=7)
+    train(resumed, byte_tokens, config=config, resume_from=path)
+    torch.testing.assert_close(parameters_of(resumed), parameters_of(straight), rtol=1e-6, atol=1e-7)
+
+
+def test_ctrl_c_saves_closes_and_returns_then_resumes(byte_tokens, monkeypatch, capsys, tmp_path):
+    def interrupt_at_step_4(step, config):
+        if step == 4:
+            raise KeyboardInterrupt
+        return lr_at(step, config)
+
+    monkeypatch.setattr(train_module, "lr_at", interrupt_at_step_4)
+    model = byte_model()
+    result = train(model, byte_tokens, config=quick_config(steps=8))  # no checkpoint_path set
+    monkeypatch.undo()
+    expected_path = tmp_path / "runs" / "interrupted.pt"
+    assert result.interrupted and result.step == 3 and len(result.history) == 3
+    assert result.checkpoint_path == str(expected_path) and expected_path.is_file()
+    printed = capsys.readouterr().out
+    assert str(expected_path) in printed and "resume_from" in printed
+    saved = load_checkpoint(expected_path)
+    assert saved["step"] == 3
+    torch.testing.assert_close(parameters_of(saved["model"]), parameters_of(model))
+
+    straight = byte_model()
+    train(straight, byte_tokens, config=quick_config(steps=8))
+    resumed = byte_model(seed=5)
+    finished = train(resumed, byte_tokens, config=quick_config(steps=8), resume_from=str(expected_path))
+    assert finished.step == 8 and not finished.interrupted
+    torch.testing.assert_close(parameters_of(resumed), parameters_of(straight), rtol=1e-6, atol=1e-7)
+
+
+def test_nan_loss_raises_and_saves_the_last_finite_state(byte_tokens, tmp_path):
+    model = byte_model()
+    real_forward = model.forward
+    calls = {"n": 0}
+
+    def forward_with_nan_at_step_6(idx, targets=None):
+        calls["n"] += 1
+        logits, loss = real_forward(idx, targets)
+        return logits, (loss * float("nan") if calls["n"] == 6 else loss)
+
+    model.forward = forward_with_nan_at_step_6
+    with pytest.raises(TrainingDivergedError, match="step 6") as error:
+        train(model, byte_tokens, config=quick_config(steps=10))  # no val tokens: forward runs once per step
+    good_path = tmp_path / "runs" / "last_good.pt"
+    assert error.value.step == 6 and error.value.checkpoint_path == str(good_path)
+    assert str(good_path) in str(error.value)
+    saved = load_checkpoint(good_path)
+    assert saved["step"] == 5
+    assert all(torch.isfinite(p).all() for p in saved["model"].parameters())
+
+
+def test_nan_weights_never_overwrite_the_good_checkpoint(byte_tokens, tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    model = byte_model()
+
+    def poison_weights_at_step_7(step, config):
+        if step == 7:
+            with torch.no_grad():
+                model.blocks[0].mlp.fc.weight.fill_(float("nan"))
+        return lr_at(step, config)
+
+    monkeypatch.setattr(train_module, "lr_at", poison_weights_at_step_7)
+    with pytest.raises(TrainingDivergedError, match="step 7") as error:
+        train(model, byte_tokens, config=quick_config(steps=10, checkpoint_path=str(path), checkpoint_interval=4))
+    assert error.value.checkpoint_path == str(path) and str(path) in str(error.value)
+    saved = load_checkpoint(path)
+    assert saved["step"] == 4
+    assert all(torch.isfinite(p).all() for p in saved["model"].parameters())
+
+
+def test_bf16_autocast_on_cpu_gives_a_finite_falling_loss(byte_tokens):
+    model = byte_model()
+    real_forward = model.forward
+    autocast_dtypes = []
+
+    def recording_forward(idx, targets=None):
+        if torch.is_autocast_enabled("cpu"):
+            autocast_dtypes.append(torch.get_autocast_dtype("cpu"))
+        return real_forward(idx, targets)
+
+    model.forward = recording_forward
+    result = train(model, byte_tokens, config=quick_config(steps=30, batch_size=8, precision="bf16"))
+    losses = [r["loss"] for r in result.history]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert len(autocast_dtypes) == 30 and set(autocast_dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_fp16_on_cpu_is_a_clear_error(byte_tokens):
+    with pytest.raises(ValueError, match="fp16.*CUDA.*bf16"):
+        train(byte_model(), byte_tokens, config=quick_config(precision="fp16"))
+
+
+def test_checkpoint_write_is_atomic(byte_tokens, tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    model = byte_model()
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
+    save_checkpoint(folder / "model.pt", model, optimizer, step=3, extra={"note": "first"})
+    assert os.listdir(folder) == ["model.pt"]  # no temporary file left behind
+
+    def save_half_then_crash(obj, file, *args, **kwargs):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(folder / "model.pt", model, optimizer, step=99)
+    monkeypatch.undo()
+    assert os.listdir(folder) == ["model.pt"]
+    loaded = load_checkpoint(folder / "model.pt")  # the previous checkpoint is intact
+    assert loaded["step"] == 3 and loaded["extra"] == {"note": "first"}
+    idx = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(loaded["model"].eval()(idx)[0], model.eval()(idx)[0])
+
+
+def test_missing_or_corrupt_checkpoint_names_the_path(tmp_path):
+    missing = tmp_path / "nothing.pt"
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_checkpoint(missing)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pt.*corrupt"):
+        load_checkpoint(corrupt)
+
+
+def test_loading_into_a_different_model_says_which_field_differs(tmp_path):
+    save_checkpoint(tmp_path / "small.pt", byte_model())
+    with pytest.raises(ValueError, match="n_embd"):
+        load_checkpoint(tmp_path / "small.pt", byte_model(n_embd=64))
+
+
+def test_given_meter_receives_tokens_and_flops(byte_tokens):
+    model = byte_model()
+    meter = Meter("mine")
+    train(model, byte_tokens, config=quick_config(steps=3, batch_size=2, grad_accum=2), meter=meter)
+    tokens = 3 * 2 * 2 * 32
+    assert meter.tokens == tokens and meter.seconds > 0
+    assert meter.flops == pytest.approx(model.flops_per_token(training=True) * tokens)
+
+
+def test_compile_failure_warns_and_trains_uncompiled(byte_tokens, monkeypatch):
+    def broken_compile(model, *args, **kwargs):
+        def fails(*a, **k):
+            raise RuntimeError("no compiler here")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(byte_model(), byte_tokens, config=quick_config(steps=3, compile=True))
+    assert result.step == 3
+    assert any("torch.compile failed" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(steps=0), "steps"),
+    (dict(batch_size=-1), "batch_size"),
+    (dict(grad_accum=1.5), "grad_accum"),
+    (dict(lr=0), "lr"),
+    (dict(min_lr_ratio=2), "min_lr_ratio"),
+    (dict(betas=(0.9,)), "betas"),
+    (dict(grad_clip=-1), "grad_clip"),
+    (dict(precision="int8"), "precision"),
+    (dict(device="tpu"), "device"),
+    (dict(checkpoint_interval=10), "checkpoint_interval"),
+])
+def test_train_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"TrainConfig: {field}="):
+        TrainConfig(**overrides)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="vocab_size is 64"):
+        train(byte_model(vocab_size=64), torch.arange(200) % 100, config=quick_config(steps=1))
