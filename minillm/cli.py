@@ -1,4 +1,4 @@
-"""The `minillm` command: env, course run, report, build-notebooks."""
+"""The `minillm` command: env, course run, report, build-notebooks, grade."""
 from __future__ import annotations
 
 import argparse
@@ -63,8 +63,6 @@ def cmd_course(args) -> int:
     runs = run_course(args.chapters or None, fast=args.fast, timeout=args.timeout)
     text, png = report()
     print(text)
-    if png:
-        print(f"plot: {png}")
     failed = [r for r in runs if not r.ok]
     for r in failed:
         print(f"FAILED {r.path.name}: {r.error}\n  the executed notebook with the error: {r.output_path}")
@@ -76,8 +74,6 @@ def cmd_report(args) -> int:
     from .cost import Ledger, report
     text, png = report(Ledger(args.ledger) if args.ledger else None, out_dir=args.out)
     print(text)
-    if png:
-        print(f"plot: {png}")
     return 0
 
 
@@ -92,6 +88,25 @@ def cmd_build(args) -> int:
             return 1
         print("notebooks/ is in sync with solutions/")
     return 0
+
+
+def cmd_grade(args) -> int:
+    from pathlib import Path
+
+    from .grader import GraderError, format_table, grade, write_reports
+    try:
+        submissions = grade(args.submissions, chapter=args.chapter, extra_tests=args.extra_tests,
+                            cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout)
+    except GraderError as error:
+        print(f"minillm grade: {error}", file=sys.stderr)
+        return 2
+    print(format_table(submissions))
+    csv_path, json_path = write_reports(submissions, Path(args.out))
+    print(f"wrote {csv_path} and {json_path}")
+    errors = [s for s in submissions if s.grader_error]
+    if errors:
+        print(f"{len(errors)} submission(s) could not be graded (see 'grader error' above)", file=sys.stderr)
+    return 2 if errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build-notebooks", help="write notebooks/ (student versions) from solutions/")
     p.add_argument("--check", action="store_true", help="only check that notebooks/ is in sync; exit 1 if not")
     p.set_defaults(func=cmd_build)
+    p = sub.add_parser("grade", help="grade student notebooks per exercise (see docs/INSTRUCTORS.md)")
+    p.add_argument("submissions", nargs="+", help="notebooks, or folders with one notebook or sub-folder per student")
+    p.add_argument("--chapter", help="the chapter being graded, e.g. 01 (default: read from the notebooks)")
+    p.add_argument("--extra-tests", help="folder of private tests, <grade_id>.py, run after each official check")
+    p.add_argument("--cell-timeout", type=int, default=120, help="seconds per cell (default 120)")
+    p.add_argument("--notebook-timeout", type=int, default=900, help="seconds per notebook (default 900)")
+    p.add_argument("--out", default="grades", help="folder for grades.csv and grades.json (default ./grades)")
+    p.set_defaults(func=cmd_grade)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
