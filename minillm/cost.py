@@ -732,6 +732,16 @@ def _significant(value: float, digits: int) -> str:
     return text
 
 
+def matmul_flops(m: int, k: int, n: int) -> int:
+    """FLOPs of (m×k) @ (k×n): m·n dot products of length k, a multiply and an add each (chapter 00)."""
+    return 2 * m * k * n
+
+
+def copy_bytes(n_elements: int, bytes_per_element: int) -> int:
+    """Bytes that cross the memory bus when a tensor is copied: each element read once, written once."""
+    return 2 * n_elements * bytes_per_element
+
+
 def format_quantity(value, unit: str = "", digits: int = 3) -> str:
     """A number with a readable unit: (1.23e9, "FLOP/s") -> "1.23 GFLOP/s", (0.012, "s") -> "12 ms".
 
