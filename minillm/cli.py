@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 REQUIRED = [("torch", "2.4"), ("numpy", None), ("matplotlib", None), ("tqdm", None), ("ipywidgets", "7.7"),
@@ -96,7 +97,8 @@ def cmd_grade(args) -> int:
     from .grader import GraderError, format_table, grade, write_reports
     try:
         submissions = grade(args.submissions, chapter=args.chapter, extra_tests=args.extra_tests,
-                            cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout)
+                            cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
+                            jobs=args.jobs)
     except GraderError as error:
         print(f"minillm grade: {error}", file=sys.stderr)
         return 2
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-tests", help="folder of private tests, <grade_id>.py, run after each official check")
     p.add_argument("--cell-timeout", type=int, default=120, help="seconds per cell (default 120)")
     p.add_argument("--notebook-timeout", type=int, default=900, help="seconds per notebook (default 900)")
+    p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="notebooks graded at once (default: up to 4, one per core)")
     p.add_argument("--out", default="grades", help="folder for grades.csv and grades.json (default ./grades)")
     p.set_defaults(func=cmd_grade)
     args = parser.parse_args(argv)

@@ -200,16 +200,25 @@ def score(official: dict, outcomes: dict, note: str) -> list[ExerciseResult]:
 
 
 def grade(inputs: list[str | Path], chapter: str | None = None, extra_tests: str | Path | None = None,
-          cell_timeout: int = 120, notebook_timeout: int = 900, progress: bool = True) -> list[Submission]:
+          cell_timeout: int = 120, notebook_timeout: int = 900, progress: bool = True,
+          jobs: int = 1) -> list[Submission]:
+    """Grade every submission; `jobs` notebooks run at once (each in its own process)."""
     import importlib.util
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Lock
+
     if importlib.util.find_spec("nbval") is None:
         raise GraderError("grading needs pytest and nbval: pip install -e '.[dev]' (or make test once)")
+    if jobs < 1:
+        raise GraderError(f"--jobs {jobs}: give 1 or more notebooks to run at once")
     submissions = find_submissions(inputs)
     extra = Path(extra_tests) if extra_tests else None
     if extra is not None and not extra.is_dir():
         raise GraderError(f"--extra-tests {extra} is not a folder of <grade_id>.py files")
     officials: dict[str, dict] = {}
-    for number, sub in enumerate(submissions, 1):
+    done, lock = [0], Lock()
+
+    def one(sub: Submission) -> None:
         start = time.perf_counter()
         if not sub.grader_error:
             try:
@@ -217,9 +226,14 @@ def grade(inputs: list[str | Path], chapter: str | None = None, extra_tests: str
             except GraderError as error:
                 sub.grader_error = str(error)
         sub.seconds = time.perf_counter() - start
-        if progress:
-            state = f"ERROR: {sub.grader_error}" if sub.grader_error else f"{sub.points}/{sub.points_possible}"
-            print(f"[{number}/{len(submissions)}] {sub.student}: {state} ({sub.seconds:.0f} s)", flush=True)
+        with lock:
+            done[0] += 1
+            if progress:
+                state = f"ERROR: {sub.grader_error}" if sub.grader_error else f"{sub.points}/{sub.points_possible}"
+                print(f"[{done[0]}/{len(submissions)}] {sub.student}: {state} ({sub.seconds:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, submissions))  # list() re-raises a grader bug instead of hiding it
     return submissions
 
 

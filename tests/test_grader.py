@@ -60,7 +60,8 @@ def graded(tmp_path_factory):
         write(folder, student, nb)
     extra = tmp_path_factory.mktemp("private")
     (extra / "ex00.1.py").write_text("assert isinstance(matmul_flops(2, 3, 4), int), 'return an int'\n")
-    submissions = grade([folder], extra_tests=extra, cell_timeout=15, notebook_timeout=300, progress=False)
+    submissions = grade([folder], extra_tests=extra, cell_timeout=30, notebook_timeout=300, progress=False,
+                        jobs=2)
     return {s.student: s for s in submissions}, folder
 
 
