@@ -121,12 +121,23 @@ class Benchmark:
     options: dict[str, dict] = field(default_factory=dict)
 
 
+def bench_kernels(**options) -> dict:
+    # Imported on use, so `python -m minillm.bench bpe` works without Triton.
+    from minillm.kernels.bench import bench_kernels as run
+    return run(**options)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "bpe": Benchmark(bench_bpe, "train byte-level BPE; tokens and encode speed vs characters (chapter 01)", {
         "--vocab-size": dict(type=int, default=512, help="BPE vocabulary size, >= 256 (default 512)"),
         "--corpus": dict(default="pydocs", help="corpus name for minillm.data.load_corpus (default pydocs)"),
         "--baseline-merges": dict(type=int, default=10,
                                   help="merges to time with the naive recount trainer, 0 to skip (default 10)"),
+    }),
+    "kernels": Benchmark(bench_kernels, "each Triton kernel vs torch on this GPU; writes "
+                         "benchmarks/kernels-<gpu>-<date>.json (chapter 02)", {
+        "--size": dict(type=int, default=4096, help="square matmul size (default 4096)"),
+        "--out-dir": dict(default=None, help="folder for the JSON (default benchmarks/)"),
     }),
 }
 

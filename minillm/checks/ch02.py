@@ -1,0 +1,127 @@
+"""Checks for chapter 02 (GPU linear algebra): arithmetic intensity and three Triton kernels.
+
+The kernel checks launch the student's `@triton.jit` function on small ragged shapes (sizes that are not
+multiples of the block) and compare with torch. On a CPU the notebook sets TRITON_INTERPRET=1 before
+defining its kernels, so they run in Triton's interpreter on CPU tensors; on a GPU they are compiled.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..grading import expect_close, exercise
+
+
+def _kernel_device(kernel) -> torch.device:
+    if type(kernel).__name__ == "InterpretedFunction":
+        return torch.device("cpu")
+    if not hasattr(kernel, "__getitem__"):
+        raise AssertionError(f"expected a @triton.jit kernel, got {type(kernel).__name__}. "
+                             "Hint: keep the @triton.jit line above your function")
+    if not torch.cuda.is_available():
+        raise AssertionError("this kernel was compiled for a GPU but there is none. Hint: run the cell that sets "
+                             "TRITON_INTERPRET=1, restart the kernel if triton was imported before it, and rerun")
+    return torch.device("cuda")
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch; a stub's NotImplementedError surfaces as itself, other failures as an AssertionError with a hint."""
+    try:
+        kernel[grid](*args, **meta)
+    except NotImplementedError:
+        raise
+    except Exception as error:
+        cause = error
+        while cause is not None:
+            if isinstance(cause, NotImplementedError) or "NotImplementedError" in str(cause):
+                raise NotImplementedError(f"{cause}") from None
+            cause = cause.__cause__
+        raise AssertionError(f"the kernel failed to run: {type(error).__name__}: {str(error)[:400]}. Hint: inside a "
+                             "kernel use tl.* operations on blocks, and check each tl.load/tl.store's pointer "
+                             "arithmetic and mask") from error
+
+
+def _guarded(n: int, dtype, device, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """A length-n view at the start of a longer buffer: writes past n show up in the guard region."""
+    buffer = torch.full((n + 256,), fill, dtype=dtype, device=device)
+    return buffer, buffer[:n]
+
+
+@exercise("ex02.1", "arithmetic intensity of a matmul", points=1)
+def check_matmul_intensity(matmul_arithmetic_intensity) -> str:
+    for m, k, n, size in [(1, 1, 1, 4), (4096, 4096, 4096, 2), (8, 4096, 4096, 2), (7, 13, 5, 4)]:
+        expected = 2 * m * k * n / ((m * k + k * n + m * n) * size)
+        expect_close(matmul_arithmetic_intensity(m, k, n, size), expected,
+                     f"matmul_arithmetic_intensity({m}, {k}, {n}, {size})", rtol=1e-9,
+                     hint="FLOPs (2·m·k·n) divided by the bytes of A, B and C each moved once: "
+                          "(m·k + k·n + m·n) · bytes_per_element")
+    return "matches 2mkn / ((mk + kn + mn) · bytes) on 4 shapes"
+
+
+@exercise("ex02.2", "masked vector add kernel", points=2)
+def check_add_kernel(add_kernel) -> str:
+    device = _kernel_device(add_kernel)
+    generator = torch.Generator().manual_seed(2)
+    for n, block in [(1, 16), (13, 16), (100, 32), (65, 64)]:
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(n, generator=generator).to(dtype).to(device)
+            y = torch.randn(n, generator=generator).to(dtype).to(device)
+            buffer, out = _guarded(n, dtype, device, 12345.0)
+            _launch(add_kernel, ((n + block - 1) // block,), x, y, out, n, BLOCK_SIZE=block)
+            if not torch.all(buffer[n:] == 12345.0):
+                raise AssertionError(f"n={n}, BLOCK_SIZE={block}: the kernel wrote past the end of the output. "
+                                     "Hint: pass mask=offsets < n_elements to tl.store (and tl.load)")
+            expect_close(out, x + y, f"add_kernel on n={n} {str(dtype)[6:]} (BLOCK_SIZE={block})",
+                         hint="offsets = program_id * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE); load x and y at "
+                              "those offsets with the mask, add, store with the same mask")
+    return "matches x + y on 8 ragged sizes, no writes past the end"
+
+
+@exercise("ex02.3", "fused softmax row loop", points=2)
+def check_softmax_kernel(softmax_kernel) -> str:
+    device = _kernel_device(softmax_kernel)
+    generator = torch.Generator().manual_seed(3)
+    cases = [torch.randn(1, 1, generator=generator), torch.randn(7, 13, generator=generator),
+             torch.randn(9, 33, generator=generator) * 30,
+             torch.tensor([[1000.0, 999.0, -1000.0], [-1000.0, -1001.0, -999.0], [float("-inf"), 3.0, float("-inf")]])]
+    for x in cases:
+        for dtype in (torch.float32, torch.float16):
+            if dtype == torch.float16 and x.abs().max() > 6e4:
+                continue
+            x = x.to(dtype).to(device)
+            n_rows, n_cols = x.shape
+            block = 1 << max(n_cols - 1, 0).bit_length()
+            out = torch.full_like(x, float("nan"))
+            programs = min(n_rows, 3)  # fewer programs than rows: each must loop over several rows
+            _launch(softmax_kernel, (programs,), out, x, x.stride(0), out.stride(0), n_rows, n_cols, BLOCK_SIZE=block)
+            if torch.isnan(out).any() and not torch.isnan(x).any():
+                raise AssertionError(f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]}) left NaN in the output. "
+                                     "Hint: loop `for row in range(first_row, n_rows, row_step)` so that every row is "
+                                     "written, load padding lanes as -inf, and subtract the row max before tl.exp")
+            expected = torch.softmax(x.float(), dim=-1).to(dtype)
+            expect_close(out, expected, f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]})", rtol=1e-3, atol=1e-3,
+                         hint="per row: x - max(x), exp, divide by the sum; padding lanes load other=-inf")
+    return "matches torch.softmax on ragged and extreme rows"
+
+
+@exercise("ex02.4", "tiled matmul K loop", points=3)
+def check_matmul_kernel(matmul_kernel) -> str:
+    device = _kernel_device(matmul_kernel)
+    generator = torch.Generator().manual_seed(4)
+    for (m, k, n) in [(1, 1, 1), (7, 13, 5), (33, 40, 17), (40, 70, 65)]:
+        for dtype in (torch.float32, torch.float16):
+            a = torch.randn(m, k, generator=generator).to(dtype).to(device)
+            b = torch.randn(k, n, generator=generator).to(dtype).to(device)
+            c = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+            meta = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+            grid = (((m + 15) // 16) * ((n + 15) // 16),)
+            _launch(matmul_kernel, grid, a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                    c.stride(0), c.stride(1), **meta)
+            expected = (a.float() @ b.float()).to(dtype)
+            # fp16 results are rounded once at the end; fp32 on a GPU may use TF32 (10-bit mantissa)
+            tolerance = 2e-2 if dtype == torch.float16 or device.type == "cuda" else 1e-4
+            expect_close(c, expected, f"matmul_kernel on ({m}×{k}) @ ({k}×{n}) {str(dtype)[6:]}", rtol=tolerance,
+                         atol=tolerance * max(k, 1) ** 0.5,
+                         hint="for each K block: load A and B with a mask on the K index (other=0), "
+                              "accumulator = tl.dot(a, b, accumulator), then advance both pointers by BLOCK_K "
+                              "times their K stride")
+    return "matches a @ b on ragged shapes (K not a multiple of BLOCK_K)"

@@ -1,0 +1,141 @@
+"""minillm's GPU kernels (chapter 02): Triton kernels, their PyTorch references, and ONE dispatch point.
+
+    from minillm import kernels
+    y = kernels.softmax(x)                  # backend="auto"
+    kernels.last_backend("softmax")         # "triton", "interpreter" or "torch": what actually ran
+
+backend="auto" runs the Triton kernel on a CUDA tensor, Triton's interpreter when TRITON_INTERPRET=1 (on
+CPU tensors; correct but slow, for tests and the notebook), and the torch reference otherwise.
+backend="triton" insists on Triton (GPU or interpreter) and says why when it cannot; backend="torch"
+always runs the reference. The first use of each (kernel, backend) pair is logged once at INFO level.
+
+Triton is optional: this module imports without it, and the kernel modules (which import triton) load on
+first use. TRITON_INTERPRET=1 must be set before that first use: Triton decides at decoration time
+whether a kernel is compiled or interpreted (its own library functions such as tl.max included, so set
+it before `import triton`).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+
+import torch
+
+from . import reference
+
+__all__ = ["KERNELS", "BACKENDS", "add", "softmax", "matmul", "rmsnorm", "cross_entropy", "triton_available",
+           "interpreting", "resolve_backend", "last_backend", "reference"]
+
+KERNELS = {  # kernel name -> module that holds its Triton version
+    "add": "elementwise", "softmax": "rowwise", "matmul": "tiled_matmul", "rmsnorm": "normalization",
+    "cross_entropy": "rowwise",
+}
+BACKENDS = ("auto", "triton", "torch")
+
+logger = logging.getLogger(__name__)
+_last_backend: dict[str, str] = {}
+_logged: set[tuple[str, str]] = set()
+
+
+def triton_available() -> bool:
+    """True when the triton package is installed (it may still have no GPU to run on)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken install, or triton blocked in sys.modules
+        return False
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels run on the CPU in its Python interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Which implementation `backend` means for tensors on `device`: 'triton', 'interpreter' or 'torch'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    if not triton_available():
+        if backend == "triton":
+            raise RuntimeError("backend='triton' but the triton package is not installed "
+                               "(pip install triton, Linux with an NVIDIA GPU); use backend='auto' or 'torch'")
+        return "torch"
+    if interpreting():
+        if device.type == "cpu":
+            return "interpreter"
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton' with TRITON_INTERPRET=1 needs CPU tensors, got {device}; "
+                               "move them with .cpu() or unset TRITON_INTERPRET")
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    if backend == "triton":
+        raise RuntimeError(f"backend='triton' needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 set before "
+                           "the first kernel call to run Triton's interpreter on the CPU")
+    return "torch"
+
+
+def last_backend(name: str | None = None):
+    """The backend each kernel last ran on, e.g. {'softmax': 'interpreter'}; with a name, just that one."""
+    if name is None:
+        return dict(_last_backend)
+    if name not in KERNELS:
+        raise KeyError(f"unknown kernel {name!r}; the kernels are {', '.join(KERNELS)}")
+    return _last_backend.get(name)
+
+
+def _triton_function(name: str, backend: str):
+    module = importlib.import_module(f"{__name__}.{KERNELS[name]}")
+    if module.INTERPRETED != (backend == "interpreter"):
+        state = "with" if module.INTERPRETED else "without"
+        raise RuntimeError(f"minillm.kernels.{KERNELS[name]} was loaded {state} TRITON_INTERPRET=1 and the setting "
+                           "has changed since; Triton fixes it when triton and the kernels are imported. Restart "
+                           "Python (the notebook kernel) and set TRITON_INTERPRET before importing triton.")
+    return getattr(module, name)
+
+
+def _run(name: str, backend: str, device: torch.device, *args, **kwargs):
+    chosen = resolve_backend(backend, device)
+    function = getattr(reference, name) if chosen == "torch" else _triton_function(name, chosen)
+    result = function(*args, **kwargs)
+    _last_backend[name] = chosen
+    if (name, chosen) not in _logged:
+        _logged.add((name, chosen))
+        logger.info("minillm.kernels.%s runs on %s (%s tensors)", name, chosen, device)
+    return result
+
+
+def _device_of(name: str, tensor) -> torch.device:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    return tensor.device
+
+
+def add(x: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """x + y (same shape and dtype)."""
+    return _run("add", backend, _device_of("add", x), x, y)
+
+
+def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Numerically stable softmax over the last dimension, one fused pass per row."""
+    return _run("softmax", backend, _device_of("softmax", x), x)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """(M×K) @ (K×N), fp32 accumulation, result in the inputs' dtype."""
+    return _run("matmul", backend, _device_of("matmul", a), a, b)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dimension (differentiable)."""
+    return _run("rmsnorm", backend, _device_of("rmsnorm", x), x, weight, eps)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  backend: str = "auto") -> torch.Tensor:
+    """Mean cross-entropy of (rows × vocab) logits, softmax fused (differentiable in logits)."""
+    return _run("cross_entropy", backend, _device_of("cross_entropy", logits), logits, targets, ignore_index)

@@ -1,0 +1,32 @@
+"""Input checks shared by the Triton wrappers (chapter 02): clear errors before a kernel reads memory."""
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def require_tensor(name: str, what: str, tensor, dtypes=KERNEL_DTYPES) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name}: {what} has dtype {str(tensor.dtype).removeprefix('torch.')}; the Triton kernel "
+                        f"takes {allowed} (convert with .to(...), or pass backend='torch')")
+
+
+def require_same_device(name: str, *tensors: torch.Tensor) -> None:
+    devices = {str(t.device) for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: inputs are on different devices ({', '.join(sorted(devices))}); "
+                         "move them to one device first")
+
+
+def require_rows(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A (rows × columns) view of x with unit column stride (copies only when it must)."""
+    if x.dim() == 0:
+        raise ValueError(f"{name}: got a 0-dimensional tensor; the kernel works along the last dimension")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name}: the last dimension is empty (shape {tuple(x.shape)})")
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()

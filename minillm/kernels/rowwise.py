@@ -1,0 +1,185 @@
+"""Fused row-wise softmax and fused cross-entropy in Triton (chapter 02).
+
+Fused means one kernel reads each row once, keeps it in registers/SRAM, and writes the result once: the
+unfused torch version writes and re-reads intermediate tensors (the max, the exponentials, the sum).
+Numerically stable: the row maximum is subtracted before exponentiating, so exp never overflows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._inputs import require_rows, require_same_device, require_tensor
+
+# Rows up to this many columns are held whole in one block (one read, one write); longer rows are streamed
+# in blocks of LONG_ROW_BLOCK, reading the row three times (max, sum, write).
+MAX_SINGLE_BLOCK_COLUMNS = 16384
+LONG_ROW_BLOCK = 4096
+
+
+@triton.jit
+def softmax_kernel(out_ptr, in_ptr, in_row_stride, out_row_stride, n_rows, n_cols, BLOCK_SIZE: tl.constexpr):
+    # A fixed number of programs each walk over rows first, first + step, ...: fewer launches than rows.
+    first_row = tl.program_id(0)
+    row_step = tl.num_programs(0)
+    columns = tl.arange(0, BLOCK_SIZE)
+    in_row = columns < n_cols
+    for row in range(first_row, n_rows, row_step):
+        # Padding lanes load -inf, so they add exp(-inf) = 0 to the sum and never win the max.
+        x = tl.load(in_ptr + row * in_row_stride + columns, mask=in_row, other=-float("inf")).to(tl.float32)
+        shifted = x - tl.max(x, axis=0)
+        numerator = tl.exp(shifted)
+        result = numerator / tl.sum(numerator, axis=0)
+        tl.store(out_ptr + row * out_row_stride + columns, result.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def softmax_long_row_kernel(out_ptr, in_ptr, in_row_stride, out_row_stride, n_rows, n_cols,
+                            BLOCK_SIZE: tl.constexpr):
+    first_row = tl.program_id(0)
+    row_step = tl.num_programs(0)
+    columns = tl.arange(0, BLOCK_SIZE)
+    for row in range(first_row, n_rows, row_step):
+        running_max = tl.full([BLOCK_SIZE], -float("inf"), tl.float32)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            x = tl.load(in_ptr + row * in_row_stride + start + columns, mask=start + columns < n_cols,
+                        other=-float("inf")).to(tl.float32)
+            running_max = tl.maximum(running_max, x)
+        row_max = tl.max(running_max, axis=0)
+        running_sum = tl.zeros([BLOCK_SIZE], tl.float32)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            x = tl.load(in_ptr + row * in_row_stride + start + columns, mask=start + columns < n_cols,
+                        other=-float("inf")).to(tl.float32)
+            running_sum += tl.exp(x - row_max)
+        row_sum = tl.sum(running_sum, axis=0)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            x = tl.load(in_ptr + row * in_row_stride + start + columns, mask=start + columns < n_cols,
+                        other=-float("inf")).to(tl.float32)
+            result = tl.exp(x - row_max) / row_sum
+            tl.store(out_ptr + row * out_row_stride + start + columns, result.to(out_ptr.dtype.element_ty),
+                     mask=start + columns < n_cols)
+
+
+def _num_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        processors = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, processors * 8))
+    return max(1, min(n_rows, 4))  # the interpreter runs programs one after another: the count is free
+
+
+def _num_warps(block_size: int) -> int:
+    return 4 if block_size <= 2048 else 8 if block_size <= 8192 else 16
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of x (any leading shape), computed in fp32, returned in x's dtype."""
+    require_tensor("softmax", "x", x)
+    rows = require_rows("softmax", x)
+    if rows.numel() >= 2**31:
+        raise ValueError(f"softmax: {rows.numel()} elements; the kernel's row offsets are 32-bit (< 2**31 elements), "
+                         "split the tensor or use backend='torch'")
+    n_rows, n_cols = rows.shape
+    out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return out.reshape(x.shape)
+    grid = (_num_programs(n_rows, x.device),)
+    if n_cols <= MAX_SINGLE_BLOCK_COLUMNS:
+        block = triton.next_power_of_2(n_cols)
+        softmax_kernel[grid](out, rows, rows.stride(0), out.stride(0), n_rows, n_cols, BLOCK_SIZE=block,
+                             num_warps=_num_warps(block))
+    else:
+        softmax_long_row_kernel[grid](out, rows, rows.stride(0), out.stride(0), n_rows, n_cols,
+                                      BLOCK_SIZE=LONG_ROW_BLOCK, num_warps=8)
+    return out.reshape(x.shape)
+
+
+@triton.jit
+def cross_entropy_forward_kernel(logits_ptr, targets_ptr, loss_ptr, logsumexp_ptr, row_stride, n_cols, ignore_index,
+                                 BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_start = logits_ptr + row * row_stride
+    columns = tl.arange(0, BLOCK_SIZE)
+    running_max = tl.full([BLOCK_SIZE], -float("inf"), tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        x = tl.load(row_start + start + columns, mask=start + columns < n_cols, other=-float("inf")).to(tl.float32)
+        running_max = tl.maximum(running_max, x)
+    row_max = tl.max(running_max, axis=0)
+    running_sum = tl.zeros([BLOCK_SIZE], tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        x = tl.load(row_start + start + columns, mask=start + columns < n_cols, other=-float("inf")).to(tl.float32)
+        running_sum += tl.exp(x - row_max)
+    logsumexp = row_max + tl.log(tl.sum(running_sum, axis=0))
+    target = tl.load(targets_ptr + row)
+    counted = target != ignore_index
+    target_logit = tl.load(row_start + tl.where(counted, target, 0)).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(counted, logsumexp - target_logit, 0.0))
+    tl.store(logsumexp_ptr + row, logsumexp)
+
+
+@triton.jit
+def cross_entropy_backward_kernel(logits_ptr, targets_ptr, logsumexp_ptr, scale_ptr, grad_ptr, row_stride,
+                                  grad_row_stride, n_cols, ignore_index, BLOCK_SIZE: tl.constexpr):
+    # d loss / d logits = (softmax(logits) - one_hot(target)) * grad_output / rows counted
+    row = tl.program_id(0).to(tl.int64)
+    columns = tl.arange(0, BLOCK_SIZE)
+    target = tl.load(targets_ptr + row)
+    scale = tl.where(target != ignore_index, tl.load(scale_ptr), 0.0)
+    logsumexp = tl.load(logsumexp_ptr + row)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        in_row = start + columns < n_cols
+        x = tl.load(logits_ptr + row * row_stride + start + columns, mask=in_row, other=0.0).to(tl.float32)
+        probability = tl.exp(x - logsumexp)
+        grad = (probability - tl.where(start + columns == target, 1.0, 0.0)) * scale
+        tl.store(grad_ptr + row * grad_row_stride + start + columns, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        n_rows, n_cols = logits.shape
+        block = min(triton.next_power_of_2(n_cols), LONG_ROW_BLOCK)
+        losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        logsumexp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        cross_entropy_forward_kernel[(n_rows,)](logits, targets, losses, logsumexp, logits.stride(0), n_cols,
+                                                ignore_index, BLOCK_SIZE=block, num_warps=_num_warps(block))
+        counted = (targets != ignore_index).sum().to(torch.float32)
+        ctx.save_for_backward(logits, targets, logsumexp, counted)
+        ctx.ignore_index, ctx.block = ignore_index, block
+        return losses.sum() / counted  # nan when every target is ignored, as in torch
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, targets, logsumexp, counted = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = (grad_output.to(torch.float32) / counted).reshape(1)
+        n_rows, n_cols = logits.shape
+        cross_entropy_backward_kernel[(n_rows,)](logits, targets, logsumexp, scale, grad, logits.stride(0),
+                                                 grad.stride(0), n_cols, ctx.ignore_index, BLOCK_SIZE=ctx.block,
+                                                 num_warps=_num_warps(ctx.block))
+        return grad, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of (rows × vocab) logits against int64 targets; softmax fused, never materialised.
+
+    Differentiable with respect to logits (the backward is a second kernel that writes the gradient).
+    """
+    require_tensor("cross_entropy", "logits", logits)
+    require_tensor("cross_entropy", "targets", targets, dtypes=(torch.int64, torch.int32))
+    require_same_device("cross_entropy", logits, targets)
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected "
+                         "(rows, vocab) logits and (rows,) targets; flatten with logits.view(-1, vocab)")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"cross_entropy: empty logits of shape {tuple(logits.shape)}")
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= logits.shape[1]))
+    if bool(out_of_range.any()):
+        raise ValueError(f"cross_entropy: targets must lie in [0, {logits.shape[1]}) or equal ignore_index="
+                         f"{ignore_index}; found {targets[out_of_range][:5].tolist()}")
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    return _CrossEntropy.apply(logits, targets.contiguous(), int(ignore_index))
+
+
+# Triton fixes compiled-or-interpreted when a kernel is defined (TRITON_INTERPRET at import time).
+INTERPRETED = type(softmax_kernel).__name__ == "InterpretedFunction"

@@ -1,0 +1,265 @@
+"""minillm.kernels (chapter 02): every Triton kernel against its torch reference, dispatch, checks, benchmark.
+
+Without a CUDA GPU the kernels run in Triton's interpreter. Triton decides compiled-or-interpreted when it
+and the kernel modules are imported, so TRITON_INTERPRET=1 is set here, before those imports; it is then
+restored, and set again only while this module's tests run, so other test modules keep the plain torch
+fallbacks of backend="auto". With a GPU the same tests run compiled on it, plus GPU-only tests.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+    from minillm.kernels import elementwise, normalization, rowwise, tiled_matmul  # noqa: E402,F401
+finally:
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+from minillm import grading, kernels  # noqa: E402
+from minillm.kernels import reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if GPU else "cpu")
+EXPECTED_BACKEND = "triton" if GPU else "interpreter"
+RAGGED = [(1, 1), (7, 13), (33, 65), (5, 130)]
+DTYPES = [torch.float32, torch.float16]
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-3)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_without_gpu():
+    if GPU:
+        yield
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator) * scale).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RAGGED, ids=str)
+def test_add_softmax_rmsnorm_match_reference(shape, dtype):
+    x, y = randn(*shape, dtype=dtype, seed=1), randn(*shape, dtype=dtype, seed=2)
+    weight = randn(shape[-1], dtype=dtype, seed=3)
+    assert torch.equal(kernels.add(x, y), reference.add(x, y))
+    torch.testing.assert_close(kernels.softmax(x), reference.softmax(x), **TOLERANCE[dtype])
+    torch.testing.assert_close(kernels.rmsnorm(x, weight), reference.rmsnorm(x, weight), **TOLERANCE[dtype])
+    assert kernels.last_backend() == {"add": EXPECTED_BACKEND, "softmax": EXPECTED_BACKEND,
+                                      "rmsnorm": EXPECTED_BACKEND, **{k: v for k, v in kernels.last_backend().items()
+                                                                      if k in ("matmul", "cross_entropy")}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 13, 5), (33, 65, 17), (40, 17, 70)])
+def test_matmul_matches_reference(m, k, n, dtype):
+    a, b = randn(m, k, dtype=dtype, seed=4), randn(k, n, dtype=dtype, seed=5)
+    got, expected = kernels.matmul(a, b), reference.matmul(a, b)
+    tolerance = 1e-2 if dtype == torch.float16 or GPU else 1e-4  # GPU fp32 may use TF32 like torch
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance * k ** 0.5)
+    assert got.dtype == dtype and kernels.last_backend("matmul") == EXPECTED_BACKEND
+
+
+def test_matmul_takes_strided_inputs():
+    a = randn(20, 33, seed=6)
+    b = randn(17, 33, seed=7).t()  # (33, 17), column-major
+    torch.testing.assert_close(kernels.matmul(a, b), a @ b, rtol=1e-4 if not GPU else 1e-2, atol=1e-3 if not GPU else 5e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_extreme_rows(dtype):
+    big = 6e4 if dtype == torch.float16 else 1e30
+    x = torch.tensor([[big, big / 2, -big, 0.0, 1.0],
+                      [-big, -big, -big * 0.5, -big, -big],
+                      [float("-inf"), float("-inf"), 2.0, float("-inf"), float("-inf")],
+                      [1e-3, 2e-3, 3e-3, 4e-3, 5e-3]]).to(dtype).to(DEVICE)
+    got = kernels.softmax(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference.softmax(x), **TOLERANCE[dtype])
+    assert got[2].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_softmax_long_rows_take_the_streaming_kernel():
+    from minillm.kernels import rowwise
+    x = randn(3, rowwise.MAX_SINGLE_BLOCK_COLUMNS + 37, scale=5.0, seed=8)
+    x[1, :-1] = float("-inf")
+    torch.testing.assert_close(kernels.softmax(x), reference.softmax(x))
+
+
+def test_softmax_keeps_leading_dimensions_and_non_contiguous_input():
+    x = randn(2, 3, 11, seed=9)
+    torch.testing.assert_close(kernels.softmax(x), reference.softmax(x))
+    transposed = randn(11, 6, seed=10).t()
+    torch.testing.assert_close(kernels.softmax(transposed), reference.softmax(transposed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rmsnorm_backward_matches_autograd(dtype):
+    x = randn(7, 13, dtype=dtype, seed=11).requires_grad_()
+    weight = randn(13, dtype=dtype, seed=12).requires_grad_()
+    upstream = randn(7, 13, dtype=dtype, seed=13)
+    (kernels.rmsnorm(x, weight) * upstream).sum().backward()
+    grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    (reference.rmsnorm(x, weight) * upstream).sum().backward()
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], x.grad, **tolerance)
+    torch.testing.assert_close(grads[1], weight.grad, **tolerance)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (33, 65), (4, 5000)], ids=str)
+def test_cross_entropy_forward_and_backward(shape):
+    logits = randn(*shape, scale=3.0, seed=14).requires_grad_()
+    targets = torch.randint(0, shape[1], (shape[0],), generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    if shape[0] > 2:
+        targets[1] = -100  # ignored row: no loss, no gradient
+    loss = kernels.cross_entropy(logits, targets)
+    loss.backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    expected = reference.cross_entropy(logits, targets)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_backend_choice_is_explicit_and_observable(monkeypatch):
+    x = randn(3, 5)
+    kernels.softmax(x, backend="torch")
+    assert kernels.last_backend("softmax") == "torch"
+    with pytest.raises(ValueError, match="backend="):
+        kernels.softmax(x, backend="cuda")
+    with pytest.raises(KeyError, match="unknown kernel"):
+        kernels.last_backend("attention")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels.resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.resolve_backend("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.resolve_backend("auto", "cpu") == "interpreter"
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        kernels.add(randn(3), randn(4), backend="triton")
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.matmul(randn(3, 4), randn(5, 6), backend="triton")
+    with pytest.raises(TypeError, match="dtype int64"):
+        kernels.softmax(torch.ones(3, 4, dtype=torch.int64, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\)"):
+        kernels.cross_entropy(randn(2, 5), torch.tensor([1, 7], device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="weight"):
+        kernels.rmsnorm(randn(2, 5), randn(4), backend="triton")
+
+
+def test_import_without_triton_falls_back_to_torch():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, minillm, minillm.kernels as k\n"
+            "x = torch.randn(3, 4)\n"
+            "assert torch.allclose(k.softmax(x), torch.softmax(x, -1)) and k.last_backend('softmax') == 'torch'\n"
+            "try:\n    k.softmax(x, backend='triton')\nexcept RuntimeError as e:\n    print('clear:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "not installed" in run.stdout
+
+
+def test_checks_accept_the_library_kernels(capsys):
+    from minillm.kernels import elementwise, rowwise, tiled_matmul
+    grading.check("ex02.1", lambda m, k, n, size: 2 * m * k * n / ((m * k + k * n + m * n) * size))
+    grading.check("ex02.2", elementwise.add_kernel)
+    grading.check("ex02.3", rowwise.softmax_kernel)
+    grading.check("ex02.4", tiled_matmul.matmul_kernel)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["✓", f"ex02.{i}"] for i in range(1, 5)]
+
+
+def test_checks_reject_wrong_kernels():
+    import triton.language as tl
+
+    @triton.jit
+    def add_without_store_mask(x_ptr, y_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < n_elements
+        tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask, other=0.0)
+                 + tl.load(y_ptr + offsets, mask=mask, other=0.0))
+
+    @triton.jit
+    def softmax_first_row_only(out_ptr, in_ptr, in_row_stride, out_row_stride, n_rows, n_cols,
+                               BLOCK_SIZE: tl.constexpr):
+        row = tl.program_id(0)
+        columns = tl.arange(0, BLOCK_SIZE)
+        x = tl.load(in_ptr + row * in_row_stride + columns, mask=columns < n_cols, other=-float("inf"))
+        e = tl.exp(x - tl.max(x, axis=0))
+        tl.store(out_ptr + row * out_row_stride + columns, e / tl.sum(e, axis=0), mask=columns < n_cols)
+
+    @triton.jit
+    def stub(x_ptr, y_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+        raise NotImplementedError("exercise ex02.2: replace this line with your code")
+
+    with pytest.raises(AssertionError, match="Hint: pass mask"):
+        grading.check("ex02.2", add_without_store_mask)
+    with pytest.raises(AssertionError, match="Hint: loop"):
+        grading.check("ex02.3", softmax_first_row_only)
+    with pytest.raises(NotImplementedError, match="ex02.2"):
+        grading.check("ex02.2", stub)
+    with pytest.raises(AssertionError, match="Hint"):
+        grading.check("ex02.1", lambda m, k, n, size: 2 * m * k * n / ((m * k + k * n) * size))
+
+
+def test_benchmark_without_gpu_says_so(capsys):
+    if GPU:
+        pytest.skip("on a GPU the benchmark runs for real (see test_benchmark_on_gpu)")
+    from minillm.kernels.bench import bench_kernels
+    assert "needs a CUDA GPU" in bench_kernels()["skipped"]
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+# --- GPU only ----------------------------------------------------------------------------------------
+
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_bf16_and_large_matmul_on_gpu():
+    dtypes = [torch.float16] + ([torch.bfloat16] if torch.cuda.get_device_capability() >= (8, 0) else [])
+    for dtype in dtypes:
+        a = torch.randn(1000, 777, device="cuda", dtype=dtype)
+        b = torch.randn(777, 1030, device="cuda", dtype=dtype)
+        torch.testing.assert_close(kernels.matmul(a, b).float(), (a @ b).float(), rtol=3e-2, atol=0.5)
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_large_rowwise_kernels_on_gpu():
+    x = torch.randn(3000, 5000, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(kernels.softmax(x), torch.softmax(x.float(), -1).half(), rtol=1e-2, atol=1e-3)
+    weight = torch.randn(5000, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(kernels.rmsnorm(x, weight), reference.rmsnorm(x, weight), rtol=1e-2, atol=1e-2)
+    labels = torch.randint(0, 5000, (3000,), device="cuda")
+    torch.testing.assert_close(kernels.cross_entropy(x.float(), labels), reference.cross_entropy(x.float(), labels))
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_benchmark_on_gpu(tmp_path):
+    from minillm.kernels.bench import bench_kernels
+    result = bench_kernels(size=1024, out_dir=str(tmp_path))
+    assert result["rows"] and os.path.exists(result["path"])
