@@ -9,7 +9,8 @@ VENV ?= .venv
 # machine use e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu, and CI pins the local CPU wheel.
 TORCH ?= torch>=2.4
 TORCH_INDEX ?=
-EXTRAS ?= dev
+# gpu = Triton (Linux only): chapter 02 runs its kernels in Triton's interpreter on a CPU.
+EXTRAS ?= dev,gpu
 CHAPTERS ?=
 FAST ?= 0
 BIN := $(VENV)/bin

@@ -1,0 +1,94 @@
+"""A learner's path: open chapter 00 in a real JupyterLab in headless Chromium, run all cells, save.
+
+Needs Chromium (Debian: `apt-get install chromium`; `.ci/run` installs it) and the `playwright` package
+(the dev extra). The saved notebook is read back from disk: every code cell ran, none raised, and each
+check cell printed its ✓ line.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHAPTER = "00_setup.ipynb"
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium (CI installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    work = tmp_path / "course"
+    (work / "solutions").mkdir(parents=True)
+    shutil.copy(ROOT / "solutions" / CHAPTER, work / "solutions" / CHAPTER)
+    (work / "minillm").symlink_to(ROOT / "minillm")  # the bootstrap cell finds minillm by walking up
+    port = free_port()
+    env = {**os.environ, "MINILLM_RUNS": str(tmp_path / "runs"), "MINILLM_FAST": "1",
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"), "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings")}
+    env.pop("MINILLM_HEADLESS", None)  # a real front end: widgets may render
+    server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+                               "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
+                               f"--ServerApp.root_dir={work}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/api/status", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("JupyterLab did not start within 60 s")
+        yield url, work / "solutions" / CHAPTER
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_chapter_runs_in_jupyterlab(lab):
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
+    url, notebook = lab
+    code_cells = sum(1 for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/lab/tree/solutions/{CHAPTER}", timeout=90_000)
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+        page.click("li.lm-MenuBar-item:has-text('Run')")
+        page.click("li.lm-Menu-item:has-text('Run All Cells')")
+        nb = None
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(3)
+            page.click(".jp-Notebook")
+            page.keyboard.press("Control+s")
+            time.sleep(1)
+            nb = json.loads(notebook.read_text())
+            counts = [c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"]
+            if all(counts) and page.query_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']"):
+                break
+        page.screenshot(path=str(notebook.parent / "jupyterlab.png"))
+        browser.close()
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert len(cells) == code_cells and all(c.get("execution_count") for c in cells), "not every cell ran"
+    errors = [(c["id"], o.get("ename")) for c in cells for o in c["outputs"] if o.get("output_type") == "error"]
+    assert not errors, f"cells raised in JupyterLab: {errors}"
+    printed = "".join("".join(o.get("text", "")) for c in cells for o in c["outputs"])
+    assert "✓ ex00.1" in printed and "✓ ex00.2" in printed
