@@ -1,0 +1,159 @@
+"""Checks for chapter 01 (next-word prediction): bigram counts, NLL and perplexity, the BPE merge step,
+bits per byte, and sampling with temperature."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from .. import lm, sampling
+from ..grading import expect_close, expect_equal, exercise
+from ..tokenizers import BPETokenizer, pretokenize
+
+
+def _small_ids(seed: int, length: int, vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+@exercise("ex01.1", "bigram counts", points=2)
+def check_bigram_counts(bigram_counts) -> str:
+    # [0, 1, 1, 2]: 0->1, 1->1, 1->2 once each; a transposed table has 1 at [1, 0] instead of [0, 1].
+    got = bigram_counts(torch.tensor([0, 1, 1, 2]), 3)
+    if not isinstance(got, torch.Tensor):
+        raise AssertionError(f"bigram_counts returned {type(got).__name__}; return a torch.Tensor of shape "
+                             "(vocab_size, vocab_size). Hint: start from torch.zeros(vocab_size, vocab_size)")
+    expected = lm.bigram_counts(torch.tensor([0, 1, 1, 2]), 3)
+    if got.shape == expected.shape and torch.equal(got.double().T, expected.double()) \
+            and not torch.equal(got.double(), expected.double()):
+        raise AssertionError("bigram_counts([0, 1, 1, 2], 3) is transposed. Hint: the row is the previous "
+                             "token and the column the next one: counts[previous, next] += 1")
+    expect_close(got.double(), expected.double(), "bigram_counts([0, 1, 1, 2], 3)",
+                 hint="count each (ids[t], ids[t+1]) pair once, for t = 0 .. len(ids)-2")
+    for seed, length, vocab_size in [(1, 500, 7), (2, 2000, 30), (3, 2, 4)]:
+        ids = _small_ids(seed, length, vocab_size)
+        got = bigram_counts(ids, vocab_size)
+        expect_close(got.double(), lm.bigram_counts(ids, vocab_size).double(),
+                     f"bigram_counts of {length} random ids, vocab_size={vocab_size}",
+                     hint=f"the table must sum to len(ids) - 1 = {length - 1} pairs and be "
+                          "(vocab_size, vocab_size) even when some tokens never occur")
+    return "matches the reference on 4 sequences"
+
+
+@exercise("ex01.2", "average NLL and perplexity", points=2)
+def check_nll_and_perplexity(nll_and_perplexity) -> str:
+    generator = torch.Generator().manual_seed(4)
+    for vocab_size, length in [(5, 40), (12, 300)]:
+        probabilities = torch.softmax(torch.randn(vocab_size, vocab_size, generator=generator, dtype=torch.float64), 1)
+        ids = torch.randint(0, vocab_size, (length,), generator=generator)
+        answer = nll_and_perplexity(probabilities, ids)
+        if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+            raise AssertionError(f"nll_and_perplexity returned {answer!r}; return a pair (nll, perplexity). "
+                                 "Hint: end with `return nll, math.exp(nll)`")
+        nll, ppl = (float(value) for value in answer)
+        expected = lm.bigram_nll(probabilities, ids)
+        hint = "the mean of -ln P[ids[t], ids[t+1]] over the len(ids)-1 pairs (natural log, row = previous token)"
+        if math.isclose(nll, expected / math.log(2), rel_tol=1e-6):
+            hint = "use the natural log (torch.log), not log2: losses are in nats"
+        elif math.isclose(nll, expected * (length - 1), rel_tol=1e-6):
+            hint = "take the mean over the pairs, not the sum"
+        elif math.isclose(nll, -expected, rel_tol=1e-6):
+            hint = "negative log-likelihood: put a minus sign in front of the mean log-probability"
+        expect_close(nll, expected, f"NLL of {length} random ids (vocab {vocab_size})", rtol=1e-6, hint=hint)
+        expect_close(ppl, lm.perplexity(expected), f"perplexity of {length} random ids", rtol=1e-6,
+                     hint="perplexity is exp(NLL), with NLL in nats")
+    uniform = torch.full((8, 8), 1 / 8, dtype=torch.float64)
+    nll, ppl = (float(value) for value in nll_and_perplexity(uniform, torch.arange(8)))
+    expect_close(ppl, 8.0, "perplexity of a uniform model over 8 tokens", rtol=1e-6,
+                 hint="a model that spreads its bet evenly over V tokens has perplexity V")
+    return "matches the reference; a uniform model over 8 tokens has perplexity 8"
+
+
+def _merges_with(merge_pair, text: str, n_merges: int) -> list[tuple[int, int]]:
+    """BPE training as BPETokenizer.train does it (most frequent pair, ties to the smallest pair, never
+    across chunk boundaries), with the student's merge step doing the merging."""
+    chunks = Counter(pretokenize(text))
+    words = [list(chunk.encode("utf-8")) for chunk in chunks]
+    freqs = list(chunks.values())
+    merges = []
+    for new_id in range(256, 256 + n_merges):
+        pair_counts: Counter = Counter()
+        for word, freq in zip(words, freqs):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += freq
+        if not pair_counts:
+            break
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        words = [list(merge_pair(list(word), best, new_id)) for word in words]
+    return merges
+
+
+@exercise("ex01.3", "BPE merge step", points=2)
+def check_merge_pair(merge_pair) -> str:
+    cases = [([1, 2, 3, 1, 2], (1, 2), 9, [9, 3, 9]),
+             ([5, 5, 5], (5, 5), 7, [7, 5]),               # left to right, never overlapping
+             ([5, 5, 5, 5], (5, 5), 7, [7, 7]),
+             ([1, 2], (2, 1), 9, [1, 2]),                  # order matters: (2, 1) is not (1, 2)
+             ([], (1, 2), 9, []),
+             ([1], (1, 2), 9, [1])]
+    for ids, pair, new_id, expected in cases:
+        original = list(ids)
+        got = merge_pair(ids, pair, new_id)
+        expect_equal(ids, original, f"the input list after merge_pair({original}, {pair}, {new_id})",
+                     hint="build and return a new list; do not change the one you were given")
+        got = list(got) if got is not None else got
+        hint = ("scan left to right; after a merge skip both ids, so (5, 5) in [5, 5, 5] merges once"
+                if pair == (5, 5) else "replace each occurrence of pair[0] immediately followed by pair[1]")
+        expect_equal(got, expected, f"merge_pair({original}, {pair}, {new_id})", hint=hint)
+    text = ("the cat sat on the mat; the theory of the other thing. " * 3
+            + "Albert Einstein's theory of relativity. 1234 12 34")
+    vocab_size = 256 + 20
+    reference = BPETokenizer().train(text, vocab_size=vocab_size).merges
+    got = _merges_with(merge_pair, text, vocab_size - 256)
+    expect_equal(got, reference, "the 20 merges learnt with your merge_pair",
+                 hint="your merge step changes the pair counts differently from BPETokenizer; "
+                      "check the cases above and that merged ids stay in order")
+    return "matches minillm.tokenizers.BPETokenizer on 20 merges"
+
+
+@exercise("ex01.4", "bits per byte", points=1)
+def check_bits_per_byte(bits_per_byte) -> str:
+    for nll, n_tokens, n_bytes in [(math.log(2), 100, 100), (1.5, 300, 1000), (4.2, 16000, 46000)]:
+        expected = lm.bits_per_byte(nll, n_tokens, n_bytes)
+        got = bits_per_byte(nll, n_tokens, n_bytes)
+        hint = "total loss = nll * n_tokens nats; divide by ln 2 for bits and by n_bytes for 'per byte'"
+        if isinstance(got, (int, float)) and math.isclose(got, expected * math.log(2) ** 2, rel_tol=1e-6):
+            hint = "one nat is 1/ln 2 bits: divide by math.log(2), don't multiply"
+        expect_close(got, expected, f"bits_per_byte({nll:.4g}, {n_tokens}, {n_bytes})", rtol=1e-6, hint=hint)
+    return "matches nll · tokens / (bytes · ln 2)"
+
+
+@exercise("ex01.5", "sampling with temperature", points=2)
+def check_sample_with_temperature(sample_with_temperature) -> str:
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    rows = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0], [-1.0, -2.0, -0.5]])
+    greedy = sample_with_temperature(rows.clone(), 0.0, torch.Generator().manual_seed(0))
+    expect_equal(torch.as_tensor(greedy).tolist(), [1, 0, 2], "sample_with_temperature(rows, temperature=0)",
+                 hint="temperature 0 means greedy: return logits.argmax(dim=-1) without drawing")
+    draws = 20000
+    for temperature in (0.5, 1.0, 2.0):
+        batch = logits.repeat(draws, 1)
+        before = batch.clone()
+        got = torch.as_tensor(sample_with_temperature(batch, temperature, torch.Generator().manual_seed(1)))
+        if not torch.equal(batch, before):
+            raise AssertionError("sample_with_temperature changed the logits it was given. Hint: compute "
+                                 "logits / temperature into a new tensor instead of dividing in place")
+        expect_equal(tuple(got.shape), (draws,), f"shape of the ids for {draws} rows of logits",
+                     hint="draw one id per row: torch.multinomial(probabilities, 1) gives (rows, 1); drop the last dim")
+        frequencies = torch.bincount(got.long().flatten(), minlength=len(logits)).double() / draws
+        expected = sampling.next_token_probabilities(logits, temperature).double()
+        distance = 0.5 * (frequencies - expected).abs().sum().item()  # total variation
+        if distance > 0.03:
+            flatter = "flatter" if temperature > 1 else "sharper" if temperature < 1 else "the softmax"
+            raise AssertionError(
+                f"at temperature {temperature} your samples' frequencies {[round(f, 3) for f in frequencies.tolist()]} "
+                f"are far from softmax(logits / T) = {[round(p, 3) for p in expected.tolist()]}. Hint: divide the "
+                f"logits by the temperature (the distribution should get {flatter}), softmax over the last dim, "
+                "then torch.multinomial(probabilities, 1, generator=generator)")
+    return "greedy at T=0; 20,000 draws follow softmax(logits/T) at T = 0.5, 1, 2"

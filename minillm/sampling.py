@@ -1,0 +1,137 @@
+"""Turning a model's scores into text: temperature, top-k, top-p (nucleus) sampling and a generation loop.
+
+Taught in chapter 01 (next-word prediction); chapter 10 (test-time compute) samples many answers with the
+same functions. Everything works on logits of shape (..., vocab) and never changes them in place.
+
+- temperature T divides the logits: T < 1 sharpens the distribution, T > 1 flattens it, T = 0 is greedy
+  (always the most likely token).
+- top-k keeps the k highest-scoring tokens; top-p keeps the smallest set of most likely tokens whose
+  probability adds up to at least p. Both renormalise what is left.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["top_k_filter", "top_p_filter", "next_token_probabilities", "sample_next_token", "generate"]
+
+
+def _check_logits(logits, where: str) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] < 1:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{where}: logits must be a tensor of shape (..., vocab), got {shape}")
+
+
+def _check_options(temperature, top_k, top_p, where: str) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
+            or not math.isfinite(temperature):
+        raise ValueError(f"{where}: temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{where}: top_k={top_k!r} must be an integer >= 1, or None to keep every token")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"{where}: top_p={top_p!r} must be a number in (0, 1], or None to keep every token")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """A copy of `logits` where all but the k largest scores per row are -inf (ties at the k-th all stay)."""
+    _check_logits(logits, "top_k_filter")
+    _check_options(1.0, k, None, "top_k_filter")
+    if k >= logits.shape[-1]:
+        return logits.clone()
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """A copy of `logits` keeping the fewest most-likely tokens whose probabilities sum to >= p."""
+    _check_logits(logits, "top_p_filter")
+    _check_options(1.0, None, p, "top_p_filter")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probabilities = F.softmax(sorted_logits.float(), dim=-1)
+    # Probability mass strictly before each token: a token is kept while that mass is still below p,
+    # so the most likely token is always kept.
+    mass_before = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token_probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                             top_p: float | None = None) -> torch.Tensor:
+    """The distribution `sample_next_token` draws from, as float32 probabilities of shape (..., vocab)."""
+    _check_logits(logits, "next_token_probabilities")
+    _check_options(temperature, top_k, top_p, "next_token_probabilities")
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return F.softmax(logits, dim=-1)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token id per row of `logits` (..., vocab); returns int64 of shape (...).
+
+    temperature=0 returns the argmax without drawing. Pass a seeded torch.Generator to repeat a draw.
+    """
+    _check_logits(logits, "sample_next_token")
+    _check_options(temperature, top_k, top_p, "sample_next_token")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probabilities = next_token_probabilities(logits, temperature, top_k, top_p)
+    flat = probabilities.reshape(-1, probabilities.shape[-1])
+    if generator is not None and generator.device != flat.device:
+        # A generator draws on its own device (e.g. a CPU generator for reproducible GPU sampling).
+        drawn = torch.multinomial(flat.to(generator.device), 1, generator=generator).to(flat.device)
+    else:
+        drawn = torch.multinomial(flat, 1, generator=generator)
+    return drawn.view(probabilities.shape[:-1])
+
+
+def _context_window(model) -> int:
+    # Models that only look a few tokens back (bigram, MLP) say so; a GPT sees its whole block.
+    config = getattr(model, "config", None)
+    block_size = getattr(config, "block_size", None)
+    window = getattr(model, "context_window", None) or block_size
+    if window is None:
+        raise TypeError(f"generate: {type(model).__name__} has neither context_window nor config.block_size; "
+                        "give the model one of them so generate knows how much context to pass")
+    return min(window, block_size) if block_size else window
+
+
+@torch.no_grad()
+def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Append `max_new_tokens` sampled tokens to `idx` ((time,) or (batch, time)); returns the same rank.
+
+    Works for any model following GPT's protocol (`model(idx) -> (logits, loss)`): each step feeds the
+    last `model.context_window` tokens (else `config.block_size`) and samples from the last position.
+    """
+    _check_options(temperature, top_k, top_p, "generate")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if not isinstance(idx, torch.Tensor) or idx.dim() not in (1, 2):
+        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"generate: idx must have shape (time,) or (batch, time), got {shape}")
+    if idx.shape[-1] == 0:
+        raise ValueError("generate: the prompt is empty; give at least one token to start from")
+    window = _context_window(model)
+    squeeze = idx.dim() == 1
+    sequence = idx.unsqueeze(0) if squeeze else idx
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            logits, _ = model(sequence[:, -window:])
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            sequence = torch.cat([sequence, next_token.unsqueeze(-1).to(sequence.dtype)], dim=1)
+    finally:
+        model.train(was_training)
+    return sequence.squeeze(0) if squeeze else sequence

@@ -1,0 +1,182 @@
+"""Tests of minillm.lm (chapter 01): counts, losses, the small models, and the chapter's exercise checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from minillm import grading, lm
+from minillm.tokenizers import _merge
+from minillm.train import TrainConfig, train
+
+
+@pytest.fixture
+def one_thread():
+    """These models are tiny; on a busy 2-core machine, threads waiting on each other dominate their time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_ids(length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def markov_text(length: int, seed: int = 0) -> torch.Tensor:
+    """Tokens where the next one depends on the previous TWO: after (a, b) comes (a + b) % 5, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [0, 1]
+    for _ in range(length - 2):
+        ids.append((ids[-1] + ids[-2]) % 5 if torch.rand(1, generator=g) < 0.9 else int(torch.randint(5, (1,), generator=g)))
+    return torch.tensor(ids)
+
+
+def test_bigram_counts_match_a_python_loop():
+    ids = random_ids(300, 6)
+    expected = torch.zeros(6, 6, dtype=torch.long)
+    for a, b in zip(ids.tolist(), ids[1:].tolist()):
+        expected[a, b] += 1
+    assert torch.equal(lm.bigram_counts(ids, 6), expected)
+    assert lm.bigram_counts([2, 0], 3).tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0]]  # row = previous token
+
+
+@pytest.mark.parametrize("ids, vocab_size, message", [
+    (torch.tensor([0.5, 1.0]), 3, "integer token ids"),
+    (torch.tensor([[0, 1]]), 3, "1-D"),
+    ([0, 5], 3, "vocab_size is 3"),
+    ([0, 1], 0, "positive integer"),
+])
+def test_bigram_counts_bad_input(ids, vocab_size, message):
+    with pytest.raises(ValueError, match=message):
+        lm.bigram_counts(ids, vocab_size)
+
+
+def test_probabilities_rows_sum_to_one_and_smoothing_removes_zeros():
+    counts = lm.bigram_counts([0, 1, 0, 1, 1], 3)  # token 2 never occurs: its row is empty
+    raw = lm.bigram_probabilities(counts, smoothing=0)
+    torch.testing.assert_close(raw.sum(1), torch.ones(3, dtype=torch.float64))
+    assert raw[0, 2] == 0 and torch.allclose(raw[2], torch.full((3,), 1 / 3, dtype=torch.float64))
+    smoothed = lm.bigram_probabilities(counts, smoothing=1.0)
+    assert (smoothed > 0).all()
+    assert math.isclose(smoothed[0, 1].item(), (2 + 1) / (2 + 3))
+    with pytest.raises(ValueError, match="smoothing"):
+        lm.bigram_probabilities(counts, smoothing=-1)
+    with pytest.raises(ValueError, match="square"):
+        lm.bigram_probabilities(torch.ones(2, 3))
+
+
+def test_nll_perplexity_and_bits_per_byte():
+    uniform = torch.full((4, 4), 0.25, dtype=torch.float64)
+    nll = lm.bigram_nll(uniform, [0, 1, 2, 3, 0])
+    assert math.isclose(nll, math.log(4)) and math.isclose(lm.perplexity(nll), 4.0)
+    assert lm.bigram_nll(lm.bigram_probabilities(lm.bigram_counts([0, 1], 2), 0), [0, 0]) == math.inf
+    assert lm.perplexity(1e6) == math.inf
+    # 1 nat per token over 2 bytes per token is 1 / (2 ln 2) bits per byte
+    assert math.isclose(lm.bits_per_byte(1.0, 100, 200), 1 / (2 * math.log(2)))
+    with pytest.raises(ValueError, match="n_bytes"):
+        lm.bits_per_byte(1.0, 10, 0)
+    with pytest.raises(ValueError, match="at least 2"):
+        lm.bigram_nll(uniform, [1])
+
+
+@pytest.mark.parametrize("block_size", [7, 64])
+def test_evaluate_nll_scores_every_transition_once(block_size):
+    ids = random_ids(503, 9, seed=3)  # 502 predictions: not a multiple of 7 or 64, so the ragged tail is used
+    train_ids = random_ids(2000, 9, seed=4)
+    probabilities = lm.bigram_probabilities(lm.bigram_counts(train_ids, 9), smoothing=0.5)
+    counting = lm.CountingBigram(probabilities, block_size=block_size)
+    assert math.isclose(lm.evaluate_nll(counting, ids, batch_size=3), lm.bigram_nll(probabilities, ids), rel_tol=1e-5)
+
+
+def test_neural_bigram_trained_with_train_reaches_the_counting_loss(one_thread):
+    ids = random_ids(20000, 8, seed=5) % 8
+    ids = torch.where(torch.rand(len(ids), generator=torch.Generator().manual_seed(6)) < 0.5,
+                      torch.roll(ids, 1) * 3 % 8, ids)  # some structure, so the table is not uniform
+    optimum = lm.bigram_nll(lm.bigram_probabilities(lm.bigram_counts(ids, 8), 0), ids)
+    model = lm.NeuralBigram(lm.BigramConfig(vocab_size=8, block_size=32))
+    start = lm.evaluate_nll(model, ids)
+    assert math.isclose(start, math.log(8), rel_tol=1e-5)  # zero-initialised: uniform
+    result = train(model, ids, None, TrainConfig(steps=150, batch_size=32, lr=0.3, warmup_steps=5, weight_decay=0.0,
+                                                  progress=False, device="cpu"))
+    final = lm.evaluate_nll(model, ids)
+    assert optimum - 1e-4 < final < optimum + 0.02 < start
+    assert result.meter.tokens == 150 * 32 * 32 and result.meter.flops == 0
+
+
+def test_mlp_sees_exactly_its_context_and_nothing_later():
+    torch.manual_seed(0)
+    model = lm.MLPLanguageModel(lm.MLPConfig(vocab_size=11, context=3, n_embd=4, hidden=8, block_size=16)).eval()
+    idx = random_ids(12, 11, seed=7).unsqueeze(0)
+    changed = idx.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 11
+    difference = (model(idx)[0] - model(changed)[0]).abs().amax(-1)[0]
+    moved = (difference > 0).nonzero().flatten().tolist()
+    assert moved == [5, 6, 7]  # position t sees tokens t-2..t
+    assert model.context_window == 3
+
+
+def test_mlp_flops_per_token_match_the_flop_counter():
+    model = lm.MLPLanguageModel(lm.MLPConfig(vocab_size=50, context=4, n_embd=6, hidden=20, block_size=8))
+    idx = random_ids(2 * 8, 50).view(2, 8)
+    with FlopCounterMode(display=False) as counter:
+        model(idx)
+    assert counter.get_total_flops() == model.flops_per_token(training=False) * idx.numel()
+    assert model.flops_per_token() == 3 * model.flops_per_token(training=False)
+
+
+def test_mlp_with_two_tokens_of_context_beats_a_bigram(one_thread):
+    ids = markov_text(6000)
+    losses = {}
+    for context in (1, 2):
+        torch.manual_seed(0)
+        model = lm.MLPLanguageModel(lm.MLPConfig(vocab_size=5, context=context, n_embd=8, hidden=32, block_size=32))
+        train(model, ids, None, TrainConfig(steps=150, batch_size=16, lr=1e-2, progress=False, device="cpu"))
+        losses[context] = lm.evaluate_nll(model, ids)
+    assert losses[2] < losses[1] - 0.3, losses
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: lm.MLPConfig(vocab_size=10, context=0), "context=0"),
+    (lambda: lm.BigramConfig(vocab_size=-1), "vocab_size"),
+    (lambda: lm.NeuralBigram(lm.MLPConfig(vocab_size=4)), "BigramConfig"),
+    (lambda: lm.CountingBigram(torch.ones(2, 3)), "square"),
+    (lambda: lm.NeuralBigram(lm.BigramConfig(4))(torch.tensor([1, 2])), "batch, time"),
+])
+def test_bad_configs_and_inputs_say_what_to_do(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+# ---- the chapter's exercise checks: right answers pass, wrong ones fail with a hint ----
+
+def _counts_loop(ids, vocab_size):
+    counts = torch.zeros(vocab_size, vocab_size)
+    for a, b in zip(list(ids)[:-1], list(ids)[1:]):
+        counts[int(a), int(b)] += 1
+    return counts
+
+
+def _merge_overlapping(ids, pair, new_id):  # merges (5, 5) twice in [5, 5, 5]: wrong
+    out = list(ids)
+    for i in range(len(out) - 1):
+        if out[i] == pair[0] and out[i + 1] == pair[1]:
+            out[i] = new_id
+            out[i + 1] = new_id
+    return out
+
+
+@pytest.mark.parametrize("grade_id, right, wrong", [
+    ("ex01.1", _counts_loop, lambda ids, v: _counts_loop(ids, v).T),
+    ("ex01.2", lambda p, ids: (lm.bigram_nll(p, ids), math.exp(lm.bigram_nll(p, ids))),
+     lambda p, ids: (lm.bigram_nll(p, ids) / math.log(2), 2 ** (lm.bigram_nll(p, ids) / math.log(2)))),
+    ("ex01.3", _merge, _merge_overlapping),
+    ("ex01.4", lm.bits_per_byte, lambda nll, t, b: nll * t / b * math.log(2)),
+])
+def test_chapter_checks(grade_id, right, wrong, capsys):
+    assert grading.check(grade_id, right) == grading.get_exercise(grade_id).points
+    assert capsys.readouterr().out.startswith(f"✓ {grade_id} ")
+    with pytest.raises(AssertionError, match="Hint"):
+        grading.check(grade_id, wrong)
