@@ -127,6 +127,11 @@ def bench_kernels(**options) -> dict:
     return run(**options)
 
 
+def bench_train(**options) -> dict:
+    from minillm.bench_train import bench_train as run
+    return run(**options)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "bpe": Benchmark(bench_bpe, "train byte-level BPE; tokens and encode speed vs characters (chapter 01)", {
         "--vocab-size": dict(type=int, default=512, help="BPE vocabulary size, >= 256 (default 512)"),
@@ -138,6 +143,15 @@ BENCHMARKS: dict[str, Benchmark] = {
                          "benchmarks/kernels-<gpu>-<date>.json (chapter 02)", {
         "--size": dict(type=int, default=4096, help="square matmul size (default 4096)"),
         "--out-dir": dict(default=None, help="folder for the JSON (default benchmarks/)"),
+    }),
+    "train": Benchmark(bench_train, "minillm's GPT training step vs transformers' GPT2LMHeadModel at the same "
+                       "shape, tokens/s (chapter 03; needs pip install transformers)", {
+        "--layers": dict(type=int, default=4), "--heads": dict(type=int, default=4),
+        "--width": dict(type=int, default=128), "--context": dict(type=int, default=128),
+        "--vocab": dict(type=int, default=1024), "--batch": dict(type=int, default=16),
+        "--steps": dict(type=int, default=10, help="timed training steps per round"),
+        "--rounds": dict(type=int, default=3, help="alternating rounds of both models"),
+        "--device": dict(default=None, help="cpu, cuda or mps (default: the fastest available)"),
     }),
 }
 
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         return BENCHMARKS[args.pop("benchmark")].run(**args)
     except ValueError as err:  # bad options (e.g. vocab size too small): a usage message, not a traceback
         parser.error(str(err))
+    except ImportError as err:  # an optional dependency of one benchmark (transformers, triton)
+        raise SystemExit(f"python -m minillm.bench: {err}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""The course's base model: pretrained in chapter 03, loaded by chapters 07-10 with one call.
+
+    model, tokenizer, info = load_or_train_base()       # loads runs/base/..., or trains it first
+
+Chapter 03 trains it step by step with the same recipe (`base_recipe`) and saves it with `save_base`;
+any later chapter run from a fresh kernel gets it from `load_or_train_base`, which trains it when it is
+absent (a small model in fast mode, seconds; a larger one in full mode, minutes on a CPU).
+
+The base model reads the default corpus ("pydocs", Python's bundled documentation) through a byte-level
+BPE tokenizer trained on the training part only, saved beside the checkpoint as tokenizer.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from minillm.data import load_corpus, split, tokenize_corpus
+from minillm.model import GPT, GPTConfig
+from minillm.paths import atomic_write_text, runs_dir
+from minillm.tokenizers import BPETokenizer, load_tokenizer
+from minillm.train import TrainConfig, estimate_loss, load_checkpoint, save_checkpoint, train
+
+__all__ = ["BaseRecipe", "base_recipe", "base_dir", "train_base_tokenizer", "base_tokens", "unigram_loss",
+           "save_base", "load_base", "load_or_train_base", "validation_loss"]
+
+BASE_CORPUS = "pydocs"
+VAL_FRACTION = 0.1
+
+
+@dataclass
+class BaseRecipe:
+    """Everything that defines the base model: tokenizer size, model shape, training run."""
+    vocab_size: int
+    model: GPTConfig
+    train: TrainConfig
+
+
+def _fast_mode(fast: bool | None) -> bool:
+    return os.environ.get("MINILLM_FAST") == "1" if fast is None else bool(fast)
+
+
+def base_recipe(fast: bool | None = None, device: str | torch.device | None = None) -> BaseRecipe:
+    """The base model's recipe for this run size and device.
+
+    fast: a 2-layer model and 120 steps (seconds). Full on a CPU: 4 layers of width 128, a few minutes.
+    Full on a GPU: 6 layers of width 384 with a longer context.
+    """
+    fast = _fast_mode(fast)
+    device_type = torch.device(device).type if device is not None else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if fast:
+        return BaseRecipe(512, GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=64),
+                          TrainConfig(steps=120, batch_size=16, lr=1e-2, warmup_steps=10, eval_interval=20,
+                                      eval_batches=4))
+    if device_type == "cuda":
+        return BaseRecipe(1024, GPTConfig(vocab_size=1024, block_size=256, n_layer=6, n_head=6, n_embd=384,
+                                          dropout=0.1),
+                          TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, eval_interval=100,
+                                      eval_batches=20))
+    return BaseRecipe(1024, GPTConfig(vocab_size=1024, block_size=128, n_layer=4, n_head=4, n_embd=128),
+                      TrainConfig(steps=500, batch_size=16, lr=2e-3, warmup_steps=30, eval_interval=50,
+                                  eval_batches=10))
+
+
+def base_dir(fast: bool | None = None) -> Path:
+    """Folder of the base checkpoint: runs/base/fast or runs/base/full (runs/ moves with MINILLM_RUNS)."""
+    return runs_dir() / "base" / ("fast" if _fast_mode(fast) else "full")
+
+
+def _train_and_val_text(corpus: str = BASE_CORPUS) -> tuple[str, str]:
+    return split(load_corpus(corpus), VAL_FRACTION)
+
+
+def train_base_tokenizer(vocab_size: int, corpus: str = BASE_CORPUS) -> BPETokenizer:
+    """Byte-level BPE trained on the training part of the corpus only (validation text stays unseen)."""
+    train_text, _ = _train_and_val_text(corpus)
+    return BPETokenizer().train(train_text, vocab_size)
+
+
+def base_tokens(tokenizer, corpus: str = BASE_CORPUS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_tokens, val_tokens): the corpus split as text (last 10% for validation), then encoded."""
+    train_text, val_text = _train_and_val_text(corpus)
+    return tokenize_corpus(train_text, tokenizer), tokenize_corpus(val_text, tokenizer)
+
+
+def unigram_loss(train_tokens, val_tokens, vocab_size: int) -> float:
+    """Validation cross-entropy (nats/token) of a model that ignores context: token frequencies of the
+    training text, add-one smoothed. Any language model worth its compute must beat it."""
+    train_tokens, val_tokens = torch.as_tensor(train_tokens), torch.as_tensor(val_tokens)
+    if len(val_tokens) == 0:
+        raise ValueError("unigram_loss: val_tokens is empty; give some validation tokens")
+    counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1.0
+    if counts.numel() != vocab_size:
+        raise ValueError(f"unigram_loss: token ids reach {counts.numel() - 1} but vocab_size={vocab_size}")
+    log_probs = (counts / counts.sum()).log()
+    return float(-log_probs[val_tokens.long()].mean())
+
+
+def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None = None) -> Path:
+    """Save the model (as a training checkpoint), its tokenizer and a readable info.json; returns the folder."""
+    folder = base_dir(fast)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = dict(info or {}, fast=_fast_mode(fast))
+    save_checkpoint(folder / "model.pt", model, step=int(info.get("steps", 0)), extra=info)
+    tokenizer.save(folder / "tokenizer.json")
+    atomic_write_text(folder / "info.json", json.dumps(info, indent=2, default=str) + "\n")
+    return folder
+
+
+def load_base(fast: bool | None = None, device: str | torch.device | None = None):
+    """(model, tokenizer, info) from runs/base/. Full mode loads only the full model; fast mode prefers
+    the full model when it exists (it is better) and takes the fast one otherwise.
+
+    Raises FileNotFoundError, saying how to make one, when there is none.
+    """
+    fast = _fast_mode(fast)
+    candidates = [base_dir(False)] + ([base_dir(True)] if fast else [])
+    for folder in candidates:
+        if (folder / "model.pt").is_file() and (folder / "tokenizer.json").is_file():
+            checkpoint = load_checkpoint(folder / "model.pt")
+            model = checkpoint["model"]
+            if device is not None:
+                model.to(device)
+            model.eval()
+            info = dict(checkpoint.get("extra") or {}, path=str(folder), trained_now=False)
+            return model, load_tokenizer(folder / "tokenizer.json"), info
+    raise FileNotFoundError(f"no base model in {' or '.join(map(str, candidates))}; run chapter 03 "
+                            "(solutions/03_pretraining.ipynb) or call minillm.pretrained.load_or_train_base()")
+
+
+def load_or_train_base(fast: bool | None = None, device: str | torch.device | None = None,
+                       progress: bool = True):
+    """The base model, tokenizer and an info dict: loaded from runs/base/ or, if absent, trained and saved.
+
+    info holds at least: path, trained_now, fast, val_loss, unigram_val_loss, steps, tokens, seconds.
+    """
+    fast = _fast_mode(fast)
+    try:
+        return load_base(fast, device)
+    except FileNotFoundError:
+        pass
+    recipe = base_recipe(fast, device)
+    if progress:
+        print(f"No base model in {base_dir(fast)}: training one ({'fast' if fast else 'full'} recipe).")
+    tokenizer = train_base_tokenizer(recipe.vocab_size)
+    train_tokens, val_tokens = base_tokens(tokenizer)
+    torch.manual_seed(recipe.train.seed)
+    model = GPT(recipe.model)
+    train_config = TrainConfig(**{**asdict(recipe.train), "progress": progress,
+                                  "device": str(device) if device is not None else recipe.train.device})
+    result = train(model, train_tokens, val_tokens, train_config)
+    info = {
+        "val_loss": result.final_val_loss,
+        "unigram_val_loss": unigram_loss(train_tokens, val_tokens, tokenizer.vocab_size),
+        "steps": result.step, "tokens": result.meter.tokens, "seconds": result.meter.seconds,
+        "tokens_per_second": result.tokens_per_second, "corpus": BASE_CORPUS,
+        "n_params": model.num_parameters(),
+    }
+    folder = save_base(model, tokenizer, info, fast)
+    model.eval()
+    return model, tokenizer, dict(info, fast=fast, path=str(folder), trained_now=True)
+
+
+def validation_loss(model: GPT, val_tokens, batches: int = 10, batch_size: int = 16) -> float:
+    """Mean validation loss of a model on fixed windows (a convenience over train.estimate_loss)."""
+    return estimate_loss(model, val_tokens, model.config.block_size, batch_size, batches)

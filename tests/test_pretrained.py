@@ -1,0 +1,45 @@
+"""minillm.pretrained: the load-or-train call gives a model that beats a unigram model, then loads it back."""
+import pytest
+import torch
+
+from minillm import pretrained
+from minillm.pretrained import base_tokens, load_base, load_or_train_base, unigram_loss, validation_loss
+
+
+@pytest.fixture(autouse=True)
+def isolated_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILLM_RUNS", str(tmp_path / "runs"))
+
+
+def test_load_or_train_beats_unigram_then_loads_the_same_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="chapter 03"):
+        load_base(fast=True)
+    model, tokenizer, info = load_or_train_base(fast=True, device="cpu", progress=False)
+    assert info["trained_now"] and info["fast"]
+    assert (tmp_path / "runs" / "base" / "fast" / "model.pt").is_file()
+    assert (tmp_path / "runs" / "base" / "fast" / "tokenizer.json").is_file()
+    train_tokens, val_tokens = base_tokens(tokenizer)
+    unigram = unigram_loss(train_tokens, val_tokens, tokenizer.vocab_size)
+    assert unigram == pytest.approx(info["unigram_val_loss"])
+    model_loss = validation_loss(model, val_tokens)
+    assert model_loss < unigram - 0.1, (model_loss, unigram)
+
+    again, tokenizer_again, info_again = load_or_train_base(fast=True, progress=False)
+    assert not info_again["trained_now"]
+    assert tokenizer_again.encode("def f(x): return x") == tokenizer.encode("def f(x): return x")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a.cpu(), b), name
+
+
+def test_unigram_loss_is_the_entropy_of_the_frequencies():
+    train = torch.tensor([0, 0, 0, 1])  # add-one smoothed over 2 symbols: p = (4/6, 2/6)
+    assert unigram_loss(train, torch.tensor([0, 1]), 2) == pytest.approx(-(torch.tensor([4 / 6, 2 / 6]).log().mean()).item())
+    with pytest.raises(ValueError, match="vocab_size"):
+        unigram_loss(torch.tensor([0, 5]), torch.tensor([0]), 2)
+
+
+def test_recipes_are_valid_for_every_mode():
+    for fast in (True, False):
+        for device in ("cpu", "cuda"):
+            recipe = pretrained.base_recipe(fast, device)
+            assert recipe.model.vocab_size == recipe.vocab_size
