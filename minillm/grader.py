@@ -54,6 +54,7 @@ class Submission:
     chapter: str | None = None
     exercises: list[ExerciseResult] = field(default_factory=list)
     grader_error: str = ""
+    cell_outcomes: dict = field(default_factory=dict)  # cell id -> {"status", "ename", "message"}
     seconds: float = 0.0
 
     @property
@@ -262,6 +263,7 @@ def _grade_one(sub: Submission, chapter, extra, cell_timeout, notebook_timeout, 
         prepared = workdir / f"{wanted}_submission.ipynb"
         prepared.write_text(dumps(prepare(nb, official, extra)), encoding="utf-8")
         outcomes, note = run_submission(prepared, cell_timeout, notebook_timeout, workdir)
+    sub.cell_outcomes = outcomes
     sub.exercises = score(official, outcomes, note)
 
 
