@@ -10,27 +10,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minillm.tokenizers import BPETokenizer, CharTokenizer, pretokenize
-
-
-def load_text(corpus: str) -> str:
-    """A corpus by name, from `minillm.data.load_corpus` (with a built-in fallback for "pydocs")."""
-    try:
-        from minillm.data import load_corpus
-    except ImportError:
-        load_corpus = None
-    if load_corpus is not None:
-        return load_corpus(corpus)
-    if corpus != "pydocs":
-        raise ValueError(f"bench: corpus {corpus!r} needs minillm.data.load_corpus, which this install lacks; "
-                         "use --corpus pydocs")
-    import pydoc_data.topics
-    topics = pydoc_data.topics.topics
-    return "".join(topics[k] for k in sorted(topics))
+from minillm.data import load_corpus
+from minillm.tokenizers import BPETokenizer, CharTokenizer, train_bpe_by_recount
 
 
 def _naive_merge_seconds(text: str, n_merges: int) -> float:
@@ -38,35 +22,14 @@ def _naive_merge_seconds(text: str, n_merges: int) -> float:
 
     It still counts each distinct chunk once, so the ratio printed isolates the incremental update.
     """
-    chunk_counts = Counter(pretokenize(text))
-    words = [list(chunk.encode("utf-8", errors="surrogatepass")) for chunk in chunk_counts]
-    freqs = list(chunk_counts.values())
     start = time.perf_counter()
-    for merge_index in range(n_merges):
-        pair_counts: Counter = Counter()
-        for word, freq in zip(words, freqs):
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] += freq
-        if not pair_counts:
-            break
-        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
-        new_id = 256 + merge_index
-        for i, word in enumerate(words):
-            merged, j = [], 0
-            while j < len(word):
-                if j + 1 < len(word) and (word[j], word[j + 1]) == best:
-                    merged.append(new_id)
-                    j += 2
-                else:
-                    merged.append(word[j])
-                    j += 1
-            words[i] = merged
+    train_bpe_by_recount(text, n_merges)
     return (time.perf_counter() - start) / max(n_merges, 1)
 
 
 def bench_bpe(vocab_size: int = 512, corpus: str = "pydocs", baseline_merges: int = 10) -> dict:
     """Train byte-level BPE on one core; compare its token count and encode speed with characters."""
-    text = load_text(corpus)
+    text = load_corpus(corpus)
     n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
 
     start = time.perf_counter()

@@ -11,10 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .paths import atomic_write_text, repo_root, runs_dir

@@ -90,6 +90,32 @@ def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return merged
 
 
+def train_bpe_by_recount(text: str, n_merges: int, merge=None) -> list[tuple[int, int]]:
+    """The textbook BPE trainer: before every merge, recount every pair of every distinct chunk.
+
+    It picks the same merges as `BPETokenizer.train` (most frequent pair, ties to the smallest pair,
+    never across chunk boundaries), only slower: chapter 01 checks a student's merge step with it
+    (`merge(ids, pair, new_id) -> ids`), and `python -m minillm.bench bpe` times it against the
+    incremental trainer.
+    """
+    merge = merge or _merge
+    chunk_counts = Counter(pretokenize(text))
+    words = [list(chunk.encode("utf-8", errors="surrogatepass")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    merges: list[tuple[int, int]] = []
+    for new_id in range(256, 256 + n_merges):
+        pair_counts: Counter = Counter()
+        for word, freq in zip(words, freqs):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += freq
+        if not pair_counts:
+            break
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        words = [list(merge(list(word), best, new_id)) for word in words]
+    return merges
+
+
 def _read_json(path, expected_type: str | None) -> dict:
     path = Path(path)
     if not path.exists():

@@ -249,3 +249,10 @@ def test_loading_the_wrong_kind_or_a_corrupted_file(tmp_path):
         BPETokenizer.load(bad_merge)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_textbook_recount_trainer_picks_the_same_merges_as_the_incremental_one():
+    from minillm.tokenizers import train_bpe_by_recount
+
+    text = "the cat sat on the mat; the hat, the bat — ünïcödé 123 123 the end " * 3
+    assert train_bpe_by_recount(text, 30) == BPETokenizer().train(text, 256 + 30).merges

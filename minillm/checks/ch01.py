@@ -3,13 +3,12 @@ bits per byte, and sampling with temperature."""
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import torch
 
 from .. import lm, sampling
 from ..grading import expect_close, expect_equal, exercise
-from ..tokenizers import BPETokenizer, pretokenize
+from ..tokenizers import BPETokenizer, train_bpe_by_recount
 
 
 def _small_ids(seed: int, length: int, vocab_size: int) -> torch.Tensor:
@@ -70,23 +69,8 @@ def check_nll_and_perplexity(nll_and_perplexity) -> str:
 
 
 def _merges_with(merge_pair, text: str, n_merges: int) -> list[tuple[int, int]]:
-    """BPE training as BPETokenizer.train does it (most frequent pair, ties to the smallest pair, never
-    across chunk boundaries), with the student's merge step doing the merging."""
-    chunks = Counter(pretokenize(text))
-    words = [list(chunk.encode("utf-8")) for chunk in chunks]
-    freqs = list(chunks.values())
-    merges = []
-    for new_id in range(256, 256 + n_merges):
-        pair_counts: Counter = Counter()
-        for word, freq in zip(words, freqs):
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] += freq
-        if not pair_counts:
-            break
-        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
-        merges.append(best)
-        words = [list(merge_pair(list(word), best, new_id)) for word in words]
-    return merges
+    """BPE training as BPETokenizer.train does it, with the student's merge step doing the merging."""
+    return train_bpe_by_recount(text, n_merges, merge=lambda ids, pair, new_id: merge_pair(ids, pair, new_id))
 
 
 @exercise("ex01.3", "BPE merge step", points=2)
