@@ -95,6 +95,16 @@ def bench_train(**options) -> dict:
     return run(**options)
 
 
+def bench_moe(**options) -> dict:
+    from minillm.bench_moe import bench_moe as run
+    return run(**options)
+
+
+def _moe_options() -> dict:
+    from minillm.bench_moe import BENCH_MOE_OPTIONS
+    return BENCH_MOE_OPTIONS
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "bpe": Benchmark(bench_bpe, "train byte-level BPE; tokens and encode speed vs characters (chapter 01)", {
         "--vocab-size": dict(type=int, default=512, help="BPE vocabulary size, >= 256 (default 512)"),
@@ -116,6 +126,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         "--rounds": dict(type=int, default=3, help="alternating rounds of both models"),
         "--device": dict(default=None, help="cpu, cuda or mps (default: the fastest available)"),
     }),
+    "moe": Benchmark(bench_moe, "MoE layer forward+backward tokens/s: sorted dispatch vs the naive per-expert "
+                     "loop vs transformers' Mixtral block (chapter 04)", _moe_options()),
 }
 
 

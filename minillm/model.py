@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.moe import MoE, MoEConfig
+
 ATTENTION_KINDS = ("sdpa", "manual")
 
 
@@ -28,8 +30,18 @@ class GPTConfig:
     rope_base: float = 10000.0
     attention: str = "sdpa"      # "sdpa" (fused F.scaled_dot_product_attention) or "manual" (mask + softmax)
     tie_weights: bool = True
+    moe: MoEConfig | None = None   # chapter 04: a mixture of experts instead of the MLP ...
+    n_dense_layers: int = 0        # ... in every block after the first n_dense_layers
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # a config saved with dataclasses.asdict (checkpoints)
+            self.moe = MoEConfig(**self.moe)
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"GPTConfig: moe={self.moe!r} must be a MoEConfig (or None for dense MLPs)")
+        if isinstance(self.n_dense_layers, bool) or not isinstance(self.n_dense_layers, int) \
+                or not 0 <= self.n_dense_layers <= self.n_layer:
+            raise ValueError(f"GPTConfig: n_dense_layers={self.n_dense_layers!r} must be an integer between 0 and "
+                             f"n_layer={self.n_layer}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -56,6 +68,9 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer >= self.n_dense_layers
 
 
 class RMSNorm(nn.Module):
@@ -145,12 +160,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: each sublayer reads a normalised copy and adds its result to the stream."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.norm_attn = RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.norm_mlp = RMSNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config.n_embd, config.moe) if config.is_moe_layer(layer) else MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm_attn(x))
@@ -165,7 +180,7 @@ class GPT(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm_final = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -179,7 +194,10 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+            if isinstance(block.mlp, MoE):
+                block.mlp.reset_output_projections(residual_std)
+            else:
+                nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -213,7 +231,24 @@ class GPT(nn.Module):
                                  f"{tuple(idx.shape)}")
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=-100)
+            for layer in self.moe_layers():  # the optional balance loss of each MoE layer (training only)
+                if layer.aux_loss is not None:
+                    loss = loss + layer.aux_loss
         return logits, loss
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+
+    def after_optimizer_step(self) -> None:
+        """Called by minillm.train after every optimizer step: MoE layers record load and update biases."""
+        for layer in self.moe_layers():
+            layer.after_optimizer_step()
+
+    def num_active_parameters(self, non_embedding: bool = False) -> int:
+        """Parameters one token uses: like num_parameters, but only top_k of each MoE layer's routed experts."""
+        unused = sum(sum(p.numel() for p in layer.parameters()) - layer.num_active_parameters()
+                     for layer in self.moe_layers())
+        return self.num_parameters(non_embedding) - unused
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Trainable parameters, tied weights counted once.
@@ -235,14 +270,23 @@ class GPT(nn.Module):
         attention matmuls and for the CUDA SDPA kernels (it ignores is_causal). On CPU the counter
         records nothing for the fused SDPA kernel, so compare against attention="manual" there.
         Training = 3 * forward (the backward pass computes gradients for inputs and for weights).
+        A mixture-of-experts layer counts only what a token uses: the router, the shared experts and
+        top_k routed experts (the sparse compute that makes MoE cheap per token).
         seq_len defaults to block_size; embedding lookups, norms and softmax are not matmuls and are left out.
         """
         config = self.config
         seq_len = config.block_size if seq_len is None else seq_len
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"flops_per_token: seq_len={seq_len!r} must be a positive integer")
-        per_layer = (4 + 2 * config.mlp_ratio) * config.n_embd ** 2  # qkv + out proj, then the MLP
-        matmul_parameters = config.n_layer * per_layer + config.vocab_size * config.n_embd
+        attention = 4 * config.n_embd ** 2                          # qkv + out proj
+        dense_mlp = 2 * config.mlp_ratio * config.n_embd ** 2
+        moe_mlp = 0
+        if config.moe is not None:
+            # Only the weights a token uses: router, shared experts and top_k routed SwiGLU experts.
+            moe_mlp = config.n_embd * (config.moe.n_routed + 3 * config.moe.expert_hidden * config.moe.active_experts)
+        n_moe = sum(config.is_moe_layer(layer) for layer in range(config.n_layer))
+        matmul_parameters = (config.n_layer * attention + (config.n_layer - n_moe) * dense_mlp + n_moe * moe_mlp
+                             + config.vocab_size * config.n_embd)
         forward = 2.0 * matmul_parameters + 4.0 * config.n_layer * seq_len * config.n_embd
         return 3.0 * forward if training else forward
 

@@ -226,6 +226,8 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
                                     rng_after_step, last_good_path)
                 scaler.step(optimizer)
                 scaler.update()
+                if hasattr(model, "after_optimizer_step"):  # e.g. MoE load-balancing biases (chapter 04)
+                    model.after_optimizer_step()
                 completed, rng_after_step = step, _rng_state()
                 meter.add(tokens=tokens_per_step, flops=flops_per_step)
                 now = time.perf_counter()

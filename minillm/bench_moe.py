@@ -1,0 +1,123 @@
+"""Benchmark of chapter 04's MoE dispatch: `python -m minillm.bench moe`.
+
+Forward + backward tokens/s of one mixture-of-experts layer (no shared experts, same sizes everywhere):
+
+- minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": a loop over the experts' contiguous
+  slices on a CPU, one padded batched GEMM on a GPU);
+- the naive per-expert loop (`minillm.moe.per_expert_mask_loop`: every expert searches all pairs for its
+  tokens), with the same router and weights;
+- Hugging Face transformers' Mixtral sparse MoE block (softmax router, same expert sizes, its default
+  expert implementation: a loop over the experts that were hit).
+
+All are timed in the same run on the same device, so the printed ratios hold for this machine.
+"""
+from __future__ import annotations
+
+import torch
+
+from minillm.cost import Meter, best_seconds, default_device
+from minillm.moe import MoE, MoEConfig, per_expert_mask_loop, route
+
+TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
+
+
+def _mixtral_block(layer: MoE, implementation: str | None = "eager"):
+    """transformers' MixtralSparseMoeBlock with `layer`'s router and expert weights, or None if unavailable."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    config = layer.config
+    hf_config = MixtralConfig(hidden_size=layer.n_embd, intermediate_size=config.expert_hidden,
+                              num_local_experts=config.n_routed, num_experts_per_tok=config.top_k,
+                              hidden_act="silu", router_jitter_noise=0.0)
+    if implementation is not None:
+        hf_config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(hf_config)
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.weight)
+        block.experts.gate_up_proj.copy_(layer.w_gate_up.transpose(1, 2))   # (E, 2h, d): [gate; up] rows
+        block.experts.down_proj.copy_(layer.w_down.transpose(1, 2))         # (E, d, h)
+    return block
+
+
+def _tokens_per_second(forward, x: torch.Tensor, parameters, device, repeats: int) -> float:
+    def step():
+        for p in parameters:
+            p.grad = None
+        x.grad = None
+        forward(x).float().square().mean().backward()
+    seconds = best_seconds(step, device=device, repeats=repeats, warmup=1)
+    return x.shape[0] * x.shape[1] / seconds
+
+
+def bench_moe(experts: str = "8,16,32,64", top_k: int = 4, d_model: int = 256, expert_hidden: int = 128,
+              tokens: int = 2048, repeats: int = 3, device: str | None = None, threads: int | None = None) -> dict:
+    """Tokens/s of forward+backward through one MoE layer: sorted dispatch vs the naive loop vs transformers."""
+    expert_counts = [int(e) for e in str(experts).split(",") if e.strip()]
+    if not expert_counts or min(expert_counts) < top_k:
+        raise ValueError(f"bench moe: --experts={experts!r} must list expert counts >= top_k={top_k}, e.g. 8,16,32")
+    if tokens < 1 or d_model < 1 or expert_hidden < 1 or repeats < 1:
+        raise ValueError("bench moe: --tokens, --d-model, --expert-hidden and --repeats must be positive")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"bench moe: --threads={threads} must be >= 1")
+        # On a busy machine, CPU threads that wait for each other at every small op can dominate the time.
+        torch.set_num_threads(threads)
+    device = torch.device(device) if device else default_device()
+    torch.manual_seed(0)
+    has_transformers = _mixtral_block(MoE(8, MoEConfig(n_routed=2, top_k=1, n_shared=0, expert_hidden=4)), None) is not None
+    if not has_transformers:
+        print(f"bench moe: transformers is not installed, so its Mixtral block is skipped; {TRANSFORMERS_HINT}")
+    print(f"bench moe on {device}: {tokens} tokens, d_model {d_model}, SwiGLU experts of width {expert_hidden}, "
+          f"top_k {top_k}, forward+backward, best of {repeats}, {torch.get_num_threads()} CPU thread(s)")
+    rows = []
+    with Meter("bench moe", chapter="04", device=device) as total:
+        for n_experts in expert_counts:
+            layer = MoE(d_model, MoEConfig(n_routed=n_experts, n_shared=0, top_k=top_k, expert_hidden=expert_hidden,
+                                           bias_update_rate=0.0)).to(device)
+            x = torch.randn(1, tokens, d_model, device=device, requires_grad=True)
+            params = list(layer.parameters())
+
+            def naive(inputs, layer=layer):
+                flat = inputs.reshape(-1, layer.n_embd)
+                routing = route(layer.router(flat), None, layer.config.top_k)
+                return per_expert_mask_loop(flat, routing.expert_index, routing.gate_weight, layer.w_gate_up, layer.w_down)
+
+            row = {"experts": n_experts,
+                   "sorted_tokens_per_second": _tokens_per_second(layer, x, params, device, repeats),
+                   "naive_loop_tokens_per_second": _tokens_per_second(naive, x, params, device, repeats)}
+            block = _mixtral_block(layer, "eager") if has_transformers else None
+            if block is not None:
+                block = block.to(device)
+                row["transformers_tokens_per_second"] = _tokens_per_second(block, x, list(block.parameters()),
+                                                                           device, repeats)
+            row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
+            if "transformers_tokens_per_second" in row:
+                row["vs_transformers"] = row["sorted_tokens_per_second"] / row["transformers_tokens_per_second"]
+            rows.append(row)
+            parts = [f"sorted {row['sorted_tokens_per_second']:,.0f} tok/s",
+                     f"naive loop {row['naive_loop_tokens_per_second']:,.0f} ({row['vs_naive_loop']:.2f}x)"]
+            if "vs_transformers" in row:
+                parts.append(f"transformers Mixtral {row['transformers_tokens_per_second']:,.0f} "
+                             f"({row['vs_transformers']:.2f}x)")
+            print(f"  {n_experts:>3} experts: " + ", ".join(parts))
+    print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
+          f"{total.seconds:.1f} s in all")
+    return {"device": str(device), "threads": torch.get_num_threads(), "tokens": tokens, "d_model": d_model, "expert_hidden": expert_hidden,
+            "top_k": top_k, "transformers": has_transformers, "rows": rows}
+
+
+# For minillm/bench.py's registry: option name -> argparse keyword arguments.
+BENCH_MOE_OPTIONS = {
+    "--experts": dict(default="8,16,32,64", help="comma-separated routed expert counts (default 8,16,32,64)"),
+    "--top-k": dict(type=int, default=4, help="experts per token (default 4)"),
+    "--d-model": dict(type=int, default=256, help="model width (default 256)"),
+    "--expert-hidden": dict(type=int, default=128, help="hidden width of each expert (default 128)"),
+    "--tokens": dict(type=int, default=2048, help="tokens per forward+backward (default 2048)"),
+    "--repeats": dict(type=int, default=3, help="timed repeats, the fastest counts (default 3)"),
+    "--device": dict(default=None, help="cpu, cuda, mps (default: the fastest available)"),
+    "--threads": dict(type=int, default=None, help="CPU threads for torch (default: torch's own choice)"),
+}
+

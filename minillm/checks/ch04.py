@@ -1,0 +1,81 @@
+"""Checks for chapter 04 (mixture of experts): the sigmoid router, the bias update, the sorted dispatch."""
+from __future__ import annotations
+
+import torch
+
+from ..grading import expect_close, exercise
+from ..moe import MoE, MoEConfig, reference_moe_loop, route, update_bias
+
+
+def _as_pair(answer, what: str):
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        raise AssertionError(f"{what}: expected a tuple (expert_index, gate_weight), got {type(answer).__name__}. "
+                             "Hint: return expert_index, gate_weight")
+    return answer
+
+
+@exercise("ex04.1", "sigmoid router", points=2)
+def check_router(route_tokens) -> str:
+    generator = torch.Generator().manual_seed(4)
+    for tokens, experts, top_k, scale in [(5, 4, 1, 1.0), (12, 8, 2, 1.0), (30, 16, 4, 2.5)]:
+        logits = torch.randn(tokens, experts, generator=generator) * 2
+        bias = torch.randn(experts, generator=generator)
+        index, weight = _as_pair(route_tokens(logits, bias, top_k, scale), f"route(..., top_k={top_k})")
+        expected = route(logits, bias, top_k, scale)
+        what = f"route(logits {tokens}x{experts}, top_k={top_k}, route_scale={scale})"
+        if not isinstance(index, torch.Tensor) or index.shape != (tokens, top_k):
+            raise AssertionError(f"{what}: expert_index must be a tensor of shape {(tokens, top_k)}. "
+                                 "Hint: torch.topk(..., top_k, dim=-1).indices")
+        # Compare as sets per token: any order of the chosen experts is right.
+        got_order, expected_order = index.long().argsort(dim=1), expected.expert_index.argsort(dim=1)
+        if not torch.equal(index.long().gather(1, got_order), expected.expert_index.gather(1, expected_order)):
+            raise AssertionError(f"{what}: chose different experts than the reference. Hint: choose the top_k of "
+                                 "sigmoid(logits) + bias (the bias only steers the choice)")
+        expect_close(weight.gather(1, got_order), expected.gate_weight.gather(1, expected_order),
+                     f"{what}: gate weights", rtol=1e-5, atol=1e-6,
+                     hint="weights come from the UNBIASED sigmoid affinities of the chosen experts, divided by "
+                          "their sum, times route_scale")
+    return "chooses on biased scores and weighs by unbiased ones, on 3 shapes"
+
+
+@exercise("ex04.2", "bias update rule", points=1)
+def check_bias_update(update_expert_bias) -> str:
+    cases = [(torch.zeros(4), torch.tensor([10, 2, 4, 4]), 0.1),
+             (torch.tensor([0.5, -0.2, 0.0]), torch.tensor([3, 3, 3]), 0.01),
+             (torch.randn(8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 4, 5, 6, 30]), 0.001)]
+    for bias, load, rate in cases:
+        expected = update_bias(bias.clone(), load, rate)
+        got = update_expert_bias(bias.clone(), load, rate)
+        expect_close(got, expected, f"update_expert_bias(bias, tokens_per_expert={load.tolist()}, gamma={rate})",
+                     rtol=0, atol=1e-7, hint="above the mean load: bias - gamma; below: bias + gamma; exactly at "
+                                             "the mean: unchanged (torch.sign does all three)")
+    return "moves overloaded experts down and underloaded ones up by gamma"
+
+
+@exercise("ex04.3", "sorted dispatch", points=2)
+def check_dispatch(dispatch) -> str:
+    torch.manual_seed(7)
+    layer = MoE(12, MoEConfig(n_routed=6, n_shared=0, top_k=2, expert_hidden=8)).double()
+    with torch.no_grad():
+        layer.w_gate_up.normal_(0, 0.3)
+        layer.w_down.normal_(0, 0.3)
+    experts = [layer.expert(e) for e in range(6)]
+    for tokens in (1, 7, 40):
+        x = torch.randn(tokens, 12, dtype=torch.float64, requires_grad=True)
+        routing = route(torch.randn(tokens, 6, dtype=torch.float64), None, 2)
+        weight = routing.gate_weight.detach().requires_grad_()
+        expected = reference_moe_loop(x, routing.expert_index, weight, experts)
+        expected_grads = torch.autograd.grad(expected.square().sum(), (x, weight, layer.w_down))
+        got = dispatch(x, routing.expert_index, weight, experts)
+        expect_close(got, expected, f"dispatch on {tokens} tokens", rtol=1e-6, atol=1e-9,
+                     hint="sort the flattened expert_index, gather x once in that order (token = pair // top_k), run "
+                          "expert e on its contiguous slice, multiply by the gate weights in the same order, then "
+                          "index_add_ the rows back onto their tokens")
+        got_grads = torch.autograd.grad(got.square().sum(), (x, weight, layer.w_down), allow_unused=True)
+        for name, g, e in zip(("x", "gate_weight", "expert weights"), got_grads, expected_grads):
+            if g is None:
+                raise AssertionError(f"dispatch: no gradient reaches {name}. Hint: avoid torch.no_grad, .detach() "
+                                     "and in-place writes into tensors that need gradients (index_add_ on a fresh "
+                                     "torch.zeros_like(x) is fine)")
+            expect_close(g, e, f"gradient of {name} through dispatch ({tokens} tokens)", rtol=1e-6, atol=1e-9)
+    return "equals the per-token loop, outputs and gradients, on 3 batch sizes"

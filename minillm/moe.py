@@ -1,0 +1,330 @@
+"""A DeepSeekMoE layer: shared + fine-grained routed experts, a sigmoid router, balancing without a loss.
+
+Taught in chapter 04 (mixture of experts). The layer replaces a GPT block's MLP
+(`GPTConfig(moe=MoEConfig(...), n_dense_layers=...)`):
+
+    output = shared_experts(x) + sum over the top_k chosen experts e of  gate_e(x) * expert_e(x)
+
+- Router: affinity s_e = sigmoid(x . w_e). The top_k experts are chosen on s_e + bias_e, but the gate
+  weights come from the *unbiased* s_e of the chosen experts, normalised to sum to 1, times route_scale.
+  Optional group-limited routing first keeps the `top_groups` best of `n_groups` groups of experts.
+- Auxiliary-loss-free balancing: after each optimizer step, `after_optimizer_step()` moves each expert's
+  bias by -gamma if it got more than the mean load in that step, +gamma if less. An optional small
+  sequence-wise balance loss (`aux_loss_weight`) is the classic alternative; both can be switched off.
+- Dispatch: token-expert pairs are sorted by expert, the tokens gathered once, every expert runs on its
+  contiguous slice (or all experts at once as one padded batched GEMM), and the weighted results are
+  scatter-added back. `reference_moe_loop` (one token at a time) and `per_expert_mask_loop` (the loop
+  most libraries start with) are the references it is tested and benchmarked against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["MoEConfig", "MoE", "Routing", "route", "update_bias", "sort_by_expert", "sorted_dispatch",
+           "run_experts_on_slices", "run_experts_grouped", "reference_moe_loop", "per_expert_mask_loop",
+           "sequence_balance_loss", "load_imbalance", "DISPATCH_KINDS"]
+
+DISPATCH_KINDS = ("auto", "grouped", "slices")
+
+
+@dataclass
+class MoEConfig:
+    n_routed: int = 16             # fine-grained routed experts
+    n_shared: int = 1              # always-on experts (run as one MLP n_shared times wider)
+    top_k: int = 2                 # routed experts per token
+    expert_hidden: int = 64        # hidden width of each expert (SwiGLU)
+    route_scale: float = 1.0       # gate weights sum to this (DeepSeek-V3: 2.5)
+    n_groups: int = 1              # group-limited routing: experts split into n_groups groups ...
+    top_groups: int = 1            # ... of which each token may use the best top_groups (1, 1 = off)
+    bias_update_rate: float = 0.001  # gamma of the auxiliary-loss-free bias update; 0 turns it off
+    aux_loss_weight: float = 0.0   # alpha of the sequence-wise balance loss; 0 turns it off
+    dispatch: str = "auto"         # "grouped" (one padded batched GEMM), "slices" (a loop over experts),
+                                   # "auto" (slices on a CPU, grouped on a GPU unless the load is very uneven)
+
+    def __post_init__(self) -> None:
+        for name in ("n_routed", "top_k", "expert_hidden", "n_groups", "top_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoEConfig: {name}={value!r} must be a positive integer")
+        if isinstance(self.n_shared, bool) or not isinstance(self.n_shared, int) or self.n_shared < 0:
+            raise ValueError(f"MoEConfig: n_shared={self.n_shared!r} must be an integer >= 0")
+        if self.top_k > self.n_routed:
+            raise ValueError(f"MoEConfig: top_k={self.top_k} exceeds n_routed={self.n_routed}; "
+                             "a token cannot use more experts than exist")
+        if self.n_routed % self.n_groups != 0:
+            raise ValueError(f"MoEConfig: n_routed={self.n_routed} is not divisible by n_groups={self.n_groups}; "
+                             "groups must have equal sizes")
+        if self.top_groups > self.n_groups:
+            raise ValueError(f"MoEConfig: top_groups={self.top_groups} exceeds n_groups={self.n_groups}")
+        if self.top_k > self.top_groups * (self.n_routed // self.n_groups):
+            raise ValueError(f"MoEConfig: top_k={self.top_k} experts do not fit in top_groups={self.top_groups} "
+                             f"groups of {self.n_routed // self.n_groups}; raise top_groups or lower top_k")
+        for name in ("route_scale", "bias_update_rate", "aux_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "route_scale" and value == 0):
+                raise ValueError(f"MoEConfig: {name}={value!r} must be a finite number "
+                                 f"{'> 0' if name == 'route_scale' else '>= 0 (0 turns it off)'}")
+        if self.dispatch not in DISPATCH_KINDS:
+            raise ValueError(f"MoEConfig: dispatch={self.dispatch!r} is unknown; choose one of "
+                             f"{', '.join(map(repr, DISPATCH_KINDS))}")
+
+    @property
+    def active_experts(self) -> int:
+        return self.n_shared + self.top_k
+
+
+# ---- routing ---------------------------------------------------------------------------------------
+
+class Routing(NamedTuple):
+    expert_index: torch.Tensor   # (tokens, top_k) chosen experts
+    gate_weight: torch.Tensor    # (tokens, top_k) their weights: normalised unbiased affinities * route_scale
+    affinity: torch.Tensor       # (tokens, n_routed) sigmoid affinities, without the bias
+
+
+def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, route_scale: float = 1.0,
+          n_groups: int = 1, top_groups: int = 1) -> Routing:
+    """Choose top_k experts per token on sigmoid(logits) + bias; weigh them by the unbiased affinities."""
+    if router_logits.dim() != 2:
+        raise ValueError(f"route: router_logits must have shape (tokens, n_routed), got {tuple(router_logits.shape)}")
+    n_routed = router_logits.shape[-1]
+    affinity = torch.sigmoid(router_logits.float())
+    # The bias only steers the choice: it never enters the weights, so balancing does not distort outputs.
+    choice = affinity.detach() if bias is None else affinity.detach() + bias.float()
+    if n_groups > 1:
+        grouped = choice.view(-1, n_groups, n_routed // n_groups)
+        # A group's score is the sum of its two best experts (one when groups hold a single expert).
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        kept_groups = group_score.topk(top_groups, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept_groups, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, n_routed)
+    expert_index = choice.topk(top_k, dim=-1).indices
+    chosen = affinity.gather(1, expert_index)
+    gate_weight = chosen / chosen.sum(dim=-1, keepdim=True) * route_scale
+    return Routing(expert_index, gate_weight.type_as(router_logits), affinity)
+
+
+@torch.no_grad()
+def update_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
+    """The auxiliary-loss-free update: overloaded experts (above the mean load) -rate, underloaded +rate."""
+    if tokens_per_expert.shape != bias.shape:
+        raise ValueError(f"update_bias: tokens_per_expert has shape {tuple(tokens_per_expert.shape)} but bias has "
+                         f"{tuple(bias.shape)}; pass one count per expert")
+    load = tokens_per_expert.float()
+    return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)
+
+
+def load_imbalance(tokens_per_expert: torch.Tensor) -> float:
+    """max / mean tokens per expert: 1.0 is perfectly balanced, n_routed/top_k means total collapse."""
+    load = tokens_per_expert.float()
+    mean = load.mean()
+    return float(load.max() / mean) if mean > 0 else float("nan")
+
+
+def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, batch: int, alpha: float) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, alpha * sum_e f_e * P_e averaged over sequences.
+
+    f_e = n_routed / (top_k * T) * (tokens of the sequence routed to e); P_e = mean over the sequence of the
+    affinities normalised per token. Perfect balance gives alpha * 1 (with uniform affinities).
+    """
+    tokens, n_routed = affinity.shape
+    top_k = expert_index.shape[-1]
+    length = tokens // batch
+    chosen = torch.zeros_like(affinity).scatter_(1, expert_index, 1.0).view(batch, length, n_routed)
+    fraction = chosen.sum(dim=1) * n_routed / (top_k * length)
+    normalised = affinity / affinity.sum(dim=-1, keepdim=True)
+    probability = normalised.view(batch, length, n_routed).mean(dim=1)
+    return alpha * (fraction * probability).sum(dim=-1).mean()
+
+
+# ---- dispatch ---------------------------------------------------------------------------------------
+
+def sort_by_expert(expert_index: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order of the flattened (token, slot) pairs sorted by expert, each pair's token, tokens per expert."""
+    flat = expert_index.reshape(-1)
+    order = flat.argsort(stable=True)
+    token_of_pair = order // expert_index.shape[-1]
+    counts = torch.bincount(flat, minlength=n_experts)
+    return order, token_of_pair, counts
+
+
+def sorted_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor,
+                    run_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_experts: int) -> torch.Tensor:
+    """Sum over chosen experts of gate * expert(x), for x (tokens, d), without a loop over tokens.
+
+    run_experts(x_sorted, counts) gets the tokens sorted by expert (counts[e] rows for expert e, in
+    order) and returns each row's expert output in the same order.
+    """
+    order, token_of_pair, counts = sort_by_expert(expert_index, n_experts)
+    outputs = run_experts(x.index_select(0, token_of_pair), counts)
+    weighted = outputs * gate_weight.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_pair, weighted.to(x.dtype))
+
+
+def _swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    gate, up = (x @ w_gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w_down
+
+
+def run_experts_on_slices(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
+                          w_down: torch.Tensor) -> torch.Tensor:
+    """Each expert on its contiguous slice of the sorted tokens: one loop over experts, none over tokens."""
+    sizes = counts.tolist()
+    # unbind, not w[e] per expert: the backward of w[e] writes a zero gradient the size of all experts.
+    gate_ups, downs = w_gate_up.unbind(0), w_down.unbind(0)
+    parts = [_swiglu(part, gate_ups[e], downs[e])
+             for e, part in enumerate(x_sorted.split(sizes)) if sizes[e] > 0]
+    return torch.cat(parts) if parts else x_sorted.new_zeros(0, w_down.shape[-1])
+
+
+def run_experts_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
+                        w_down: torch.Tensor) -> torch.Tensor:
+    """All experts in two batched matmuls: each expert's slice is padded to the busiest expert's count.
+
+    A fixed number of operations whatever the number of experts (what a grouped GEMM kernel does on a
+    GPU, here with zero padding); the padding is wasted work when the load is uneven.
+    """
+    n_experts, width = counts.numel(), x_sorted.shape[-1]
+    starts = torch.cumsum(counts, 0) - counts
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts)
+    capacity = int(counts.max()) if x_sorted.shape[0] else 0
+    # Row r of expert e goes to slot e * capacity + r in the padded (n_experts * capacity) rows. index_copy
+    # and index_select (rather than advanced indexing) keep the backward pass to cheap index ops.
+    slot = expert_of_row * capacity + torch.arange(x_sorted.shape[0], device=counts.device) - starts[expert_of_row]
+    padded = x_sorted.new_zeros(n_experts * capacity, width).index_copy(0, slot, x_sorted)
+    gate, up = torch.bmm(padded.view(n_experts, capacity, width), w_gate_up).chunk(2, dim=-1)
+    output = torch.bmm(F.silu(gate) * up, w_down)
+    return output.reshape(n_experts * capacity, w_down.shape[-1]).index_select(0, slot)
+
+
+def reference_moe_loop(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor,
+                       experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """The definition, one token and one chosen expert at a time (slow; for tests and checks)."""
+    rows = []
+    for token in range(x.shape[0]):
+        row = torch.zeros_like(x[token])
+        for slot in range(expert_index.shape[1]):
+            expert = experts[int(expert_index[token, slot])]
+            row = row + gate_weight[token, slot].to(x.dtype) * expert(x[token:token + 1])[0]
+        rows.append(row)
+    return torch.stack(rows) if rows else torch.zeros_like(x)
+
+
+def per_expert_mask_loop(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor,
+                         w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The usual first implementation: for every expert, search all pairs for its tokens (the baseline)."""
+    output = torch.zeros_like(x)
+    gate_ups, downs = w_gate_up.unbind(0), w_down.unbind(0)
+    for expert in range(w_gate_up.shape[0]):
+        token, slot = torch.where(expert_index == expert)
+        if token.numel() == 0:
+            continue
+        result = _swiglu(x[token], gate_ups[expert], downs[expert])
+        output = output.index_add(0, token, result * gate_weight[token, slot].unsqueeze(-1).to(result.dtype))
+    return output
+
+
+# ---- the layer ----------------------------------------------------------------------------------------
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer for inputs (batch, time, n_embd); a drop-in replacement for the GPT's MLP."""
+
+    def __init__(self, n_embd: int, config: MoEConfig):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoE: expected a MoEConfig, got {type(config).__name__}")
+        self.config, self.n_embd = config, n_embd
+        hidden, experts = config.expert_hidden, config.n_routed
+        self.router = nn.Linear(n_embd, experts, bias=False)
+        # Routed experts stored stacked, so all of them can run in one batched matmul.
+        self.w_gate_up = nn.Parameter(torch.randn(experts, n_embd, 2 * hidden) * 0.02)
+        self.w_down = nn.Parameter(torch.randn(experts, hidden, n_embd) * 0.02)
+        if config.n_shared:
+            # n_shared always-on experts side by side are one SwiGLU MLP n_shared times as wide.
+            self.shared_gate_up = nn.Linear(n_embd, 2 * config.n_shared * hidden, bias=False)
+            self.shared_down = nn.Linear(config.n_shared * hidden, n_embd, bias=False)
+        # Persistent: the bias is learned state (checkpointed); the load counters are per step only.
+        self.register_buffer("expert_bias", torch.zeros(experts))
+        self.register_buffer("step_load", torch.zeros(experts, dtype=torch.long), persistent=False)
+        self.load_history: list[list[int]] = []   # tokens per expert, one list per optimizer step
+        self.last_routing: Routing | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def reset_output_projections(self, std: float) -> None:
+        nn.init.normal_(self.w_down, mean=0.0, std=std)
+        if self.config.n_shared:
+            nn.init.normal_(self.shared_down.weight, mean=0.0, std=std)
+
+    def expert(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Routed expert `index` as a function of (tokens, n_embd)."""
+        return lambda tokens: _swiglu(tokens, self.w_gate_up[index], self.w_down[index])
+
+    def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        kind = self.config.dispatch
+        if kind == "auto":
+            # On a CPU an operation costs microseconds, so zero padding is the bigger waste: loop over the
+            # slices. On a GPU each of the 3 * n_routed small matmuls of that loop is a kernel launch, so one
+            # padded batched GEMM wins, unless padding would more than double the rows.
+            kind = "slices"
+            if x.device.type != "cpu":
+                counts = torch.bincount(routing.expert_index.reshape(-1), minlength=self.config.n_routed)
+                padded_rows = int(counts.max()) * self.config.n_routed
+                kind = "grouped" if padded_rows <= 2 * routing.expert_index.numel() else "slices"
+        runner = run_experts_grouped if kind == "grouped" else run_experts_on_slices
+        return sorted_dispatch(x, routing.expert_index, routing.gate_weight,
+                               lambda xs, counts: runner(xs, counts, self.w_gate_up, self.w_down),
+                               self.config.n_routed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.n_embd:
+            raise ValueError(f"MoE: input has {x.shape[-1]} channels, the layer was built for n_embd={self.n_embd}")
+        shape = x.shape
+        batch = shape[0] if x.dim() == 3 else 1
+        tokens = x.reshape(-1, self.n_embd)
+        config = self.config
+        routing = route(self.router(tokens), self.expert_bias if config.bias_update_rate > 0 else None,
+                        config.top_k, config.route_scale, config.n_groups, config.top_groups)
+        self.last_routing = Routing(routing.expert_index.detach(), routing.gate_weight.detach(),
+                                    routing.affinity.detach())
+        output = self.routed(tokens, routing)
+        if config.n_shared:
+            gate, up = self.shared_gate_up(tokens).chunk(2, dim=-1)
+            output = output + self.shared_down(F.silu(gate) * up)
+        self.aux_loss = None
+        if self.training:
+            self.step_load += torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed)
+            if config.aux_loss_weight > 0:
+                self.aux_loss = sequence_balance_loss(routing.affinity, routing.expert_index, batch,
+                                                      config.aux_loss_weight)
+        return output.view(shape)
+
+    def after_optimizer_step(self) -> None:
+        """Record this step's load and, when enabled, nudge the biases towards balance; reset the counters."""
+        if int(self.step_load.sum()) == 0:
+            return
+        self.load_history.append(self.step_load.tolist())
+        if self.config.bias_update_rate > 0:
+            self.expert_bias.copy_(update_bias(self.expert_bias, self.step_load, self.config.bias_update_rate))
+        self.step_load.zero_()
+
+    def load_stats(self) -> dict:
+        """Tokens per expert in the last recorded step and its max/mean imbalance."""
+        if not self.load_history:
+            return {"tokens_per_expert": [], "max_over_mean": float("nan")}
+        last = self.load_history[-1]
+        return {"tokens_per_expert": last, "max_over_mean": load_imbalance(torch.tensor(last))}
+
+    def num_active_parameters(self) -> int:
+        """Parameters a token uses: router, shared experts and top_k of the routed experts."""
+        per_expert = self.w_gate_up[0].numel() + self.w_down[0].numel()
+        return sum(p.numel() for p in self.parameters()) - (self.config.n_routed - self.config.top_k) * per_expert
+
+    def matmul_parameters_per_token(self) -> int:
+        """Weights multiplied per token in the forward pass (all of num_active_parameters here)."""
+        return self.num_active_parameters()

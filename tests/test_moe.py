@@ -1,0 +1,245 @@
+"""Tests of minillm.moe (chapter 04): dispatch vs the per-token loop, routing, bias balancing, MoE GPTs."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from minillm.model import GPT, GPTConfig
+from minillm.moe import (MoE, MoEConfig, load_imbalance, per_expert_mask_loop, reference_moe_loop, route,
+                         run_experts_grouped, run_experts_on_slices, sequence_balance_loss, sorted_dispatch,
+                         update_bias)
+from minillm.train import TrainConfig, estimate_loss, load_checkpoint, train
+
+
+def make_layer(seed=0, n_embd=16, **overrides) -> MoE:
+    torch.manual_seed(seed)
+    settings = dict(n_routed=8, n_shared=1, top_k=2, expert_hidden=12, bias_update_rate=0.0)
+    settings.update(overrides)
+    layer = MoE(n_embd, MoEConfig(**settings))
+    with torch.no_grad():  # larger weights than the 0.02 init, so differences are not hidden by tiny values
+        layer.w_gate_up.normal_(0, 0.3)
+        layer.w_down.normal_(0, 0.3)
+        layer.router.weight.normal_(0, 0.5)
+    return layer
+
+
+def grads(*tensors):
+    return [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("runner", [run_experts_grouped, run_experts_on_slices])
+def test_sorted_dispatch_equals_per_token_loop_with_gradients(runner):
+    layer = make_layer(n_shared=0).double()
+    x = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)   # ragged: 23 tokens, 8 experts
+    routing = route(layer.router(x), None, 2)
+    experts = [layer.expert(e) for e in range(8)]
+
+    reference = reference_moe_loop(x, routing.expert_index, routing.gate_weight, experts)
+    (reference ** 2).sum().backward()
+    expected = grads(x, layer.w_gate_up, layer.w_down, layer.router.weight)
+    for t in (x, layer.w_gate_up, layer.w_down, layer.router.weight):
+        t.grad = None
+
+    routing = route(layer.router(x), None, 2)
+    got = sorted_dispatch(x, routing.expert_index, routing.gate_weight,
+                          lambda xs, counts: runner(xs, counts, layer.w_gate_up, layer.w_down), 8)
+    (got ** 2).sum().backward()
+    torch.testing.assert_close(got, reference)
+    for g, e in zip(grads(x, layer.w_gate_up, layer.w_down, layer.router.weight), expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_mask_loop_and_layer_dispatch_kinds_agree():
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, 16)
+    outputs = []
+    for kind in ("grouped", "slices", "auto"):
+        layer = make_layer(dispatch=kind)
+        outputs.append(layer(x))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], outputs[2])
+    routing = layer.last_routing
+    shared_free = make_layer(n_shared=0)
+    tokens = x.reshape(-1, 16)
+    torch.testing.assert_close(
+        per_expert_mask_loop(tokens, routing.expert_index, routing.gate_weight, shared_free.w_gate_up, shared_free.w_down),
+        sorted_dispatch(tokens, routing.expert_index, routing.gate_weight,
+                        lambda xs, c: run_experts_on_slices(xs, c, shared_free.w_gate_up, shared_free.w_down), 8))
+
+
+def test_an_expert_nobody_chose_and_an_empty_batch_are_fine():
+    layer = make_layer(n_routed=4, top_k=1, n_shared=0)
+    x = torch.randn(5, 16)
+    index = torch.zeros(5, 1, dtype=torch.long)          # everyone to expert 0, experts 1-3 idle
+    weight = torch.ones(5, 1)
+    for runner in (run_experts_grouped, run_experts_on_slices):
+        got = sorted_dispatch(x, index, weight, lambda xs, c: runner(xs, c, layer.w_gate_up, layer.w_down), 4)
+        torch.testing.assert_close(got, layer.expert(0)(x))
+        empty = sorted_dispatch(x[:0], index[:0], weight[:0],
+                                lambda xs, c: runner(xs, c, layer.w_gate_up, layer.w_down), 4)
+        assert empty.shape == (0, 16)
+
+
+def test_route_picks_top_k_of_biased_scores_and_weighs_by_unbiased_ones():
+    torch.manual_seed(2)
+    logits = torch.randn(50, 8)
+    bias = torch.zeros(8)
+    bias[3] = 10.0                                        # expert 3 always chosen ...
+    routing = route(logits, bias, top_k=3, route_scale=2.5)
+    affinity = torch.sigmoid(logits)
+    assert (routing.expert_index == 3).any(dim=1).all()
+    expected_choice = (affinity + bias).topk(3, dim=-1).indices
+    assert torch.equal(routing.expert_index.sort(dim=1).values, expected_choice.sort(dim=1).values)
+    chosen = affinity.gather(1, routing.expert_index)     # ... but weighed by its own unbiased affinity
+    torch.testing.assert_close(routing.gate_weight, chosen / chosen.sum(1, keepdim=True) * 2.5)
+    torch.testing.assert_close(routing.gate_weight.sum(1), torch.full((50,), 2.5))
+    assert (routing.gate_weight > 0).all()
+
+
+def test_group_limited_routing_stays_within_the_best_groups():
+    torch.manual_seed(3)
+    logits = torch.randn(200, 16)
+    routing = route(logits, None, top_k=4, n_groups=4, top_groups=2)
+    groups = routing.expert_index // 4
+    assert all(len(set(row.tolist())) <= 2 for row in groups)
+    ungrouped = route(logits, None, top_k=4)
+    assert any(len(set(row.tolist())) > 2 for row in ungrouped.expert_index // 4)
+
+
+def test_update_bias_rule():
+    bias = torch.zeros(4)
+    new = update_bias(bias, torch.tensor([10, 2, 4, 4]), 0.1)   # mean 5: overloaded, underloaded x3
+    torch.testing.assert_close(new, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    torch.testing.assert_close(update_bias(bias, torch.tensor([3, 3, 3, 3]), 0.1), bias)
+    with pytest.raises(ValueError, match="one count per expert"):
+        update_bias(bias, torch.tensor([3, 3]), 0.1)
+    assert load_imbalance(torch.tensor([10, 2, 4, 4])) == pytest.approx(2.0)
+
+
+def test_bias_balancing_lowers_imbalance_and_keeps_gates_unbiased():
+    layer = make_layer(n_routed=8, top_k=2, bias_update_rate=0.02).train()
+    torch.manual_seed(4)
+    direction = layer.router.weight[0].detach() + layer.router.weight[1].detach()
+    imbalance = []
+    for step in range(60):   # skewed inputs: every token leans towards experts 0 and 1
+        x = torch.randn(4, 16, 16) * 0.3 + direction
+        layer(x)
+        layer.after_optimizer_step()
+        imbalance.append(layer.load_stats()["max_over_mean"])
+    assert len(layer.load_history) == 60
+    assert imbalance[0] > 2.5
+    assert max(imbalance[-10:]) < 0.6 * imbalance[0]
+    assert layer.expert_bias[0] < 0 and layer.expert_bias[1] < 0
+    routing = layer.last_routing     # gate weights still come from the unbiased affinities
+    chosen = routing.affinity.gather(1, routing.expert_index)
+    torch.testing.assert_close(routing.gate_weight, chosen / chosen.sum(1, keepdim=True))
+
+
+def test_balancing_off_leaves_bias_and_eval_mode_does_not_count():
+    layer = make_layer(bias_update_rate=0.0).train()
+    layer(torch.randn(2, 5, 16))
+    layer.after_optimizer_step()
+    assert torch.equal(layer.expert_bias, torch.zeros(8)) and sum(layer.load_history[0]) == 2 * 5 * 2
+    layer.eval()
+    layer(torch.randn(2, 5, 16))
+    layer.after_optimizer_step()
+    assert len(layer.load_history) == 1
+
+
+def test_sequence_balance_loss_is_lowest_when_balanced_and_has_router_gradient():
+    balanced_index = torch.arange(8).repeat(4).view(16, 2)          # every expert 4 times
+    uniform = torch.full((16, 8), 0.5)
+    assert sequence_balance_loss(uniform, balanced_index, 1, 0.01).item() == pytest.approx(0.01)
+    skewed_index = torch.tensor([[0, 1]] * 16)
+    skewed = uniform.clone()
+    skewed[:, :2] = 0.9
+    assert sequence_balance_loss(skewed, skewed_index, 1, 0.01).item() == pytest.approx(0.015)  # 2 * 4 * 0.9/4.8
+    layer = make_layer(aux_loss_weight=0.01).train()
+    layer(torch.randn(2, 6, 16))
+    layer.aux_loss.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def tiny_moe_config(**moe_overrides) -> GPTConfig:
+    moe = dict(n_routed=8, n_shared=1, top_k=2, expert_hidden=16, bias_update_rate=0.01)
+    moe.update(moe_overrides)
+    return GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, moe=MoEConfig(**moe),
+                     n_dense_layers=1)
+
+
+def test_flops_per_token_counts_active_experts_only():
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_moe_config(dispatch="slices"), attention="manual")
+    model = GPT(config)
+    idx = torch.randint(0, 32, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(idx)
+    assert counter.get_total_flops() == pytest.approx(model.flops_per_token(training=False) * idx.numel())
+    dense = GPT(dataclasses.replace(config, moe=None, n_dense_layers=0))
+    assert model.num_active_parameters() < model.num_parameters()
+    assert dense.num_active_parameters() == dense.num_parameters()
+    moe_layer = model.moe_layers()[0]
+    unused = 6 * 3 * 32 * 16                                  # 6 idle routed experts of 3 * n_embd * hidden
+    assert model.num_parameters() - model.num_active_parameters() == unused
+    assert sum(p.numel() for p in moe_layer.parameters()) - moe_layer.num_active_parameters() == unused
+
+
+def test_moe_gpt_trains_and_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(0)
+    pattern = torch.arange(4000) % 7 + (torch.arange(4000) // 7) % 3   # learnable periodic text
+    model = GPT(tiny_moe_config())
+    before = estimate_loss(model, pattern, 16, 8, 4)
+    path = tmp_path / "moe.pt"
+    config = TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=2, eval_interval=40, eval_batches=4,
+                         progress=False, device="cpu", checkpoint_path=str(path))
+    result = train(model, pattern, pattern, config)
+    assert result.final_val_loss < 0.6 * before
+    layer = model.moe_layers()[0]
+    assert len(layer.load_history) == 40                  # train() called after_optimizer_step every step
+    assert layer.expert_bias.abs().sum() > 0
+    loaded = load_checkpoint(path)["model"].eval()
+    assert loaded.config == model.config and isinstance(loaded.config.moe, MoEConfig)
+    torch.testing.assert_close(loaded.moe_layers()[0].expert_bias, layer.expert_bias)
+    idx = pattern[:16].unsqueeze(0)
+    model.eval()
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+    load_checkpoint(path, GPT(tiny_moe_config()))         # same config: loads into a fresh model
+    with pytest.raises(ValueError, match="different model config"):
+        load_checkpoint(path, GPT(tiny_moe_config(top_k=3)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(top_k=9), "top_k=9 exceeds"),
+    (dict(n_routed=8, n_groups=3), "not divisible"),
+    (dict(n_groups=4, top_groups=1, top_k=3), "do not fit"),
+    (dict(n_shared=-1), "n_shared"),
+    (dict(route_scale=0), "route_scale"),
+    (dict(bias_update_rate=-1), "bias_update_rate"),
+    (dict(dispatch="fast"), "dispatch"),
+])
+def test_config_errors_say_what_to_do(overrides, message):
+    settings = dict(n_routed=8, top_k=2)
+    settings.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**settings)
+
+
+def test_gpt_config_validates_moe_fields():
+    with pytest.raises(ValueError, match="n_dense_layers"):
+        GPTConfig(n_layer=2, moe=MoEConfig(), n_dense_layers=3)
+    with pytest.raises(ValueError, match="MoEConfig"):
+        GPTConfig(moe="deepseek")
+    assert GPTConfig(moe=dataclasses.asdict(MoEConfig(top_k=3))).moe == MoEConfig(top_k=3)
+
+
+def test_bench_moe_reports_ratios_against_the_naive_loop():
+    from minillm.bench import main
+
+    result = main(["moe", "--experts", "4,8", "--tokens", "64", "--d-model", "32", "--expert-hidden", "16",
+                   "--top-k", "2", "--repeats", "1"])
+    assert [row["experts"] for row in result["rows"]] == [4, 8]
+    for row in result["rows"]:
+        assert row["sorted_tokens_per_second"] > 0 and row["naive_loop_tokens_per_second"] > 0
