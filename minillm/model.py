@@ -296,40 +296,11 @@ class GPT(nn.Module):
         """Append max_new_tokens sampled tokens to idx ((T,) or (B, T)); returns the same rank.
 
         temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely tokens.
-        The context is cropped to the last block_size tokens, so any prompt length works.
+        The context is cropped to the last block_size tokens, so any prompt length works. The sampling
+        itself is `minillm.sampling.generate` (chapter 01), shared by every model of the course.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-        if not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"generate: temperature={temperature!r} must be >= 0 (0 means greedy)")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"generate: top_k={top_k!r} must be an integer >= 1, or None to keep all tokens")
-        if idx.dim() not in (1, 2):
-            raise ValueError(f"generate: idx must have shape (time,) or (batch, time), got {tuple(idx.shape)}")
-        if idx.shape[-1] == 0:
-            raise ValueError("generate: the prompt is empty; give at least one token to start from")
-        squeeze = idx.dim() == 1
-        sequence = idx.unsqueeze(0) if squeeze else idx
-        was_training = self.training
-        self.eval()  # no dropout while sampling
-        try:
-            for _ in range(max_new_tokens):
-                logits, _ = self(sequence[:, -self.config.block_size:])
-                logits = logits[:, -1, :].float()
-                if temperature == 0:
-                    next_token = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        k = min(top_k, logits.shape[-1])
-                        kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-                    probabilities = F.softmax(logits, dim=-1)
-                    next_token = torch.multinomial(probabilities, 1, generator=generator)
-                sequence = torch.cat((sequence, next_token.to(sequence.dtype)), dim=1)
-        finally:
-            self.train(was_training)
-        return sequence.squeeze(0) if squeeze else sequence
+        from minillm.sampling import generate
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:
