@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from minillm import grading
-from minillm.notebooks import (BEGIN, BOOTSTRAP, END, PARAMETERS, build_notebooks, build_student, chapter_paths,
+from minillm.notebooks import (BEGIN, BOOTSTRAP, END, PARAMETERS, build_notebooks, chapter_paths,
                                load, stub_solution_regions)
 
 ROOT = Path(__file__).resolve().parents[1]
