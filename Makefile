@@ -10,7 +10,8 @@ VENV ?= .venv
 TORCH ?= torch>=2.4
 TORCH_INDEX ?=
 # gpu = Triton (Linux only): chapter 02 runs its kernels in Triton's interpreter on a CPU.
-EXTRAS ?= dev,gpu
+# bench = transformers, the peer library the benchmarks (and their tests) compare against.
+EXTRAS ?= dev,gpu,bench
 CHAPTERS ?=
 FAST ?= 0
 BIN := $(VENV)/bin
