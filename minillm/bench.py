@@ -9,10 +9,10 @@ returns its figures, then add one line to `BENCHMARKS` naming its help text and 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from minillm.cost import Meter, best_seconds
 from minillm.data import load_corpus
 from minillm.tokenizers import BPETokenizer, CharTokenizer, train_bpe_by_recount
 
@@ -22,9 +22,7 @@ def _naive_merge_seconds(text: str, n_merges: int) -> float:
 
     It still counts each distinct chunk once, so the ratio printed isolates the incremental update.
     """
-    start = time.perf_counter()
-    train_bpe_by_recount(text, n_merges)
-    return (time.perf_counter() - start) / max(n_merges, 1)
+    return best_seconds(lambda: train_bpe_by_recount(text, n_merges), repeats=1, warmup=0) / max(n_merges, 1)
 
 
 def bench_bpe(vocab_size: int = 512, corpus: str = "pydocs", baseline_merges: int = 10) -> dict:
@@ -32,21 +30,21 @@ def bench_bpe(vocab_size: int = 512, corpus: str = "pydocs", baseline_merges: in
     text = load_corpus(corpus)
     n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
 
-    start = time.perf_counter()
-    bpe = BPETokenizer().train(text, vocab_size)
-    train_seconds = time.perf_counter() - start
+    with Meter("bench bpe: train") as train_meter:
+        bpe = BPETokenizer().train(text, vocab_size)
+    train_seconds = train_meter.seconds
     n_merges = len(bpe.merges)
 
-    start = time.perf_counter()
-    bpe_ids = bpe.encode(text)
-    bpe_encode_seconds = time.perf_counter() - start
+    with Meter("bench bpe: encode") as encode_meter:
+        bpe_ids = bpe.encode(text)
+    bpe_encode_seconds = encode_meter.seconds
     if bpe.decode(bpe_ids) != text:
         raise RuntimeError("bench bpe: decode(encode(text)) != text; the tokenizer is broken")
 
     char = CharTokenizer().train(text)
-    start = time.perf_counter()
-    char_ids = char.encode(text)
-    char_encode_seconds = time.perf_counter() - start
+    with Meter("bench bpe: char encode") as char_meter:
+        char_ids = char.encode(text)
+    char_encode_seconds = char_meter.seconds
 
     naive_seconds_per_merge = _naive_merge_seconds(text, baseline_merges) if baseline_merges > 0 else None
 

@@ -9,11 +9,10 @@ tokens/s ratio is printed. `transformers` is a benchmark-only extra: `pip instal
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
-from minillm.cost import default_device, synchronize
+from minillm.cost import best_seconds, default_device
 from minillm.model import GPT, GPTConfig
 
 __all__ = ["bench_train"]
@@ -72,14 +71,10 @@ def bench_train(layers: int = 4, heads: int = 4, width: int = 128, context: int 
         step()
         step()
     best = {name: float("inf") for name in steppers}
-    for _ in range(rounds):
+    for _ in range(rounds):  # alternate the two models, so a slow moment of the machine hits both
         for name, step in steppers.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - start)
+            run = best_seconds(lambda: [step() for _ in range(steps)], device=device, repeats=1, warmup=0)
+            best[name] = min(best[name], run)
     tokens = steps * batch * context
     tokens_per_second = {name: tokens / seconds for name, seconds in best.items()}
     ratio = tokens_per_second["minillm"] / tokens_per_second["transformers"]
