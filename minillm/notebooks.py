@@ -196,7 +196,10 @@ def run_chapter(path: Path, fast: bool, timeout: int = 1800, out_dir: Path | Non
     result.cells = sum(1 for c in nb.cells if c.cell_type == "code")
     os.environ["MINILLM_FAST"] = "1" if fast else "0"
     os.environ["MINILLM_HEADLESS"] = "1"
+    # log_level=ERROR: keeps the kernel's start-up chatter (a TCP-transport warning) out of the course log;
+    # errors in cells still come back as cell outputs.
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                     extra_arguments=["--IPKernelApp.log_level=ERROR"],
                                      resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     try:
