@@ -220,6 +220,14 @@ class GPT(nn.Module):
             raise ValueError(f"GPT.forward: sequence length {time} exceeds block_size={self.config.block_size}; "
                              f"crop the input to its last {self.config.block_size} tokens, e.g. "
                              f"idx[:, -{self.config.block_size}:]")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"GPT.forward: idx must hold integer token ids (int64), got dtype {idx.dtype}")
+        # On a GPU this check would wait for the device at every step, so only CPU inputs are checked
+        # (a bad id on a GPU stops with CUDA's own device-side assert instead).
+        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
+            raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
+                             "was the text encoded with a tokenizer of a different vocab_size?")
         x = self.dropout(self.token_embedding(idx))
         for block in self.blocks:
             x = block(x)

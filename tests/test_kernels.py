@@ -263,3 +263,16 @@ def test_benchmark_on_gpu(tmp_path):
     from minillm.kernels.bench import bench_kernels
     result = bench_kernels(size=1024, out_dir=str(tmp_path))
     assert result["rows"] and os.path.exists(result["path"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_integer_inputs_to_softmax_family_are_a_clear_error(backend):
+    from minillm import kernels
+
+    ints = torch.arange(6).view(2, 3)
+    with pytest.raises(TypeError, match="floating-point"):
+        kernels.softmax(ints, backend=backend)
+    with pytest.raises(TypeError, match="floating-point"):
+        kernels.rmsnorm(ints, torch.ones(3), backend=backend)
+    with pytest.raises(TypeError, match="floating-point"):
+        kernels.cross_entropy(ints, torch.tensor([0, 1]), backend=backend)

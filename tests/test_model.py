@@ -233,3 +233,13 @@ def test_optimizer_decays_only_matrices():
     for parameter in model.parameters():
         assert (id(parameter) in decayed) == (parameter.dim() >= 2)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error():
+    model = GPT(GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="token id 12 is outside the vocabulary"):
+        model(torch.tensor([[1, 12, 3]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.zeros(1, 3))

@@ -115,6 +115,14 @@ def _device_of(name: str, tensor) -> torch.device:
     return tensor.device
 
 
+def _floating(name: str, what: str, tensor: torch.Tensor) -> torch.Tensor:
+    # softmax and friends of integers are meaningless; torch's fallback would silently round them to 0
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name}: {what} has dtype {str(tensor.dtype).removeprefix('torch.')}; it needs a "
+                        "floating-point tensor (convert with .float())")
+    return tensor
+
+
 def add(x: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """x + y (same shape and dtype)."""
     return _run("add", backend, _device_of("add", x), x, y)
@@ -122,7 +130,7 @@ def add(x: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor
 
 def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Numerically stable softmax over the last dimension, one fused pass per row."""
-    return _run("softmax", backend, _device_of("softmax", x), x)
+    return _run("softmax", backend, _device_of("softmax", x), _floating("softmax", "x", x))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -132,10 +140,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Ten
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension (differentiable)."""
-    return _run("rmsnorm", backend, _device_of("rmsnorm", x), x, weight, eps)
+    return _run("rmsnorm", backend, _device_of("rmsnorm", x), _floating("rmsnorm", "x", x), weight, eps)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   backend: str = "auto") -> torch.Tensor:
     """Mean cross-entropy of (rows × vocab) logits, softmax fused (differentiable in logits)."""
-    return _run("cross_entropy", backend, _device_of("cross_entropy", logits), logits, targets, ignore_index)
+    return _run("cross_entropy", backend, _device_of("cross_entropy", logits),
+                _floating("cross_entropy", "logits", logits), targets, ignore_index)
