@@ -41,7 +41,8 @@ def lab(tmp_path):
     env.pop("MINILLM_HEADLESS", None)  # a real front end: widgets may render
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
                                "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
-                               f"--ServerApp.root_dir={work}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                               f"--ServerApp.root_dir={work}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                               "--LabApp.expose_app_in_browser=True"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -59,6 +60,14 @@ def lab(tmp_path):
         server.wait(timeout=30)
 
 
+CURRENT = "window.jupyterapp && window.jupyterapp.shell.currentWidget"
+KERNEL_IDLE = f"""() => {{ const w = {CURRENT}; const k = w && w.sessionContext && w.sessionContext.session
+    && w.sessionContext.session.kernel; return !!k && k.status === 'idle'; }}"""
+EXECUTION_COUNTS = f"""() => {{ const cells = ({CURRENT}).content.model.cells; const counts = [];
+    for (let i = 0; i < cells.length; i++) {{ const c = cells.get(i); if (c.type === 'code') counts.push(c.executionCount); }}
+    return counts; }}"""
+
+
 def test_chapter_runs_in_jupyterlab(lab):
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
     url, notebook = lab
@@ -70,24 +79,24 @@ def test_chapter_runs_in_jupyterlab(lab):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{url}/lab/tree/solutions/{CHAPTER}", timeout=90_000)
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-        page.click("li.lm-MenuBar-item:has-text('Run')")
-        page.click("li.lm-Menu-item:has-text('Run All Cells')")
-        nb = None
+        # Drive JupyterLab through its own commands (what the Run menu calls), once the kernel is idle.
+        page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         deadline = time.time() + 240
+        counts = []
         while time.time() < deadline:
-            time.sleep(3)
-            page.click(".jp-Notebook")
-            page.keyboard.press("Control+s")
-            time.sleep(1)
-            nb = json.loads(notebook.read_text())
-            counts = [c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"]
-            if all(counts) and page.query_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']"):
+            time.sleep(2)
+            counts = page.evaluate(EXECUTION_COUNTS)
+            if all(counts) and page.evaluate(KERNEL_IDLE):
                 break
+        page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+        time.sleep(2)
         page.screenshot(path=str(notebook.parent / "jupyterlab.png"))
         browser.close()
+    assert len(counts) == code_cells and all(counts), f"not every cell ran in JupyterLab: {counts}"
+    nb = json.loads(notebook.read_text())
     cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert len(cells) == code_cells and all(c.get("execution_count") for c in cells), "not every cell ran"
+    assert all(c.get("execution_count") for c in cells), "the notebook saved from JupyterLab lacks executed cells"
     errors = [(c["id"], o.get("ename")) for c in cells for o in c["outputs"] if o.get("output_type") == "error"]
     assert not errors, f"cells raised in JupyterLab: {errors}"
     printed = "".join("".join(o.get("text", "")) for c in cells for o in c["outputs"])
