@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, runs_dir
+from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, fast_mode, runs_dir
 
 __all__ = [
     "synchronize", "Meter", "best_seconds", "probe_hardware", "hardware_id", "format_hardware",
@@ -350,10 +350,6 @@ _COPY_BYTES = {("cpu", True): 128 * 2**20, ("cpu", False): 512 * 2**20,
 _BUDGET_SECONDS = {True: 0.6, False: 5.0}  # per dtype, timed part only
 
 
-def _fast_mode(fast: bool | None) -> bool:
-    return os.environ.get("MINILLM_FAST") == "1" if fast is None else bool(fast)
-
-
 def _matmul_dtypes(device: torch.device, hw: dict) -> list[torch.dtype]:
     if device.type == "cpu":
         # CPUs always run bf16 (slowly without bf16 instructions: worth seeing); fp16 is not a CPU format.
@@ -395,7 +391,7 @@ def measure_peaks(device: str | torch.device | None = None, fast: bool | None = 
     The answer is cached in runs/peaks-<hardware_id>.json and reused unless refresh=True (a full-size
     measurement also replaces a cached fast one). `fast` defaults to MINILLM_FAST=1 from the environment.
     """
-    fast = _fast_mode(fast)
+    fast = fast_mode(fast)
     device = torch.device(device) if device is not None else default_device()
     hw = probe_hardware()
     if device.type != hw["device"]:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import atomic_write_text, repo_root, runs_dir
+from .paths import atomic_write_text, fast_mode, repo_root, runs_dir
 
 # The public home of the course, used by the Colab bootstrap and the README badges. Change it here only.
 REPO_URL = "https://github.com/minillm-course/minillm"
@@ -248,8 +248,7 @@ def notebook_setup(seed: int = 0, quiet: bool = False) -> dict:
     hardware = probe_hardware()
     if not quiet:
         from . import __version__
-        fast = os.environ.get("MINILLM_FAST", "0") == "1"
-        print(f"minillm {__version__} | {format_hardware(hardware)} | {'fast' if fast else 'full'} mode")
+        print(f"minillm {__version__} | {format_hardware(hardware)} | {'fast' if fast_mode() else 'full'} mode")
     return hardware
 
 

@@ -19,6 +19,11 @@ def repo_root() -> Path | None:
     return None
 
 
+def fast_mode(fast: bool | None = None) -> bool:
+    """The run size: `fast` when given, else the quick pass when MINILLM_FAST=1 (tests, `make course FAST=1`)."""
+    return os.environ.get("MINILLM_FAST", "0") == "1" if fast is None else bool(fast)
+
+
 def runs_dir() -> Path:
     """Folder for the ledger, checkpoints and cached measurements (created on demand)."""
     env = os.environ.get("MINILLM_RUNS")

@@ -12,7 +12,6 @@ BPE tokenizer trained on the training part only, saved beside the checkpoint as 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from minillm.data import load_corpus, split, tokenize_corpus
 from minillm.model import GPT, GPTConfig
-from minillm.paths import atomic_write_text, runs_dir
+from minillm.paths import atomic_write_text, fast_mode, runs_dir
 from minillm.tokenizers import BPETokenizer, load_tokenizer
 from minillm.train import TrainConfig, estimate_loss, load_checkpoint, save_checkpoint, train
 
@@ -39,17 +38,13 @@ class BaseRecipe:
     train: TrainConfig
 
 
-def _fast_mode(fast: bool | None) -> bool:
-    return os.environ.get("MINILLM_FAST") == "1" if fast is None else bool(fast)
-
-
 def base_recipe(fast: bool | None = None, device: str | torch.device | None = None) -> BaseRecipe:
     """The base model's recipe for this run size and device.
 
     fast: a 2-layer model and 120 steps (seconds). Full on a CPU: 4 layers of width 128, a few minutes.
     Full on a GPU: 6 layers of width 384 with a longer context.
     """
-    fast = _fast_mode(fast)
+    fast = fast_mode(fast)
     device_type = torch.device(device).type if device is not None else (
         "cuda" if torch.cuda.is_available() else "cpu")
     if fast:
@@ -68,7 +63,7 @@ def base_recipe(fast: bool | None = None, device: str | torch.device | None = No
 
 def base_dir(fast: bool | None = None) -> Path:
     """Folder of the base checkpoint: runs/base/fast or runs/base/full (runs/ moves with MINILLM_RUNS)."""
-    return runs_dir() / "base" / ("fast" if _fast_mode(fast) else "full")
+    return runs_dir() / "base" / ("fast" if fast_mode(fast) else "full")
 
 
 def _train_and_val_text(corpus: str = BASE_CORPUS) -> tuple[str, str]:
@@ -104,7 +99,7 @@ def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None
     """Save the model (as a training checkpoint), its tokenizer and a readable info.json; returns the folder."""
     folder = base_dir(fast)
     folder.mkdir(parents=True, exist_ok=True)
-    info = dict(info or {}, fast=_fast_mode(fast))
+    info = dict(info or {}, fast=fast_mode(fast))
     save_checkpoint(folder / "model.pt", model, step=int(info.get("steps", 0)), extra=info)
     tokenizer.save(folder / "tokenizer.json")
     atomic_write_text(folder / "info.json", json.dumps(info, indent=2, default=str) + "\n")
@@ -117,7 +112,7 @@ def load_base(fast: bool | None = None, device: str | torch.device | None = None
 
     Raises FileNotFoundError, saying how to make one, when there is none.
     """
-    fast = _fast_mode(fast)
+    fast = fast_mode(fast)
     candidates = [base_dir(False)] + ([base_dir(True)] if fast else [])
     for folder in candidates:
         if (folder / "model.pt").is_file() and (folder / "tokenizer.json").is_file():
@@ -138,7 +133,7 @@ def load_or_train_base(fast: bool | None = None, device: str | torch.device | No
 
     info holds at least: path, trained_now, fast, val_loss, unigram_val_loss, steps, tokens, seconds.
     """
-    fast = _fast_mode(fast)
+    fast = fast_mode(fast)
     try:
         return load_base(fast, device)
     except FileNotFoundError:
