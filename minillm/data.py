@@ -2,7 +2,7 @@
 
 Taught in chapter 01. `load_corpus("pydocs")` is real English text that ships with every Python install
 (the standard library's bundled documentation), so every chapter works offline. Larger public corpora
-(TinyShakespeare, TinyStories) are downloaded on request through `datasets/manifest.json`, which pins
+(TinyShakespeare, TinyStories) are downloaded on request through `minillm/datasets/manifest.json`, which pins
 each file's URL, size and sha256: a download is verified before it is used, and a verified file in the
 cache (`MINILLM_DATA`, default `~/.cache/minillm/data`) is never fetched again.
 
@@ -66,15 +66,15 @@ def _manifest_path(manifest: str | os.PathLike | None) -> Path:
 def read_manifest(manifest: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     """The downloadable corpora, `{name: entry}`, checked for the fields the loader needs.
 
-    The default manifest may be absent (minillm installed without the course checkout): then there are
-    no downloadable corpora, only "pydocs" and local files. A manifest named explicitly must exist.
+    The default manifest ships inside the package; should it be missing (a broken install) there are no
+    downloadable corpora, only "pydocs" and local files. A manifest named explicitly must exist.
     """
     path = _manifest_path(manifest)
     if not path.exists():
         if manifest is None:
             return {}
         raise FileNotFoundError(f"manifest {path} does not exist; pass the path of a manifest.json "
-                                "or leave manifest=None to use the course's datasets/manifest.json")
+                                "or leave manifest=None to use the one shipped in minillm/datasets/manifest.json")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:

@@ -45,10 +45,10 @@ def data_dir() -> Path:
 
 
 def datasets_dir() -> Path:
-    """The shipped `datasets/` folder (manifest of downloadable corpora)."""
-    root = repo_root()
-    if root is not None:
-        return root / "datasets"
+    """The `minillm/datasets/` folder shipped inside the package (the manifest of downloadable corpora).
+
+    It lives in the package, not the checkout, so a plain `pip install` of minillm can download the
+    corpora too."""
     return PACKAGE_DIR / "datasets"
 
 

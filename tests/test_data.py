@@ -322,3 +322,15 @@ def test_batch_sampler_is_a_pure_function_of_seed_and_step():
     assert torch.equal(sampler.batch(7)[0], twin.batch(7)[0])
     assert not torch.equal(twin.batch(7)[0], twin.batch(8)[0])
     assert not torch.equal(twin.batch(7)[0], BatchSampler(tokens, 16, 4, seed=4).batch(7)[0])
+
+
+def test_default_manifest_ships_inside_the_package():
+    # A plain `pip install` (no course checkout) must still know the downloadable corpora.
+    import minillm
+    from minillm.data import read_manifest
+    from minillm.paths import datasets_dir
+
+    assert datasets_dir() == Path(minillm.__file__).parent / "datasets"
+    corpora = read_manifest()
+    assert {"tinyshakespeare", "tinystories"} <= set(corpora)
+    assert all(len(entry["sha256"]) == 64 for entry in corpora.values())
