@@ -125,7 +125,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         "--device": dict(default=None, help="cpu, cuda or mps (default: the fastest available)"),
     }),
     "moe": Benchmark(bench_moe, "MoE layer forward+backward tokens/s: sorted dispatch vs the naive per-expert "
-                     "loop vs transformers' Mixtral block (chapter 04)", _moe_options()),
+                     "loop, the same dispatch left to autograd, transformers' Mixtral block, and the "
+                     "experts' matmuls alone (chapter 04)", _moe_options()),
 }
 
 

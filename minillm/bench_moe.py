@@ -2,14 +2,20 @@
 
 Forward + backward tokens/s of one mixture-of-experts layer (no shared experts, same sizes everywhere):
 
-- minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": a loop over the experts' contiguous
-  slices on a CPU, one padded batched GEMM on a GPU);
+- minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": on a CPU a loop over the experts'
+  contiguous slices with a hand-written backward, "fused"; on a GPU one padded batched GEMM);
+- the same sorted dispatch left to autograd (dispatch="slices"), to show what the hand-written backward buys;
 - the naive per-expert loop (`minillm.moe.per_expert_mask_loop`: every expert searches all pairs for its
   tokens), with the same router and weights;
 - Hugging Face transformers' Mixtral sparse MoE block (softmax router, same expert sizes, its default
   expert implementation: a loop over the experts that were hit).
 
-All are timed in the same run on the same device, so the printed ratios hold for this machine.
+The default sizes follow DeepSeek-V3's fine-grained proportions scaled down: top-8 routing and experts a
+quarter as wide as the model (V3: 2048 of 7168). `--top-k 4 --expert-hidden 128` gives coarser experts at
+the same FLOPs per token. All are timed in the same run on the same device, so the printed ratios hold for this machine. Beside
+them the bench times the experts' matmuls alone (the same per-expert products of the forward and backward
+passes on pre-sorted rows, no routing, gathering or scattering): no dispatch can beat that floor, so
+naive loop / floor is the most any dispatch could gain over the naive loop at that size.
 """
 from __future__ import annotations
 
@@ -52,8 +58,30 @@ def _tokens_per_second(forward, x: torch.Tensor, parameters, device, repeats: in
     return x.shape[0] * x.shape[1] / seconds
 
 
-def bench_moe(experts: str = "8,16,32,64", top_k: int = 4, d_model: int = 256, expert_hidden: int = 128,
-              tokens: int = 2048, repeats: int = 3, device: str | None = None, threads: int | None = None) -> dict:
+def _matmul_floor_seconds(layer: MoE, x: torch.Tensor, device, repeats: int) -> float:
+    """Seconds for only the expert matmuls of one forward+backward, on this routing's per-expert row counts."""
+    config = layer.config
+    with torch.no_grad():
+        routing = route(layer.router(x.reshape(-1, layer.n_embd)), None, config.top_k)
+        counts = torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed).tolist()
+        w1, w2 = layer.w_gate_up.detach(), layer.w_down.detach()
+        rows = [(e, torch.randn(n, layer.n_embd, device=device), torch.randn(n, layer.n_embd, device=device),
+                 torch.randn(n, 2 * config.expert_hidden, device=device)) for e, n in enumerate(counts) if n]
+
+    def products():
+        for e, xs, grad_y, grad_h in rows:
+            a = (xs @ w1[e])[:, :config.expert_hidden]      # forward: gate/up, then down
+            a @ w2[e]
+            grad_y @ w2[e].t()                              # backward: input and weight gradient of each
+            a.t() @ grad_y
+            grad_h @ w1[e].t()
+            xs.t() @ grad_h
+
+    return best_seconds(products, device=device, repeats=repeats, warmup=1)
+
+
+def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 256, expert_hidden: int = 64,
+              tokens: int = 2048, repeats: int = 5, device: str | None = None, threads: int | None = None) -> dict:
     """Tokens/s of forward+backward through one MoE layer: sorted dispatch vs the naive loop vs transformers."""
     expert_counts = [int(e) for e in str(experts).split(",") if e.strip()]
     if not expert_counts or min(expert_counts) < top_k:
@@ -85,23 +113,39 @@ def bench_moe(experts: str = "8,16,32,64", top_k: int = 4, d_model: int = 256, e
                 routing = route(layer.router(flat), None, layer.config.top_k)
                 return per_expert_mask_loop(flat, routing.expert_index, routing.gate_weight, layer.w_gate_up, layer.w_down)
 
+            def autograd_slices(inputs, layer=layer):
+                layer.config.dispatch = "slices"
+                try:
+                    return layer(inputs)
+                finally:
+                    layer.config.dispatch = "auto"
+
             row = {"experts": n_experts,
                    "sorted_tokens_per_second": _tokens_per_second(layer, x, params, device, repeats),
+                   "autograd_slices_tokens_per_second": _tokens_per_second(autograd_slices, x, params, device,
+                                                                           repeats),
                    "naive_loop_tokens_per_second": _tokens_per_second(naive, x, params, device, repeats)}
             block = _mixtral_block(layer, "eager") if has_transformers else None
             if block is not None:
                 block = block.to(device)
                 row["transformers_tokens_per_second"] = _tokens_per_second(block, x, list(block.parameters()),
                                                                            device, repeats)
+            row["matmul_floor_tokens_per_second"] = tokens / _matmul_floor_seconds(layer, x, device, repeats)
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
+            row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]
+            row["vs_autograd_slices"] = row["sorted_tokens_per_second"] / row["autograd_slices_tokens_per_second"]
             if "transformers_tokens_per_second" in row:
                 row["vs_transformers"] = row["sorted_tokens_per_second"] / row["transformers_tokens_per_second"]
             rows.append(row)
             parts = [f"sorted {row['sorted_tokens_per_second']:,.0f} tok/s",
-                     f"naive loop {row['naive_loop_tokens_per_second']:,.0f} ({row['vs_naive_loop']:.2f}x)"]
+                     f"naive loop {row['naive_loop_tokens_per_second']:,.0f} ({row['vs_naive_loop']:.2f}x)",
+                     f"autograd slices {row['autograd_slices_tokens_per_second']:,.0f} "
+                     f"({row['vs_autograd_slices']:.2f}x)"]
             if "vs_transformers" in row:
                 parts.append(f"transformers Mixtral {row['transformers_tokens_per_second']:,.0f} "
                              f"({row['vs_transformers']:.2f}x)")
+            parts.append(f"matmuls alone {row['matmul_floor_tokens_per_second']:,.0f} "
+                         f"(the most any dispatch could gain over the naive loop: {row['floor_vs_naive_loop']:.2f}x)")
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
           f"{total.seconds:.1f} s in all")
@@ -111,12 +155,13 @@ def bench_moe(experts: str = "8,16,32,64", top_k: int = 4, d_model: int = 256, e
 
 # For minillm/bench.py's registry: option name -> argparse keyword arguments.
 BENCH_MOE_OPTIONS = {
-    "--experts": dict(default="8,16,32,64", help="comma-separated routed expert counts (default 8,16,32,64)"),
-    "--top-k": dict(type=int, default=4, help="experts per token (default 4)"),
+    "--experts": dict(default="8,16,32,64,128", help="comma-separated routed expert counts (default 8,16,32,64,128)"),
+    "--top-k": dict(type=int, default=8, help="experts per token (default 8, as DeepSeek-V3)"),
     "--d-model": dict(type=int, default=256, help="model width (default 256)"),
-    "--expert-hidden": dict(type=int, default=128, help="hidden width of each expert (default 128)"),
+    "--expert-hidden": dict(type=int, default=64, help="hidden width of each expert (default 64 = d_model / 4: "
+                                                       "fine-grained experts in DeepSeek-V3's proportion)"),
     "--tokens": dict(type=int, default=2048, help="tokens per forward+backward (default 2048)"),
-    "--repeats": dict(type=int, default=3, help="timed repeats, the fastest counts (default 3)"),
+    "--repeats": dict(type=int, default=5, help="timed repeats, the fastest counts (default 5)"),
     "--device": dict(default=None, help="cpu, cuda, mps (default: the fastest available)"),
     "--threads": dict(type=int, default=None, help="CPU threads for torch (default: torch's own choice)"),
 }

@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minillm.model import GPT, GPTConfig
-from minillm.moe import (MoE, MoEConfig, load_imbalance, per_expert_mask_loop, reference_moe_loop, route,
-                         run_experts_grouped, run_experts_on_slices, sequence_balance_loss, sorted_dispatch,
+from minillm.moe import (MoE, MoEConfig, fused_dispatch, load_imbalance, per_expert_mask_loop, reference_moe_loop,
+                         route, run_experts_grouped, run_experts_on_slices, sequence_balance_loss, sorted_dispatch,
                          update_bias)
 from minillm.train import TrainConfig, estimate_loss, load_checkpoint, train
 
@@ -52,15 +52,63 @@ def test_sorted_dispatch_equals_per_token_loop_with_gradients(runner):
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("tokens,n_routed,top_k", [(23, 8, 2), (7, 4, 1), (40, 16, 4), (3, 8, 8)])
+def test_fused_dispatch_equals_per_token_loop_with_gradients(tokens, n_routed, top_k):
+    layer = make_layer(n_shared=0, n_routed=n_routed, top_k=top_k).double()
+    x = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
+    experts = [layer.expert(e) for e in range(n_routed)]
+    weights = (x, layer.w_gate_up, layer.w_down, layer.router.weight)
+    routing = route(layer.router(x), None, top_k)
+    reference = reference_moe_loop(x, routing.expert_index, routing.gate_weight, experts)
+    expected = torch.autograd.grad((reference ** 2).sum(), weights)
+    routing = route(layer.router(x), None, top_k)
+    got = fused_dispatch(x, routing.expert_index, routing.gate_weight, layer.w_gate_up, layer.w_down)
+    torch.testing.assert_close(got, reference)
+    for g, e in zip(torch.autograd.grad((got ** 2).sum(), weights), expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_fused_dispatch_passes_gradcheck_and_handles_idle_experts_and_no_tokens():
+    torch.manual_seed(4)
+    index = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 2]])     # expert 1 idle, a token twice on expert 2
+    inputs = (torch.randn(4, 5, dtype=torch.float64, requires_grad=True),
+              torch.rand(4, 2, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True),
+              torch.randn(3, 3, 5, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda x, g, w1, w2: fused_dispatch(x, index, g, w1, w2), inputs)
+    x, gate, w1, w2 = inputs
+    fused_dispatch(x, index, gate, w1, w2).sum().backward()
+    assert w1.grad[1].abs().sum() == 0 and w2.grad[1].abs().sum() == 0 and w1.grad[2].abs().sum() > 0
+    empty = fused_dispatch(x[:0], index[:0], gate[:0], w1, w2)
+    assert empty.shape == (0, 5)
+    with pytest.raises(ValueError, match="expert_index and gate_weight"):
+        fused_dispatch(x, index, gate[:, :1], w1, w2)
+
+
+def test_fused_dispatch_under_bf16_autocast_matches_the_autograd_slices():
+    layer = make_layer(n_shared=0)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    results = []
+    for kind in ("fused", "slices"):
+        layer.config.dispatch = kind
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        (grad_x,) = torch.autograd.grad(out.float().square().sum(), x)
+        assert out.dtype == torch.bfloat16 or out.dtype == torch.float32
+        results.append((out.float(), grad_x))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=5e-2, atol=5e-2)
+
+
 def test_mask_loop_and_layer_dispatch_kinds_agree():
     torch.manual_seed(1)
     x = torch.randn(2, 9, 16)
     outputs = []
-    for kind in ("grouped", "slices", "auto"):
+    for kind in ("grouped", "slices", "auto", "fused"):
         layer = make_layer(dispatch=kind)
         outputs.append(layer(x))
-    torch.testing.assert_close(outputs[0], outputs[1])
-    torch.testing.assert_close(outputs[0], outputs[2])
+    for other in outputs[1:]:
+        torch.testing.assert_close(outputs[0], other)
     routing = layer.last_routing
     shared_free = make_layer(n_shared=0)
     tokens = x.reshape(-1, 16)
@@ -243,3 +291,49 @@ def test_bench_moe_reports_ratios_against_the_naive_loop():
     assert [row["experts"] for row in result["rows"]] == [4, 8]
     for row in result["rows"]:
         assert row["sorted_tokens_per_second"] > 0 and row["naive_loop_tokens_per_second"] > 0
+        assert row["autograd_slices_tokens_per_second"] > 0 and row["matmul_floor_tokens_per_second"] > 0
+        assert row["floor_vs_naive_loop"] == pytest.approx(row["matmul_floor_tokens_per_second"]
+                                                           / row["naive_loop_tokens_per_second"])
+        assert row["vs_naive_loop"] == pytest.approx(row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"])
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "grouped", "slices"])
+def test_layer_matches_transformers_deepseek_v3_moe_block(dispatch):
+    """A peer implementation as reference: transformers' DeepseekV3MoE with the same weights and bias."""
+    pytest.importorskip("transformers", reason="transformers (the `bench` extra) is the reference here")
+    try:
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    except ImportError:
+        pytest.skip("this transformers has no DeepSeek-V3 model")
+    layer = make_layer(n_routed=8, n_shared=1, top_k=3, expert_hidden=12, route_scale=2.5, n_groups=4, top_groups=2,
+                       bias_update_rate=0.01, dispatch=dispatch).double()
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.linspace(-0.2, 0.3, 8))      # the bias must steer both the same way
+    config = DeepseekV3Config(hidden_size=16, moe_intermediate_size=12, n_routed_experts=8, n_shared_experts=1,
+                              num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                              norm_topk_prob=True, hidden_act="silu")
+    peer = DeepseekV3MoE(config).double()
+    shared = 12
+    with torch.no_grad():
+        peer.gate.weight.copy_(layer.router.weight)
+        peer.gate.e_score_correction_bias.copy_(layer.expert_bias)
+        peer.experts.gate_up_proj.copy_(layer.w_gate_up.transpose(1, 2))
+        peer.experts.down_proj.copy_(layer.w_down.transpose(1, 2))
+        peer.shared_experts.gate_proj.weight.copy_(layer.shared_gate_up.weight[:shared])
+        peer.shared_experts.up_proj.weight.copy_(layer.shared_gate_up.weight[shared:])
+        peer.shared_experts.down_proj.weight.copy_(layer.shared_down.weight)
+    torch.manual_seed(5)
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    x_ours, x_peer = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = layer(x_ours), peer(x_peer)
+    # Both compute the router's sigmoid in float32 (as DeepSeek does), so agreement is to float32 precision.
+    close = dict(rtol=1e-4, atol=1e-5)
+    assert torch.equal(layer.last_routing.expert_index.sort(1).values, peer.gate(x)[2].sort(1).values)
+    torch.testing.assert_close(ours, theirs, **close)
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_peer.grad, **close)
+    torch.testing.assert_close(layer.w_gate_up.grad, peer.experts.gate_up_proj.grad.transpose(1, 2), **close)
+    torch.testing.assert_close(layer.w_down.grad, peer.experts.down_proj.grad.transpose(1, 2), **close)
+    torch.testing.assert_close(layer.router.weight.grad, peer.gate.weight.grad, **close)
