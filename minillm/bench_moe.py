@@ -2,8 +2,8 @@
 
 Forward + backward tokens/s of one mixture-of-experts layer (no shared experts, same sizes everywhere):
 
-- minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": on a CPU a loop over the experts'
-  contiguous slices with a hand-written backward, "fused"; on a GPU one padded batched GEMM);
+- minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": on a CPU "fused", grouped matmuls over
+  the experts' contiguous slices with a hand-written backward; on a GPU one padded batched GEMM);
 - the same sorted dispatch left to autograd (dispatch="slices"), to show what the hand-written backward buys;
 - the naive per-expert loop (`minillm.moe.per_expert_mask_loop`: every expert searches all pairs for its
   tokens), with the same router and weights;
@@ -19,9 +19,15 @@ naive loop / floor is the most any dispatch could gain over the naive loop at th
 """
 from __future__ import annotations
 
+import datetime as _dt
+import json
+from pathlib import Path
+
 import torch
 
-from minillm.cost import Meter, best_seconds, default_device
+from minillm.cost import (Meter, best_seconds_interleaved, default_device, format_hardware, hardware_id,
+                          probe_hardware)
+from minillm.paths import atomic_write_text
 from minillm.moe import MoE, MoEConfig, per_expert_mask_loop, route
 
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
@@ -48,18 +54,18 @@ def _mixtral_block(layer: MoE, implementation: str | None = "eager"):
     return block
 
 
-def _tokens_per_second(forward, x: torch.Tensor, parameters, device, repeats: int) -> float:
+def _training_step(forward, x: torch.Tensor, parameters):
+    """One forward+backward through `forward`, gradients cleared first."""
     def step():
         for p in parameters:
             p.grad = None
         x.grad = None
         forward(x).float().square().mean().backward()
-    seconds = best_seconds(step, device=device, repeats=repeats, warmup=1)
-    return x.shape[0] * x.shape[1] / seconds
+    return step
 
 
-def _matmul_floor_seconds(layer: MoE, x: torch.Tensor, device, repeats: int) -> float:
-    """Seconds for only the expert matmuls of one forward+backward, on this routing's per-expert row counts."""
+def _matmul_floor(layer: MoE, x: torch.Tensor, device):
+    """Only the expert matmuls of one forward+backward, on this routing's per-expert row counts."""
     config = layer.config
     with torch.no_grad():
         routing = route(layer.router(x.reshape(-1, layer.n_embd)), None, config.top_k)
@@ -77,11 +83,12 @@ def _matmul_floor_seconds(layer: MoE, x: torch.Tensor, device, repeats: int) -> 
             grad_h @ w1[e].t()
             xs.t() @ grad_h
 
-    return best_seconds(products, device=device, repeats=repeats, warmup=1)
+    return products
 
 
 def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 256, expert_hidden: int = 64,
-              tokens: int = 2048, repeats: int = 5, device: str | None = None, threads: int | None = None) -> dict:
+              tokens: int = 2048, repeats: int = 5, device: str | None = None, threads: int | None = None,
+              out_dir: str | None = None) -> dict:
     """Tokens/s of forward+backward through one MoE layer: sorted dispatch vs the naive loop vs transformers."""
     expert_counts = [int(e) for e in str(experts).split(",") if e.strip()]
     if not expert_counts or min(expert_counts) < top_k:
@@ -99,7 +106,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
     if not has_transformers:
         print(f"bench moe: transformers is not installed, so its Mixtral block is skipped; {TRANSFORMERS_HINT}")
     print(f"bench moe on {device}: {tokens} tokens, d_model {d_model}, SwiGLU experts of width {expert_hidden}, "
-          f"top_k {top_k}, forward+backward, best of {repeats}, {torch.get_num_threads()} CPU thread(s)")
+          f"top_k {top_k}, forward+backward, best of {repeats} alternating rounds, "
+          f"{torch.get_num_threads()} CPU thread(s)")
     rows = []
     with Meter("bench moe", chapter="04", device=device) as total:
         for n_experts in expert_counts:
@@ -120,17 +128,18 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 finally:
                     layer.config.dispatch = "auto"
 
-            row = {"experts": n_experts,
-                   "sorted_tokens_per_second": _tokens_per_second(layer, x, params, device, repeats),
-                   "autograd_slices_tokens_per_second": _tokens_per_second(autograd_slices, x, params, device,
-                                                                           repeats),
-                   "naive_loop_tokens_per_second": _tokens_per_second(naive, x, params, device, repeats)}
+            contenders = {"sorted": _training_step(layer, x, params),
+                          "autograd_slices": _training_step(autograd_slices, x, params),
+                          "naive_loop": _training_step(naive, x, params)}
             block = _mixtral_block(layer, "eager") if has_transformers else None
             if block is not None:
                 block = block.to(device)
-                row["transformers_tokens_per_second"] = _tokens_per_second(block, x, list(block.parameters()),
-                                                                           device, repeats)
-            row["matmul_floor_tokens_per_second"] = tokens / _matmul_floor_seconds(layer, x, device, repeats)
+                contenders["transformers"] = _training_step(block, x, list(block.parameters()))
+            contenders["matmul_floor"] = _matmul_floor(layer, x, device)
+            # Alternating rounds, so a burst of load from elsewhere cannot favour one contender.
+            seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
+            row = {"experts": n_experts}
+            row.update({f"{name}_tokens_per_second": tokens / s for name, s in seconds.items()})
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["vs_autograd_slices"] = row["sorted_tokens_per_second"] / row["autograd_slices_tokens_per_second"]
@@ -149,8 +158,31 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
           f"{total.seconds:.1f} s in all")
-    return {"device": str(device), "threads": torch.get_num_threads(), "tokens": tokens, "d_model": d_model, "expert_hidden": expert_hidden,
-            "top_k": top_k, "transformers": has_transformers, "rows": rows}
+    many = [row for row in rows if row["experts"] >= 16]
+    targets = {}
+    if many:
+        targets["sorted >= 2x the naive loop at 16+ experts"] = {
+            str(row["experts"]): row["vs_naive_loop"] >= 2.0 for row in many}
+        if has_transformers:
+            targets["sorted >= 1x transformers' Mixtral block"] = {
+                str(row["experts"]): row["vs_transformers"] >= 1.0 for row in rows}
+    for name, by_experts in targets.items():
+        missed = [e for e, met in by_experts.items() if not met]
+        print(f"target {name}: " + ("met at every size" if not missed else
+                                     f"NOT met at {', '.join(missed)} experts (met at "
+                                     f"{', '.join(e for e, met in by_experts.items() if met) or 'none'})"))
+    hardware = probe_hardware()
+    result = {"device": str(device), "hardware": format_hardware(hardware), "hardware_id": hardware_id(hardware),
+              "torch": torch.__version__, "measured_at": _dt.datetime.now().isoformat(timespec="seconds"),
+              "threads": torch.get_num_threads(), "tokens": tokens, "d_model": d_model,
+              "expert_hidden": expert_hidden, "top_k": top_k, "repeats": repeats, "transformers": has_transformers,
+              "rows": rows, "targets": targets}
+    if out_dir is not None:
+        path = Path(out_dir) / f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}-{_dt.date.today().isoformat()}.json"
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+        result["path"] = str(path)
+    return result
 
 
 # For minillm/bench.py's registry: option name -> argparse keyword arguments.
@@ -164,5 +196,6 @@ BENCH_MOE_OPTIONS = {
     "--repeats": dict(type=int, default=5, help="timed repeats, the fastest counts (default 5)"),
     "--device": dict(default=None, help="cpu, cuda, mps (default: the fastest available)"),
     "--threads": dict(type=int, default=None, help="CPU threads for torch (default: torch's own choice)"),
+    "--out-dir": dict(default=None, help="also write the figures as JSON into this folder (e.g. benchmarks)"),
 }
 

@@ -28,7 +28,7 @@ import torch
 from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, fast_mode, runs_dir
 
 __all__ = [
-    "synchronize", "Meter", "best_seconds", "probe_hardware", "hardware_id", "format_hardware",
+    "synchronize", "Meter", "best_seconds", "best_seconds_interleaved", "probe_hardware", "hardware_id", "format_hardware",
     "default_device", "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour",
     "set_price_per_hour", "Ledger", "savings_table", "report", "format_quantity",
 ]
@@ -165,6 +165,25 @@ def best_seconds(fn: Callable[[], object], device: str | torch.device | None = N
         if budget_seconds is not None and sum(times) >= budget_seconds:
             break
     return min(times)
+
+
+def best_seconds_interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device | None = None,
+                             repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """`best_seconds` of several contenders, timed in alternating rounds (a, b, c, a, b, c, ...).
+
+    For comparisons: a burst of load from another process then slows every contender a little rather
+    than one of them a lot, so the ratios of the fastest runs stay honest on a shared machine.
+    """
+    if repeats < 1:
+        raise ValueError(f"best_seconds_interleaved: repeats={repeats} must be at least 1")
+    for fn in fns.values():
+        for _ in range(max(warmup, 0)):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_seconds(fn, device=device, repeats=1, warmup=0))
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------

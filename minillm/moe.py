@@ -13,7 +13,8 @@ Taught in chapter 04 (mixture of experts). The layer replaces a GPT block's MLP
   sequence-wise balance loss (`aux_loss_weight`) is the classic alternative; both can be switched off.
 - Dispatch: token-expert pairs are sorted by expert, the tokens gathered once, every expert runs on its
   contiguous slice (or all experts at once as one padded batched GEMM), and the weighted results are
-  scatter-added back. `reference_moe_loop` (one token at a time) and `per_expert_mask_loop` (the loop
+  added back onto their tokens. `fused_dispatch` (the CPU default) does the same as one op with a
+  hand-written backward and grouped matmuls. `reference_moe_loop` (one token at a time) and `per_expert_mask_loop` (the loop
   most libraries start with) are the references it is tested and benchmarked against.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ class MoEConfig:
     top_groups: int = 1            # ... of which each token may use the best top_groups (1, 1 = off)
     bias_update_rate: float = 0.001  # gamma of the auxiliary-loss-free bias update; 0 turns it off
     aux_loss_weight: float = 0.0   # alpha of the sequence-wise balance loss; 0 turns it off
-    dispatch: str = "auto"         # "fused" (a loop over experts with a hand-written backward), "grouped"
+    dispatch: str = "auto"         # "fused" (grouped matmuls, hand-written backward), "grouped"
                                    # (one padded batched GEMM), "slices" (a loop over experts, autograd),
                                    # "auto" (fused on a CPU, grouped on a GPU unless the load is very uneven)
 
@@ -204,26 +205,77 @@ def run_experts_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up:
     return output.reshape(n_experts * capacity, w_down.shape[-1]).index_select(0, slot)
 
 
-class _FusedExperts(torch.autograd.Function):
-    """Sorted dispatch expert by expert, with a hand-written backward.
+# torch.nn.functional.grouped_mm (torch >= 2.8 or so; older releases have it as torch._grouped_mm): one call
+# multiplies each expert's slice of rows by that expert's matrix, looping over the experts in C++.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-    For the (token, slot) pairs sorted by expert, each expert e works on its own contiguous rows, with
-    w the pairs' gate weights:
-      xs = x[token of each pair]     h = xs @ W_gate_up[e] = [gate, up]     a = silu(gate) * up
-      out[token] += (w * a) @ W_down[e]          (weighting the h-wide `a` is cheaper than the d-wide y)
-    and the backward walks the experts again, in the same cache-sized pieces, with g = dout[token]:
-      u = g @ W_down[e]^T            d(w) = <a, u>            da = w * u      dW_down[e] = (w * a)^T g
+
+def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
+    """grouped_mm takes float32/bf16/fp16 with every non-unit stride and the start a multiple of 16 bytes."""
+    if _GROUPED_MM is None:
+        return False
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.data_ptr() % 16:
+            return False
+        if any(stride != 1 and (stride * t.element_size()) % 16 for stride in t.stride()):
+            return False
+    return True
+
+
+def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Rows of a (N, K) grouped by expert, times that expert's b[e] (K, M): (N, M)."""
+    if a.shape[0] and _grouped_mm_fits(a, b):
+        try:
+            return _GROUPED_MM(a, b, offs=offs)
+        except RuntimeError:   # a layout this build's kernel refuses: the loop below always works
+            pass
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for e, size in enumerate(sizes):
+        if size:
+            torch.mm(a[start:start + size], b[e], out=out[start:start + size])
+        start += size
+    return out
+
+
+def _weight_mm(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Per expert e, a[rows of e]^T @ c[rows of e]: the (n_experts, K, M) weight gradient; zero for idle experts."""
+    if a.shape[0] and _grouped_mm_fits(a, c):
+        try:
+            return _GROUPED_MM(a.t(), c, offs=offs)
+        except RuntimeError:
+            pass
+    out = a.new_zeros(len(sizes), a.shape[1], c.shape[1])
+    start = 0
+    for e, size in enumerate(sizes):
+        if size:
+            torch.mm(a[start:start + size].t(), c[start:start + size], out=out[e])
+        start += size
+    return out
+
+
+class _FusedExperts(torch.autograd.Function):
+    """Sorted dispatch as one op with a hand-written backward: a fixed number of whole-tensor operations.
+
+    With the N = tokens * top_k (token, slot) pairs sorted by expert and w their gate weights:
+      xs = x[token of each pair]                       one gather                              (N, d)
+      [gate, up] = xs @ W_gate_up[expert of the row]    one grouped matmul                      (N, 2h)
+      a = silu(gate) * up,   y = (w * a) @ W_down[e]    weighting the h-wide a, not the d-wide y
+      out[t] = sum of y over the t's top_k pairs        one embedding_bag: a gather-sum, no scatter
+    Backward, with g = dout[token of each pair]:
+      u = g @ W_down[e]^T     d(w) = <a, u>     da = w * u     dW_down[e] = (w * a)[rows of e]^T g[rows of e]
       dh = [silu'(gate) * up * da, silu(gate) * da]
-      dW_gate_up[e] = xs^T dh        dx[token] += dh @ W_gate_up[e]^T
-    Compared with leaving it to autograd (`run_experts_on_slices`) there is no concatenation, no stack of
-    per-expert weight gradients and no graph of ~10 nodes per expert, and the expert outputs y need not be
-    kept for the gate-weight gradient. Every temporary is a few hundred kB per expert, which the memory
-    allocator hands back warm: a fresh multi-MB buffer per stage costs a page fault per 4 kB on first touch,
-    which on a small VM rivals the matmuls.
+      dW_gate_up[e] = xs^T dh (rows of e)          dx[t] = sum over t's pairs of dh @ W_gate_up[e]^T
+    Compared with leaving it to autograd (`run_experts_on_slices`): no graph of ~10 nodes per expert, no
+    concatenation, no stack of per-expert weight gradients, no index_add_ scatter (the per-token sums are
+    embedding_bag gathers, with the inverse permutation), and the loop over experts runs inside one
+    grouped matmul (`torch.nn.functional.grouped_mm`) where the installed torch has it for these shapes,
+    or else as a short loop of matmuls writing into one buffer.
     """
 
     @staticmethod
     def forward(ctx, x, expert_index, gate_weight, w_gate_up, w_down):
+        tokens, top_k = expert_index.shape
         n_experts, hidden = w_gate_up.shape[0], w_down.shape[1]
         device_type = x.device.type
         dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
@@ -231,77 +283,54 @@ class _FusedExperts(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             order, token_of_pair, counts = sort_by_expert(expert_index, n_experts)
             sizes = counts.tolist()
-            used = [e for e, size in enumerate(sizes) if size]
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            pair_of_slot = torch.empty_like(order)                # inverse permutation: (token, slot) -> row
+            pair_of_slot[order] = torch.arange(order.numel(), device=order.device)
             w1, w2 = w_gate_up.to(dtype), w_down.to(dtype)
-            x_compute = x.to(dtype)
-            weight_sorted = gate_weight.reshape(-1).to(dtype)[order].unsqueeze(1)
-            out = torch.zeros_like(x_compute)
-            saved = []
-            # One split per tensor up front: per-expert Python work is what costs at many small experts.
-            tokens_of, weights_of = token_of_pair.split(sizes), weight_sorted.split(sizes)
-            w1_of, w2_of = w1.unbind(0), w2.unbind(0)
-            for e in used:
-                tokens = tokens_of[e]
-                xs = x_compute.index_select(0, tokens)
-                h = xs @ w1_of[e]
-                silu_gate = F.silu(h[:, :hidden])
-                a = silu_gate * h[:, hidden:]
-                weighted_a = a * weights_of[e]
-                out.index_add_(0, tokens, weighted_a @ w2_of[e])
-                saved += [xs, h, silu_gate, a, weighted_a]
-        ctx.save_for_backward(order, token_of_pair, weight_sorted, w1, w2, *saved)
-        ctx.sizes, ctx.used, ctx.dtypes = sizes, used, (x.dtype, gate_weight.dtype, w_gate_up.dtype, w_down.dtype)
-        ctx.gate_shape = gate_weight.shape
+            weight = gate_weight.reshape(-1).to(dtype)[order].unsqueeze(1)
+            xs = x.to(dtype).index_select(0, token_of_pair)
+            h = _rows_mm(xs, w1, offs, sizes)
+            silu_gate = F.silu(h[:, :hidden])
+            a = silu_gate * h[:, hidden:]
+            weighted_a = a * weight
+            y = _rows_mm(weighted_a, w2, offs, sizes)
+            out = F.embedding_bag(pair_of_slot.view(tokens, top_k), y, mode="sum") if tokens else \
+                y.new_zeros(0, y.shape[-1])
+        ctx.save_for_backward(order, token_of_pair, offs, pair_of_slot, weight, xs, h, silu_gate, a, weighted_a,
+                              w1, w2)
+        ctx.sizes, ctx.top_k = sizes, top_k
+        ctx.dtypes = (x.dtype, gate_weight.dtype, w_gate_up.dtype, w_down.dtype)
         return out.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        order, token_of_pair, weight_sorted, w1, w2, *saved = ctx.saved_tensors
+        order, token_of_pair, offs, pair_of_slot, weight, xs, h, silu_gate, a, weighted_a, w1, w2 = ctx.saved_tensors
         x_dtype, gate_dtype, w1_dtype, w2_dtype = ctx.dtypes
-        hidden = w2.shape[1]
+        sizes, hidden = ctx.sizes, w2.shape[1]
+        tokens, top_k = grad_out.shape[0], ctx.top_k
         need_x, _, need_gate, need_w1, need_w2 = ctx.needs_input_grad
+        grad_x = grad_gate = grad_w1 = grad_w2 = None
         with torch.autocast(grad_out.device.type, enabled=False):
-            grad_out = grad_out.to(w1.dtype)
-            grad_x = torch.zeros_like(grad_out) if need_x else None
-            grad_gate_sorted = weight_sorted.new_empty(weight_sorted.shape[0]) if need_gate else None
-            # Experts that got tokens have their weight gradients written whole below; only idle ones need zeros.
-            idle = [e for e, size in enumerate(ctx.sizes) if not size]
-            grad_w1 = torch.empty_like(w1) if need_w1 else None
-            grad_w2 = torch.empty_like(w2) if need_w2 else None
-            for grad_w in (grad_w1, grad_w2):
-                if grad_w is not None and idle:
-                    grad_w[idle] = 0
-            sizes = ctx.sizes
-            tokens_of, weights_of = token_of_pair.split(sizes), weight_sorted.split(sizes)
-            w1_of, w2_of = w1.unbind(0), w2.unbind(0)
-            grad_gate_of = grad_gate_sorted.split(sizes) if need_gate else None
-            for i, e in enumerate(ctx.used):
-                xs, h, silu_gate, a, weighted_a = saved[5 * i: 5 * i + 5]
-                tokens = tokens_of[e]
-                grad_token = grad_out.index_select(0, tokens)
-                u = grad_token @ w2_of[e].t()
-                if need_gate:
-                    torch.linalg.vecdot(a, u, out=grad_gate_of[e])
-                if need_w2:
-                    torch.mm(weighted_a.t(), grad_token, out=grad_w2[e])
-                if need_w1 or need_x:
-                    grad_a = u.mul_(weights_of[e])
-                    grad_h = torch.empty_like(h)
-                    torch.ops.aten.silu_backward.grad_input(grad_a * h[:, hidden:], h[:, :hidden],
-                                                            grad_input=grad_h[:, :hidden])
-                    torch.mul(grad_a, silu_gate, out=grad_h[:, hidden:])
-                    if need_w1:
-                        torch.mm(xs.t(), grad_h, out=grad_w1[e])
-                    if need_x:
-                        grad_x.index_add_(0, tokens, grad_h @ w1_of[e].t())
-            grad_gate = None
+            g = grad_out.to(xs.dtype).index_select(0, token_of_pair)
+            u = _rows_mm(g, w2.transpose(1, 2), offs, sizes)
             if need_gate:   # back from expert order to (token, slot) order
-                grad_gate = torch.empty_like(grad_gate_sorted)
-                grad_gate[order] = grad_gate_sorted
-                grad_gate = grad_gate.view(ctx.gate_shape).to(gate_dtype)
-        return (None if grad_x is None else grad_x.to(x_dtype), None, grad_gate,
-                None if grad_w1 is None else grad_w1.to(w1_dtype), None if grad_w2 is None else grad_w2.to(w2_dtype))
+                grad_gate = torch.linalg.vecdot(a, u).index_select(0, pair_of_slot).view(tokens, top_k).to(gate_dtype)
+            if need_w2:
+                grad_w2 = _weight_mm(weighted_a, g, offs, sizes).to(w2_dtype)
+            if need_x or need_w1:
+                grad_a = u.mul_(weight)
+                grad_h = torch.empty_like(h)
+                torch.ops.aten.silu_backward.grad_input(grad_a * h[:, hidden:], h[:, :hidden],
+                                                        grad_input=grad_h[:, :hidden])
+                torch.mul(grad_a, silu_gate, out=grad_h[:, hidden:])
+                if need_w1:
+                    grad_w1 = _weight_mm(xs, grad_h, offs, sizes).to(w1_dtype)
+                if need_x:
+                    grad_xs = _rows_mm(grad_h, w1.transpose(1, 2), offs, sizes)
+                    grad_x = (F.embedding_bag(pair_of_slot.view(tokens, top_k), grad_xs, mode="sum") if tokens
+                              else grad_xs.new_zeros(0, grad_xs.shape[-1])).to(x_dtype)
+        return grad_x, None, grad_gate, grad_w1, grad_w2
 
 
 def fused_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor,

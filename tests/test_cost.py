@@ -275,3 +275,24 @@ def test_report_table_and_png(isolated_runs, tmp_path):
 
     elsewhere = tmp_path / "plots" / "mine.png"
     assert cost.report(ledger, out_dir=elsewhere)[1] == elsewhere and elsewhere.exists()
+
+
+def test_best_seconds_interleaved_alternates_and_keeps_each_fastest():
+    import time
+
+    from minillm.cost import best_seconds_interleaved
+
+    order = []
+    sleeps = {"slow": iter([0.02, 0.005, 0.03]), "fast": iter([0.001, 0.001, 0.001])}
+
+    def contender(name):
+        def run():
+            order.append(name)
+            time.sleep(next(sleeps[name]))
+        return run
+
+    best = best_seconds_interleaved({"slow": contender("slow"), "fast": contender("fast")}, repeats=3, warmup=0)
+    assert order == ["slow", "fast"] * 3
+    assert 0.005 <= best["slow"] < 0.02 and best["fast"] < best["slow"]
+    with pytest.raises(ValueError, match="repeats"):
+        best_seconds_interleaved({"x": lambda: None}, repeats=0)
