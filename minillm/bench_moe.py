@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from minillm.cost import (Meter, best_seconds_interleaved, default_device, format_hardware, hardware_id,
-                          probe_hardware)
+                          keep_freed_memory, probe_hardware)
 from minillm.paths import atomic_write_text
 from minillm.moe import MoE, MoEConfig, per_expert_mask_loop, route
 
@@ -88,7 +88,7 @@ def _matmul_floor(layer: MoE, x: torch.Tensor, device):
 
 def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 256, expert_hidden: int = 64,
               tokens: int = 2048, repeats: int = 5, device: str | None = None, threads: int | None = None,
-              out_dir: str | None = None) -> dict:
+              out_dir: str | None = None, default_malloc: bool = False) -> dict:
     """Tokens/s of forward+backward through one MoE layer: sorted dispatch vs the naive loop vs transformers."""
     expert_counts = [int(e) for e in str(experts).split(",") if e.strip()]
     if not expert_counts or min(expert_counts) < top_k:
@@ -101,13 +101,17 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
         # On a busy machine, CPU threads that wait for each other at every small op can dominate the time.
         torch.set_num_threads(threads)
     device = torch.device(device) if device else default_device()
+    # Every contender runs under the same allocator; by default freed memory is kept for reuse, so no
+    # contender pays a page fault per 4 kB of its temporaries on every step (see cost.keep_freed_memory).
+    kept = False if default_malloc else keep_freed_memory()
     torch.manual_seed(0)
     has_transformers = _mixtral_block(MoE(8, MoEConfig(n_routed=2, top_k=1, n_shared=0, expert_hidden=4)), None) is not None
     if not has_transformers:
         print(f"bench moe: transformers is not installed, so its Mixtral block is skipped; {TRANSFORMERS_HINT}")
     print(f"bench moe on {device}: {tokens} tokens, d_model {d_model}, SwiGLU experts of width {expert_hidden}, "
           f"top_k {top_k}, forward+backward, best of {repeats} alternating rounds, "
-          f"{torch.get_num_threads()} CPU thread(s)")
+          f"{torch.get_num_threads()} CPU thread(s); allocator: "
+          f"{'freed memory kept for reuse (--default-malloc to measure without)' if kept else 'as the system set it'}")
     rows = []
     with Meter("bench moe", chapter="04", device=device) as total:
         for n_experts in expert_counts:
@@ -176,6 +180,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
               "torch": torch.__version__, "measured_at": _dt.datetime.now().isoformat(timespec="seconds"),
               "threads": torch.get_num_threads(), "tokens": tokens, "d_model": d_model,
               "expert_hidden": expert_hidden, "top_k": top_k, "repeats": repeats, "transformers": has_transformers,
+              "freed_memory_kept": kept,
               "rows": rows, "targets": targets}
     if out_dir is not None:
         path = Path(out_dir) / f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}-{_dt.date.today().isoformat()}.json"
@@ -197,5 +202,7 @@ BENCH_MOE_OPTIONS = {
     "--device": dict(default=None, help="cpu, cuda, mps (default: the fastest available)"),
     "--threads": dict(type=int, default=None, help="CPU threads for torch (default: torch's own choice)"),
     "--out-dir": dict(default=None, help="also write the figures as JSON into this folder (e.g. benchmarks)"),
+    "--default-malloc": dict(action="store_true", help="leave the memory allocator as the system set it (by "
+                                                        "default freed memory is kept for reuse: no page faults)"),
 }
 

@@ -28,7 +28,8 @@ import torch
 from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, fast_mode, runs_dir
 
 __all__ = [
-    "synchronize", "Meter", "best_seconds", "best_seconds_interleaved", "probe_hardware", "hardware_id", "format_hardware",
+    "synchronize", "Meter", "best_seconds", "best_seconds_interleaved", "keep_freed_memory", "freed_memory_kept",
+    "probe_hardware", "hardware_id", "format_hardware",
     "default_device", "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour",
     "set_price_per_hour", "Ledger", "savings_table", "report", "format_quantity",
 ]
@@ -184,6 +185,51 @@ def best_seconds_interleaved(fns: dict[str, Callable[[], object]], device: str |
         for name, fn in fns.items():
             best[name] = min(best[name], best_seconds(fn, device=device, repeats=1, warmup=0))
     return best
+
+
+# glibc's mallopt parameters (malloc.h) and the defaults they had before keep_freed_memory() changed them.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+_KEPT_FREED_MEMORY = False
+
+
+def keep_freed_memory(enable: bool = True, up_to_bytes: int = 1 << 30) -> bool:
+    """Make glibc's malloc keep freed memory for reuse rather than hand it back to the operating system.
+
+    Every fresh page of memory costs a page fault the first time it is written (the kernel must find and
+    zero it): about a millisecond per 16 MB on a small VM. PyTorch's CPU tensors come straight from malloc,
+    which by default maps big blocks fresh from the OS and returns them on free, so a layer that allocates
+    tens of MB of temporaries pays those faults on every step. This sets glibc's mmap and trim thresholds
+    high (`mallopt`), so freed blocks stay in the heap and are reused warm: the in-process equivalent of
+    running with jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends. The cost is that
+    the process keeps its peak memory instead of giving it back.
+
+    It changes the whole process, so it is a call you make, never something importing minillm does.
+    `enable=False` puts glibc's default thresholds back (without their automatic growth). Returns True when
+    applied: Linux with glibc; elsewhere (macOS, Windows, musl) there is nothing to change and it returns False.
+    """
+    global _KEPT_FREED_MEMORY
+    if isinstance(up_to_bytes, bool) or not isinstance(up_to_bytes, int) or up_to_bytes < _GLIBC_DEFAULT_THRESHOLD:
+        raise ValueError(f"keep_freed_memory: up_to_bytes={up_to_bytes!r} must be an integer >= "
+                         f"{_GLIBC_DEFAULT_THRESHOLD} (glibc's default)")
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mmap_threshold = min(up_to_bytes, 1 << 30) if enable else _GLIBC_DEFAULT_THRESHOLD
+        trim_threshold = up_to_bytes if enable else _GLIBC_DEFAULT_THRESHOLD
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+    _KEPT_FREED_MEMORY = applied and enable
+    return applied
+
+
+def freed_memory_kept() -> bool:
+    """Whether keep_freed_memory() is in effect in this process."""
+    return _KEPT_FREED_MEMORY
 
 
 # ----------------------------------------------------------------------------------------------------

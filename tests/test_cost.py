@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -296,3 +299,50 @@ def test_best_seconds_interleaved_alternates_and_keeps_each_fastest():
     assert 0.005 <= best["slow"] < 0.02 and best["fast"] < best["slow"]
     with pytest.raises(ValueError, match="repeats"):
         best_seconds_interleaved({"x": lambda: None}, repeats=0)
+
+
+MOE_STEP_FAULTS_PROBE = r"""
+import resource, sys, torch
+from minillm.cost import freed_memory_kept, keep_freed_memory
+from minillm.moe import MoE, MoEConfig
+
+applied = keep_freed_memory() if sys.argv[1] == "kept" else False
+torch.manual_seed(0)
+layer = MoE(256, MoEConfig(n_routed=16, n_shared=0, top_k=8, expert_hidden=64))
+x = torch.randn(1, 2048, 256, requires_grad=True)
+
+def step():
+    layer.zero_grad(set_to_none=True)
+    layer(x).square().mean().backward()
+
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(applied, freed_memory_kept(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory acts on glibc's malloc only")
+def test_keep_freed_memory_stops_the_page_faults_of_an_moe_training_step():
+    # In subprocesses: the setting changes the whole process. The MoE layer's ~40 MB of temporaries per
+    # step are faulted in fresh from the OS by default, and reused warm once freed memory is kept.
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", MOE_STEP_FAULTS_PROBE, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0] == "True", out[1] == "True", float(out[2])
+
+    applied_default, kept_default, default_faults = faults("default")
+    applied, kept, kept_faults = faults("kept")
+    assert not applied_default and not kept_default and applied and kept
+    assert default_faults > 1000                 # thousands of 4 kB pages per step
+    assert kept_faults < default_faults / 20
+
+
+def test_keep_freed_memory_rejects_a_bad_limit():
+    from minillm.cost import keep_freed_memory
+
+    with pytest.raises(ValueError, match="up_to_bytes"):
+        keep_freed_memory(up_to_bytes=1000)
