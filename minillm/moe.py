@@ -165,7 +165,7 @@ def sorted_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: to
     """
     order, token_of_pair, counts = sort_by_expert(expert_index, n_experts)
     outputs = run_experts(x.index_select(0, token_of_pair), counts)
-    weighted = outputs * gate_weight.reshape(-1)[order].unsqueeze(-1).to(outputs.dtype)
+    weighted = outputs * gate_weight.reshape(-1).index_select(0, order).unsqueeze(-1).to(outputs.dtype)
     return torch.zeros_like(x).index_add_(0, token_of_pair, weighted.to(x.dtype))
 
 
@@ -284,10 +284,11 @@ class _FusedExperts(torch.autograd.Function):
             order, token_of_pair, counts = sort_by_expert(expert_index, n_experts)
             sizes = counts.tolist()
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            pair_of_slot = torch.empty_like(order)                # inverse permutation: (token, slot) -> row
-            pair_of_slot[order] = torch.arange(order.numel(), device=order.device)
+            # The inverse permutation, (token, slot) -> row. scatter_ and index_select rather than indexing
+            # with a tensor (x[order]): on a CPU those are several times faster for the same result.
+            pair_of_slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
             w1, w2 = w_gate_up.to(dtype), w_down.to(dtype)
-            weight = gate_weight.reshape(-1).to(dtype)[order].unsqueeze(1)
+            weight = gate_weight.reshape(-1).to(dtype).index_select(0, order).unsqueeze(1)
             xs = x.to(dtype).index_select(0, token_of_pair)
             h = _rows_mm(xs, w1, offs, sizes)
             silu_gate = F.silu(h[:, :hidden])
