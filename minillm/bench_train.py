@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm.cost import best_seconds, default_device
+from minillm.cost import best_seconds_interleaved, default_device
 from minillm.model import GPT, GPTConfig
 
 __all__ = ["bench_train"]
@@ -70,11 +70,9 @@ def bench_train(layers: int = 4, heads: int = 4, width: int = 128, context: int 
     for step in steppers.values():  # warm-up: allocator, kernels, optimizer state
         step()
         step()
-    best = {name: float("inf") for name in steppers}
-    for _ in range(rounds):  # alternate the two models, so a slow moment of the machine hits both
-        for name, step in steppers.items():
-            run = best_seconds(lambda: [step() for _ in range(steps)], device=device, repeats=1, warmup=0)
-            best[name] = min(best[name], run)
+    # Alternate the two models, so a slow moment of the machine hits both.
+    best = best_seconds_interleaved({name: (lambda step=step: [step() for _ in range(steps)])
+                                     for name, step in steppers.items()}, device=device, repeats=rounds, warmup=0)
     tokens = steps * batch * context
     tokens_per_second = {name: tokens / seconds for name, seconds in best.items()}
     ratio = tokens_per_second["minillm"] / tokens_per_second["transformers"]

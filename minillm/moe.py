@@ -338,14 +338,26 @@ def fused_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: tor
                    w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """The sorted dispatch of `sorted_dispatch` + `run_experts_on_slices` as one op with a hand-written backward.
 
-    Same result and gradients (x, gate_weight, both weight stacks); fewer and cheaper operations: every
-    stage writes into one preallocated buffer, and the way back is a permutation, so nothing scatters.
+    x (tokens, d); expert_index and gate_weight (tokens, top_k); w_gate_up (n_experts, d, 2 * hidden) with
+    the gate columns first; w_down (n_experts, hidden, d). Same result and gradients (x, gate_weight, both
+    weight stacks) as the autograd version, in a fixed number of whole-tensor operations (see _FusedExperts).
     """
     if expert_index.dim() != 2 or gate_weight.shape != expert_index.shape or x.dim() != 2 \
             or x.shape[0] != expert_index.shape[0]:
         raise ValueError(f"fused_dispatch: expected x (tokens, d), expert_index and gate_weight (tokens, top_k); got "
                          f"{tuple(x.shape)}, {tuple(expert_index.shape)}, {tuple(gate_weight.shape)}")
-    return _FusedExperts.apply(x, expert_index, gate_weight, w_gate_up, w_down)
+    if w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[0] != w_down.shape[0] \
+            or w_gate_up.shape[1] != x.shape[1] or w_gate_up.shape[2] != 2 * w_down.shape[1] \
+            or w_down.shape[2] != x.shape[1]:
+        raise ValueError(f"fused_dispatch: expected w_gate_up (n_experts, d, 2 * hidden) and w_down (n_experts, hidden, "
+                         f"d) with d = {x.shape[1]}; got {tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
+    if expert_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"fused_dispatch: expert_index must hold integer expert ids, got {expert_index.dtype}")
+    n_experts = w_gate_up.shape[0]
+    if expert_index.numel() and (int(expert_index.min()) < 0 or int(expert_index.max()) >= n_experts):
+        raise ValueError(f"fused_dispatch: expert_index holds ids from {int(expert_index.min())} to "
+                         f"{int(expert_index.max())}, but there are {n_experts} experts (ids 0 to {n_experts - 1})")
+    return _FusedExperts.apply(x, expert_index.long(), gate_weight, w_gate_up, w_down)
 
 
 def reference_moe_loop(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor,

@@ -307,6 +307,9 @@ from minillm.cost import freed_memory_kept, keep_freed_memory
 from minillm.moe import MoE, MoEConfig
 
 applied = keep_freed_memory() if sys.argv[1] == "kept" else False
+# One thread: with more, OpenMP workers' allocations land in other malloc arenas, and a few hundred of their
+# faults per step come and go from run to run; the main thread's tens of MB are what this is about.
+torch.set_num_threads(1)
 torch.manual_seed(0)
 layer = MoE(256, MoEConfig(n_routed=16, n_shared=0, top_k=8, expert_hidden=64))
 x = torch.randn(1, 2048, 256, requires_grad=True)

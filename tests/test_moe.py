@@ -83,6 +83,14 @@ def test_fused_dispatch_passes_gradcheck_and_handles_idle_experts_and_no_tokens(
     assert empty.shape == (0, 5)
     with pytest.raises(ValueError, match="expert_index and gate_weight"):
         fused_dispatch(x, index, gate[:, :1], w1, w2)
+    with pytest.raises(ValueError, match="3 experts"):
+        fused_dispatch(x, index + 1, gate, w1, w2)            # id 3 does not exist
+    with pytest.raises(ValueError, match="3 experts"):
+        fused_dispatch(x, index - 1, gate, w1, w2)            # nor does -1
+    with pytest.raises(TypeError, match="integer expert ids"):
+        fused_dispatch(x, index.double(), gate, w1, w2)
+    with pytest.raises(ValueError, match="w_gate_up"):
+        fused_dispatch(x, index, gate, w1[:, :, :5], w2)
 
 
 def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch):
