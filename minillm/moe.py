@@ -254,6 +254,14 @@ def _weight_mm(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, sizes: list
     return out
 
 
+def _sum_over_pairs(rows: torch.Tensor, pair_of_slot: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    """out[t] = sum over s of rows[pair_of_slot[t, s]]: every token's top_k rows summed by one gather-sum
+    (embedding_bag), where index_add_ would scatter."""
+    if tokens == 0:
+        return rows.new_zeros(0, rows.shape[-1])
+    return F.embedding_bag(pair_of_slot.view(tokens, top_k), rows, mode="sum")
+
+
 class _FusedExperts(torch.autograd.Function):
     """Sorted dispatch as one op with a hand-written backward: a fixed number of whole-tensor operations.
 
@@ -295,8 +303,7 @@ class _FusedExperts(torch.autograd.Function):
             a = silu_gate * h[:, hidden:]
             weighted_a = a * weight
             y = _rows_mm(weighted_a, w2, offs, sizes)
-            out = F.embedding_bag(pair_of_slot.view(tokens, top_k), y, mode="sum") if tokens else \
-                y.new_zeros(0, y.shape[-1])
+            out = _sum_over_pairs(y, pair_of_slot, tokens, top_k)
         ctx.save_for_backward(order, token_of_pair, offs, pair_of_slot, weight, xs, h, silu_gate, a, weighted_a,
                               w1, w2)
         ctx.sizes, ctx.top_k = sizes, top_k
@@ -329,8 +336,7 @@ class _FusedExperts(torch.autograd.Function):
                     grad_w1 = _weight_mm(xs, grad_h, offs, sizes).to(w1_dtype)
                 if need_x:
                     grad_xs = _rows_mm(grad_h, w1.transpose(1, 2), offs, sizes)
-                    grad_x = (F.embedding_bag(pair_of_slot.view(tokens, top_k), grad_xs, mode="sum") if tokens
-                              else grad_xs.new_zeros(0, grad_xs.shape[-1])).to(x_dtype)
+                    grad_x = _sum_over_pairs(grad_xs, pair_of_slot, tokens, top_k).to(x_dtype)
         return grad_x, None, grad_gate, grad_w1, grad_w2
 
 
