@@ -12,10 +12,11 @@ Forward + backward tokens/s of one mixture-of-experts layer (no shared experts, 
 
 The default sizes follow DeepSeek-V3's fine-grained proportions scaled down: top-8 routing and experts a
 quarter as wide as the model (V3: 2048 of 7168). `--top-k 4 --expert-hidden 128` gives coarser experts at
-the same FLOPs per token. All are timed in the same run on the same device, so the printed ratios hold for this machine. Beside
-them the bench times the experts' matmuls alone (the same per-expert products of the forward and backward
-passes on pre-sorted rows, no routing, gathering or scattering): no dispatch can beat that floor, so
-naive loop / floor is the most any dispatch could gain over the naive loop at that size.
+the same FLOPs per token. All are timed in the same run on the same device, in alternating rounds and
+under the same memory allocator setting, so the printed ratios hold for this machine. Beside them the
+bench times the experts' matmuls alone (the same per-expert products of the forward and backward passes
+on pre-sorted rows, no routing, gathering or scattering): no dispatch can beat that floor, so naive loop /
+floor is the most any dispatch could gain over the naive loop at that size.
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
     # contender pays a page fault per 4 kB of its temporaries on every step (see cost.keep_freed_memory).
     kept = False if default_malloc else keep_freed_memory()
     torch.manual_seed(0)
-    has_transformers = _mixtral_block(MoE(8, MoEConfig(n_routed=2, top_k=1, n_shared=0, expert_hidden=4)), None) is not None
+    probe = MoE(8, MoEConfig(n_routed=2, top_k=1, n_shared=0, expert_hidden=4))
+    has_transformers = _mixtral_block(probe, None) is not None
     if not has_transformers:
         print(f"bench moe: transformers is not installed, so its Mixtral block is skipped; {TRANSFORMERS_HINT}")
     print(f"bench moe on {device}: {tokens} tokens, d_model {d_model}, SwiGLU experts of width {expert_hidden}, "
@@ -123,7 +125,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             def naive(inputs, layer=layer):
                 flat = inputs.reshape(-1, layer.n_embd)
                 routing = route(layer.router(flat), None, layer.config.top_k)
-                return per_expert_mask_loop(flat, routing.expert_index, routing.gate_weight, layer.w_gate_up, layer.w_down)
+                return per_expert_mask_loop(flat, routing.expert_index, routing.gate_weight, layer.w_gate_up,
+                                            layer.w_down)
 
             def autograd_slices(inputs, layer=layer):
                 layer.config.dispatch = "slices"
@@ -183,7 +186,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
               "freed_memory_kept": kept,
               "rows": rows, "targets": targets}
     if out_dir is not None:
-        path = Path(out_dir) / f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}-{_dt.date.today().isoformat()}.json"
+        name = f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}-{_dt.date.today().isoformat()}.json"
+        path = Path(out_dir) / name
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
         result["path"] = str(path)

@@ -197,7 +197,7 @@ def keep_freed_memory(enable: bool = True, up_to_bytes: int = 1 << 30) -> bool:
     """Make glibc's malloc keep freed memory for reuse rather than hand it back to the operating system.
 
     Every fresh page of memory costs a page fault the first time it is written (the kernel must find and
-    zero it): about a millisecond per 16 MB on a small VM. PyTorch's CPU tensors come straight from malloc,
+    zero it): milliseconds per 16 MB on a small VM. PyTorch's CPU tensors come straight from malloc,
     which by default maps big blocks fresh from the OS and returns them on free, so a layer that allocates
     tens of MB of temporaries pays those faults on every step. This sets glibc's mmap and trim thresholds
     high (`mallopt`), so freed blocks stay in the heap and are reused warm: the in-process equivalent of

@@ -14,8 +14,9 @@ Taught in chapter 04 (mixture of experts). The layer replaces a GPT block's MLP
 - Dispatch: token-expert pairs are sorted by expert, the tokens gathered once, every expert runs on its
   contiguous slice (or all experts at once as one padded batched GEMM), and the weighted results are
   added back onto their tokens. `fused_dispatch` (the CPU default) does the same as one op with a
-  hand-written backward and grouped matmuls. `reference_moe_loop` (one token at a time) and `per_expert_mask_loop` (the loop
-  most libraries start with) are the references it is tested and benchmarked against.
+  hand-written backward and grouped matmuls. `reference_moe_loop` (one token at a time) and
+  `per_expert_mask_loop` (the loop most libraries start with) are the references it is tested and
+  benchmarked against.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["MoEConfig", "MoE", "Routing", "route", "update_bias", "sort_by_expert", "sorted_dispatch",
-           "run_experts_on_slices", "run_experts_grouped", "fused_dispatch", "reference_moe_loop", "per_expert_mask_loop",
+           "run_experts_on_slices", "run_experts_grouped", "fused_dispatch", "reference_moe_loop",
+           "per_expert_mask_loop",
            "sequence_balance_loss", "load_imbalance", "DISPATCH_KINDS"]
 
 DISPATCH_KINDS = ("auto", "fused", "grouped", "slices")
@@ -355,8 +357,9 @@ def fused_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: tor
     if w_gate_up.dim() != 3 or w_down.dim() != 3 or w_gate_up.shape[0] != w_down.shape[0] \
             or w_gate_up.shape[1] != x.shape[1] or w_gate_up.shape[2] != 2 * w_down.shape[1] \
             or w_down.shape[2] != x.shape[1]:
-        raise ValueError(f"fused_dispatch: expected w_gate_up (n_experts, d, 2 * hidden) and w_down (n_experts, hidden, "
-                         f"d) with d = {x.shape[1]}; got {tuple(w_gate_up.shape)} and {tuple(w_down.shape)}")
+        raise ValueError(f"fused_dispatch: expected w_gate_up (n_experts, d, 2 * hidden) and w_down "
+                         f"(n_experts, hidden, d) with d = {x.shape[1]}; got {tuple(w_gate_up.shape)} and "
+                         f"{tuple(w_down.shape)}")
     if expert_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"fused_dispatch: expert_index must hold integer expert ids, got {expert_index.dtype}")
     n_experts = w_gate_up.shape[0]
@@ -389,7 +392,8 @@ def per_expert_mask_loop(x: torch.Tensor, expert_index: torch.Tensor, gate_weigh
         if token.numel() == 0:
             continue
         result = _swiglu(x[token], gate_ups[expert], downs[expert])
-        output = output.index_add(0, token, (result * gate_weight[token, slot].unsqueeze(-1).to(result.dtype)).to(x.dtype))
+        weighted = result * gate_weight[token, slot].unsqueeze(-1).to(result.dtype)
+        output = output.index_add(0, token, weighted.to(x.dtype))
     return output
 
 
