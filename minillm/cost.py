@@ -918,6 +918,12 @@ def savings_table(chapter: str, rows: list[dict], ledger: Ledger | None = None, 
     if not rows:
         raise ValueError("savings_table: no rows; pass at least one baseline-vs-improved measurement")
     parsed = [_savings_row(row, i) for i, row in enumerate(rows)]
+    names = [row["what"] for row in parsed]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        # The ledger (and `minillm report`) keeps the latest entry per chapter and label: one would vanish.
+        raise ValueError(f"savings_table: rows {repeated} appear more than once; give each row its own 'what' "
+                         "(e.g. add what was compared), since the report keeps one entry per name")
     ledger = Ledger() if ledger is None else ledger
     hw = probe_hardware()
     for row in parsed:

@@ -198,6 +198,9 @@ def test_savings_table_rejects_bad_rows():
         cost.savings_table("01", [{"what": "x", "baseline": ("a", 1)}])
     with pytest.raises(ValueError, match="> 0"):
         cost.savings_table("01", [{"what": "x", "baseline": ("a", 0), "improved": ("b", 2), "better": "lower"}])
+    twice = {"what": "tok/s", "baseline": ("a", 1), "improved": ("b", 2), "better": "higher"}
+    with pytest.raises(ValueError, match="more than once"):   # the report would keep only one of them
+        cost.savings_table("04", [twice, dict(twice, baseline=("c", 1.5))])
     assert cost.Ledger().entries() == []
 
 
