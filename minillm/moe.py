@@ -261,7 +261,10 @@ def _sum_over_pairs(rows: torch.Tensor, pair_of_slot: torch.Tensor, tokens: int,
     (embedding_bag), where index_add_ would scatter."""
     if tokens == 0:
         return rows.new_zeros(0, rows.shape[-1])
-    return F.embedding_bag(pair_of_slot.view(tokens, top_k), rows, mode="sum")
+    try:
+        return F.embedding_bag(pair_of_slot.view(tokens, top_k), rows, mode="sum")
+    except (RuntimeError, NotImplementedError):   # a device without embedding_bag (Apple's mps, say)
+        return rows.index_select(0, pair_of_slot.reshape(-1)).view(tokens, top_k, rows.shape[-1]).sum(dim=1)
 
 
 class _FusedExperts(torch.autograd.Function):

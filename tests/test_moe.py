@@ -127,6 +127,26 @@ def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch):
     assert looped[2][5].abs().sum() == 0 and grouped[2][5].abs().sum() == 0   # the idle expert's gradient
 
 
+def test_fused_dispatch_without_embedding_bag_falls_back_to_a_gather_sum(monkeypatch):
+    import minillm.moe as moe
+
+    torch.manual_seed(8)
+    x = torch.randn(9, 16, requires_grad=True)
+    w1, w2 = torch.randn(4, 16, 24, requires_grad=True), torch.randn(4, 12, 16, requires_grad=True)
+    routing = route(torch.randn(9, 4), None, 2)
+    expected = per_expert_mask_loop(x, routing.expert_index, routing.gate_weight, w1, w2)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("embedding_bag is not implemented for this device")
+
+    monkeypatch.setattr(moe.F, "embedding_bag", missing)
+    got = fused_dispatch(x, routing.expert_index, routing.gate_weight, w1, w2)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_dispatch_under_bf16_autocast_matches_the_autograd_slices():
     layer = make_layer(n_shared=0)
     x = torch.randn(2, 9, 16, requires_grad=True)
