@@ -224,6 +224,15 @@ def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _expert_slices(sizes: list[int]):
+    """(expert, its rows) for every expert with rows, in the sorted order of sort_by_expert."""
+    start = 0
+    for e, size in enumerate(sizes):
+        if size:
+            yield e, slice(start, start + size)
+        start += size
+
+
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Rows of a (N, K) grouped by expert, times that expert's b[e] (K, M): (N, M)."""
     if a.shape[0] and _grouped_mm_fits(a, b):
@@ -232,11 +241,8 @@ def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[i
         except RuntimeError:   # a layout this build's kernel refuses: the loop below always works
             pass
     out = a.new_empty(a.shape[0], b.shape[-1])
-    start = 0
-    for e, size in enumerate(sizes):
-        if size:
-            torch.mm(a[start:start + size], b[e], out=out[start:start + size])
-        start += size
+    for e, rows in _expert_slices(sizes):
+        torch.mm(a[rows], b[e], out=out[rows])
     return out
 
 
@@ -248,11 +254,8 @@ def _weight_mm(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, sizes: list
         except RuntimeError:
             pass
     out = a.new_zeros(len(sizes), a.shape[1], c.shape[1])
-    start = 0
-    for e, size in enumerate(sizes):
-        if size:
-            torch.mm(a[start:start + size].t(), c[start:start + size], out=out[e])
-        start += size
+    for e, rows in _expert_slices(sizes):
+        torch.mm(a[rows].t(), c[rows], out=out[e])
     return out
 
 
@@ -366,9 +369,11 @@ def fused_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: tor
     if expert_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"fused_dispatch: expert_index must hold integer expert ids, got {expert_index.dtype}")
     n_experts = w_gate_up.shape[0]
-    if expert_index.numel() and (int(expert_index.min()) < 0 or int(expert_index.max()) >= n_experts):
-        raise ValueError(f"fused_dispatch: expert_index holds ids from {int(expert_index.min())} to "
-                         f"{int(expert_index.max())}, but there are {n_experts} experts (ids 0 to {n_experts - 1})")
+    if expert_index.numel():
+        lowest, highest = int(expert_index.min()), int(expert_index.max())
+        if lowest < 0 or highest >= n_experts:
+            raise ValueError(f"fused_dispatch: expert_index holds ids from {lowest} to {highest}, but there are "
+                             f"{n_experts} experts (ids 0 to {n_experts - 1})")
     return _FusedExperts.apply(x, expert_index.long(), gate_weight, w_gate_up, w_down)
 
 
