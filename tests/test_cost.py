@@ -323,10 +323,14 @@ def step():
 
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+per_step = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(applied, freed_memory_kept(), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+    per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The median: with freed memory kept the heap still grows now and then (a few thousand faults in one step
+# while fragmentation settles), which is not the per-step tax this is about.
+print(applied, freed_memory_kept(), sorted(per_step)[len(per_step) // 2])
 """
 
 
@@ -343,7 +347,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_an_moe_training_step():
     applied_default, kept_default, default_faults = faults("default")
     applied, kept, kept_faults = faults("kept")
     assert not applied_default and not kept_default and applied and kept
-    assert default_faults > 1000                 # thousands of 4 kB pages per step
+    assert default_faults > 1000                 # thousands of 4 kB pages in a typical step
     assert kept_faults < default_faults / 20
 
 
