@@ -98,6 +98,12 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
     if router_logits.dim() != 2:
         raise ValueError(f"route: router_logits must have shape (tokens, n_routed), got {tuple(router_logits.shape)}")
     n_routed = router_logits.shape[-1]
+    if not 1 <= n_groups <= n_routed or n_routed % n_groups or not 1 <= top_groups <= n_groups:
+        raise ValueError(f"route: n_groups={n_groups} must divide the {n_routed} experts and top_groups={top_groups} "
+                         f"must be between 1 and n_groups")
+    if not 1 <= top_k <= top_groups * (n_routed // n_groups):
+        raise ValueError(f"route: top_k={top_k} must be between 1 and the {top_groups * (n_routed // n_groups)} "
+                         f"experts a token may use ({n_routed} experts, top_groups={top_groups} of n_groups={n_groups})")
     affinity = torch.sigmoid(router_logits.float())
     # The bias only steers the choice: it never enters the weights, so balancing does not distort outputs.
     choice = affinity.detach() if bias is None else affinity.detach() + bias.float()
@@ -138,6 +144,12 @@ def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, ba
     affinities normalised per token. Perfect balance gives alpha * 1 (with uniform affinities).
     """
     tokens, n_routed = affinity.shape
+    if expert_index.dim() != 2 or expert_index.shape[0] != tokens:
+        raise ValueError(f"sequence_balance_loss: expert_index must be (tokens, top_k) with tokens={tokens}, got "
+                         f"{tuple(expert_index.shape)}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1 or tokens % batch:
+        raise ValueError(f"sequence_balance_loss: batch={batch!r} must be a positive integer dividing the {tokens} "
+                         f"tokens (the rows of affinity are batch sequences of equal length, one after another)")
     top_k = expert_index.shape[-1]
     length = tokens // batch
     chosen = torch.zeros_like(affinity).scatter_(1, expert_index, 1.0).view(batch, length, n_routed)

@@ -219,6 +219,23 @@ def test_group_limited_routing_stays_within_the_best_groups():
     assert any(len(set(row.tolist())) > 2 for row in ungrouped.expert_index // 4)
 
 
+def test_route_rejects_impossible_choices_with_a_clear_error():
+    logits = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="top_k=9"):
+        route(logits, None, top_k=9)
+    with pytest.raises(ValueError, match="top_k=0"):
+        route(logits, None, top_k=0)
+    with pytest.raises(ValueError, match="n_groups=3"):
+        route(logits, None, top_k=2, n_groups=3)
+    with pytest.raises(ValueError, match="top_groups=3"):
+        route(logits, None, top_k=2, n_groups=2, top_groups=3)
+    with pytest.raises(ValueError, match="top_k=5"):     # only 1 group of 4 experts may be used
+        route(logits, None, top_k=5, n_groups=2, top_groups=1)
+    chosen = logits.topk(2, dim=-1).indices
+    with pytest.raises(ValueError, match="batch=4"):      # 6 tokens are not 4 sequences of equal length
+        sequence_balance_loss(torch.sigmoid(logits), chosen, 4, 0.01)
+
+
 def test_update_bias_rule():
     bias = torch.zeros(4)
     new = update_bias(bias, torch.tensor([10, 2, 4, 4]), 0.1)   # mean 5: overloaded, underloaded x3
