@@ -199,7 +199,8 @@ def keep_freed_memory(enable: bool = True, up_to_bytes: int = 1 << 30) -> bool:
     Every fresh page of memory costs a page fault the first time it is written (the kernel must find and
     zero it): milliseconds per 16 MB on a small VM. PyTorch's CPU tensors come straight from malloc,
     which by default maps big blocks fresh from the OS and returns them on free, so a layer that allocates
-    tens of MB of temporaries pays those faults on every step. This sets glibc's mmap and trim thresholds
+    tens of MB of temporaries can pay those faults on every step (glibc raises its threshold for "big"
+    by itself after such a free, up to 32 MB, so how many remain depends on the allocation pattern). This sets glibc's mmap and trim thresholds
     high (`mallopt`), so freed blocks stay in the heap and are reused warm: the in-process equivalent of
     running with jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends. The cost is that
     the process keeps its peak memory instead of giving it back.
