@@ -169,21 +169,25 @@ def best_seconds(fn: Callable[[], object], device: str | torch.device | None = N
 
 
 def best_seconds_interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device | None = None,
-                             repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+                             repeats: int = 5, warmup: int = 1, warmup_each_round: int = 0) -> dict[str, float]:
     """`best_seconds` of several contenders, timed in alternating rounds (a, b, c, a, b, c, ...).
 
     For comparisons: a burst of load from another process then slows every contender a little rather
     than one of them a lot, so the ratios of the fastest runs stay honest on a shared machine.
+    `warmup_each_round` untimed calls precede each timed one: for contenders that switch a process-wide
+    setting (the memory allocator, say), whose first call after the switch pays for it.
     """
     if repeats < 1:
         raise ValueError(f"best_seconds_interleaved: repeats={repeats} must be at least 1")
+    if warmup_each_round < 0:
+        raise ValueError(f"best_seconds_interleaved: warmup_each_round={warmup_each_round} must be >= 0")
     for fn in fns.values():
         for _ in range(max(warmup, 0)):
             fn()
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            best[name] = min(best[name], best_seconds(fn, device=device, repeats=1, warmup=0))
+            best[name] = min(best[name], best_seconds(fn, device=device, repeats=1, warmup=warmup_each_round))
     return best
 
 

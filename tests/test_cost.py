@@ -304,6 +304,35 @@ def test_best_seconds_interleaved_alternates_and_keeps_each_fastest():
         best_seconds_interleaved({"x": lambda: None}, repeats=0)
 
 
+def test_best_seconds_interleaved_can_warm_up_before_every_timed_call():
+    # A contender that switches a process-wide setting pays for the switch in its first call after it:
+    # with warmup_each_round=1 that call is untimed in every round.
+    import time
+
+    from minillm.cost import best_seconds_interleaved
+
+    state = {"current": None}
+    calls = []
+
+    def switching(name):
+        def run():
+            calls.append(name)
+            if state["current"] != name:   # the switch costs 20 ms
+                state["current"] = name
+                time.sleep(0.02)
+        return run
+
+    plain = best_seconds_interleaved({"a": switching("a"), "b": switching("b")}, repeats=2, warmup=0)
+    assert min(plain.values()) >= 0.02             # every timed call followed a switch
+    calls.clear()
+    settled = best_seconds_interleaved({"a": switching("a"), "b": switching("b")}, repeats=2, warmup=0,
+                                       warmup_each_round=1)
+    assert calls == ["a", "a", "b", "b"] * 2
+    assert max(settled.values()) < 0.01
+    with pytest.raises(ValueError, match="warmup_each_round"):
+        best_seconds_interleaved({"x": lambda: None}, warmup_each_round=-1)
+
+
 MOE_STEP_FAULTS_PROBE = r"""
 import resource, sys, torch
 from minillm.cost import freed_memory_kept, keep_freed_memory
