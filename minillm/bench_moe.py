@@ -5,6 +5,7 @@ Forward + backward tokens/s of one mixture-of-experts layer (no shared experts, 
 - minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": on a CPU "fused", grouped matmuls over
   the experts' contiguous slices with a hand-written backward; on a GPU one padded batched GEMM);
 - the same sorted dispatch left to autograd (dispatch="slices"), to show what the hand-written backward buys;
+- on a CUDA GPU with Triton, the same dispatch with minillm's Triton grouped-GEMM kernels (dispatch="triton");
 - the naive per-expert loop (`minillm.moe.per_expert_mask_loop`: every expert searches all pairs for its
   tokens), with the same router and weights;
 - Hugging Face transformers' Mixtral sparse MoE block (softmax router, same expert sizes, its default
@@ -28,6 +29,7 @@ import torch
 
 from minillm.cost import (Meter, best_seconds_interleaved, default_device, format_hardware, hardware_id,
                           keep_freed_memory, probe_hardware)
+from minillm import kernels
 from minillm.paths import atomic_write_text
 from minillm.moe import MoE, MoEConfig, per_expert_mask_loop, route
 
@@ -128,20 +130,24 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 return per_expert_mask_loop(flat, routing.expert_index, routing.gate_weight, layer.w_gate_up,
                                             layer.w_down)
 
-            def autograd_slices(inputs, layer=layer):
-                layer.config.dispatch = "slices"
-                try:
-                    return layer(inputs)
-                finally:
-                    layer.config.dispatch = "auto"
+            def with_dispatch(kind, layer=layer):
+                def forward(inputs):
+                    layer.config.dispatch = kind
+                    try:
+                        return layer(inputs)
+                    finally:
+                        layer.config.dispatch = "auto"
+                return forward
 
             contenders = {"sorted": _training_step(layer, x, params),
-                          "autograd_slices": _training_step(autograd_slices, x, params),
+                          "autograd_slices": _training_step(with_dispatch("slices"), x, params),
                           "naive_loop": _training_step(naive, x, params)}
             block = _mixtral_block(layer, "eager") if has_transformers else None
             if block is not None:
                 block = block.to(device)
                 contenders["transformers"] = _training_step(block, x, list(block.parameters()))
+            if device.type == "cuda" and kernels.triton_available():   # minillm's Triton grouped GEMM
+                contenders["triton_grouped"] = _training_step(with_dispatch("triton"), x, params)
             contenders["matmul_floor"] = _matmul_floor(layer, x, device)
             # Alternating rounds, so a burst of load from elsewhere cannot favour one contender.
             seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
@@ -157,6 +163,10 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                      f"naive loop {row['naive_loop_tokens_per_second']:,.0f} ({row['vs_naive_loop']:.2f}x)",
                      f"autograd slices {row['autograd_slices_tokens_per_second']:,.0f} "
                      f"({row['vs_autograd_slices']:.2f}x)"]
+            if "triton_grouped_tokens_per_second" in row:
+                row["vs_triton_grouped"] = row["sorted_tokens_per_second"] / row["triton_grouped_tokens_per_second"]
+                parts.append(f"Triton grouped GEMM {row['triton_grouped_tokens_per_second']:,.0f} "
+                             f"({row['vs_triton_grouped']:.2f}x)")
             if "vs_transformers" in row:
                 parts.append(f"transformers Mixtral {row['transformers_tokens_per_second']:,.0f} "
                              f"({row['vs_transformers']:.2f}x)")

@@ -28,12 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm import kernels
+
 __all__ = ["MoEConfig", "MoE", "Routing", "route", "update_bias", "sort_by_expert", "sorted_dispatch",
            "run_experts_on_slices", "run_experts_grouped", "fused_dispatch", "reference_moe_loop",
            "per_expert_mask_loop",
            "sequence_balance_loss", "load_imbalance", "DISPATCH_KINDS"]
 
-DISPATCH_KINDS = ("auto", "fused", "grouped", "slices")
+DISPATCH_KINDS = ("auto", "fused", "triton", "grouped", "slices")
 
 
 @dataclass
@@ -47,9 +49,11 @@ class MoEConfig:
     top_groups: int = 1            # ... of which each token may use the best top_groups (1, 1 = off)
     bias_update_rate: float = 0.001  # gamma of the auxiliary-loss-free bias update; 0 turns it off
     aux_loss_weight: float = 0.0   # alpha of the sequence-wise balance loss; 0 turns it off
-    dispatch: str = "auto"         # "fused" (grouped matmuls, hand-written backward), "grouped"
-                                   # (one padded batched GEMM), "slices" (a loop over experts, autograd),
-                                   # "auto" (fused on a CPU, grouped on a GPU unless the load is very uneven)
+    dispatch: str = "auto"         # "fused" (grouped matmuls, hand-written backward), "triton" (the same
+                                   # with minillm's Triton grouped-GEMM kernels: a GPU, or the interpreter),
+                                   # "grouped" (one padded batched GEMM), "slices" (a loop over experts,
+                                   # autograd), "auto" (fused on a CPU, grouped on a GPU unless the load is
+                                   # very uneven)
 
     def __post_init__(self) -> None:
         for name in ("n_routed", "top_k", "expert_hidden", "n_groups", "top_groups"):
@@ -245,8 +249,11 @@ def _expert_slices(sizes: list[int]):
         start += size
 
 
-def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[int],
+             kernels_backend: str | None = None) -> torch.Tensor:
     """Rows of a (N, K) grouped by expert, times that expert's b[e] (K, M): (N, M)."""
+    if kernels_backend is not None:   # minillm's Triton grouped GEMM (chapter 02's kernel dispatch)
+        return kernels.grouped_matmul(a, b, offs, backend=kernels_backend)
     if a.shape[0] and _grouped_mm_fits(a, b):
         try:
             return _GROUPED_MM(a, b, offs=offs)
@@ -258,8 +265,11 @@ def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[i
     return out
 
 
-def _weight_mm(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def _weight_mm(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, sizes: list[int],
+               kernels_backend: str | None = None) -> torch.Tensor:
     """Per expert e, a[rows of e]^T @ c[rows of e]: the (n_experts, K, M) weight gradient; zero for idle experts."""
+    if kernels_backend is not None:
+        return kernels.grouped_weight_grad(a, c, offs, backend=kernels_backend)
     if a.shape[0] and _grouped_mm_fits(a, c):
         try:
             return _GROUPED_MM(a.t(), c, offs=offs)
@@ -302,7 +312,7 @@ class _FusedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, expert_index, gate_weight, w_gate_up, w_down):
+    def forward(ctx, x, expert_index, gate_weight, w_gate_up, w_down, kernels_backend):
         tokens, top_k = expert_index.shape
         n_experts, hidden = w_gate_up.shape[0], w_down.shape[1]
         device_type = x.device.type
@@ -318,15 +328,15 @@ class _FusedExperts(torch.autograd.Function):
             w1, w2 = w_gate_up.to(dtype), w_down.to(dtype)
             weight = gate_weight.reshape(-1).to(dtype).index_select(0, order).unsqueeze(1)
             xs = x.to(dtype).index_select(0, token_of_pair)
-            h = _rows_mm(xs, w1, offs, sizes)
+            h = _rows_mm(xs, w1, offs, sizes, kernels_backend)
             silu_gate = F.silu(h[:, :hidden])
             a = silu_gate * h[:, hidden:]
             weighted_a = a * weight
-            y = _rows_mm(weighted_a, w2, offs, sizes)
+            y = _rows_mm(weighted_a, w2, offs, sizes, kernels_backend)
             out = _sum_over_pairs(y, pair_of_slot, tokens, top_k)
         ctx.save_for_backward(order, token_of_pair, offs, pair_of_slot, weight, xs, h, silu_gate, a, weighted_a,
                               w1, w2)
-        ctx.sizes, ctx.top_k = sizes, top_k
+        ctx.sizes, ctx.top_k, ctx.kernels_backend = sizes, top_k, kernels_backend
         ctx.dtypes = (x.dtype, gate_weight.dtype, w_gate_up.dtype, w_down.dtype)
         return out.to(x.dtype)
 
@@ -335,17 +345,17 @@ class _FusedExperts(torch.autograd.Function):
     def backward(ctx, grad_out):
         order, token_of_pair, offs, pair_of_slot, weight, xs, h, silu_gate, a, weighted_a, w1, w2 = ctx.saved_tensors
         x_dtype, gate_dtype, w1_dtype, w2_dtype = ctx.dtypes
-        sizes, hidden = ctx.sizes, w2.shape[1]
+        sizes, hidden, backend = ctx.sizes, w2.shape[1], ctx.kernels_backend
         tokens, top_k = grad_out.shape[0], ctx.top_k
-        need_x, _, need_gate, need_w1, need_w2 = ctx.needs_input_grad
+        need_x, _, need_gate, need_w1, need_w2, _ = ctx.needs_input_grad
         grad_x = grad_gate = grad_w1 = grad_w2 = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.to(xs.dtype).index_select(0, token_of_pair)
-            u = _rows_mm(g, w2.transpose(1, 2), offs, sizes)
+            u = _rows_mm(g, w2.transpose(1, 2), offs, sizes, backend)
             if need_gate:   # back from expert order to (token, slot) order
                 grad_gate = torch.linalg.vecdot(a, u).index_select(0, pair_of_slot).view(tokens, top_k).to(gate_dtype)
             if need_w2:
-                grad_w2 = _weight_mm(weighted_a, g, offs, sizes).to(w2_dtype)
+                grad_w2 = _weight_mm(weighted_a, g, offs, sizes, backend).to(w2_dtype)
             if need_x or need_w1:
                 grad_a = u.mul_(weight)
                 grad_h = torch.empty_like(h)
@@ -353,21 +363,26 @@ class _FusedExperts(torch.autograd.Function):
                                                         grad_input=grad_h[:, :hidden])
                 torch.mul(grad_a, silu_gate, out=grad_h[:, hidden:])
                 if need_w1:
-                    grad_w1 = _weight_mm(xs, grad_h, offs, sizes).to(w1_dtype)
+                    grad_w1 = _weight_mm(xs, grad_h, offs, sizes, backend).to(w1_dtype)
                 if need_x:
-                    grad_xs = _rows_mm(grad_h, w1.transpose(1, 2), offs, sizes)
+                    grad_xs = _rows_mm(grad_h, w1.transpose(1, 2), offs, sizes, backend)
                     grad_x = _sum_over_pairs(grad_xs, pair_of_slot, tokens, top_k).to(x_dtype)
-        return grad_x, None, grad_gate, grad_w1, grad_w2
+        return grad_x, None, grad_gate, grad_w1, grad_w2, None
 
 
 def fused_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor,
-                   w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+                   w_gate_up: torch.Tensor, w_down: torch.Tensor, kernels_backend: str | None = None) -> torch.Tensor:
     """The sorted dispatch of `sorted_dispatch` + `run_experts_on_slices` as one op with a hand-written backward.
 
     x (tokens, d); expert_index and gate_weight (tokens, top_k); w_gate_up (n_experts, d, 2 * hidden) with
     the gate columns first; w_down (n_experts, hidden, d). Same result and gradients (x, gate_weight, both
     weight stacks) as the autograd version, in a fixed number of whole-tensor operations (see _FusedExperts).
+    kernels_backend=None multiplies with torch (grouped_mm, or a loop of matmuls); "auto", "triton" or
+    "torch" hands the experts' matmuls to minillm.kernels.grouped_matmul / grouped_weight_grad instead.
     """
+    if kernels_backend is not None and kernels_backend not in kernels.BACKENDS:
+        raise ValueError(f"fused_dispatch: kernels_backend={kernels_backend!r}; choose None or one of "
+                         f"{', '.join(kernels.BACKENDS)}")
     if expert_index.dim() != 2 or gate_weight.shape != expert_index.shape or x.dim() != 2 \
             or x.shape[0] != expert_index.shape[0]:
         raise ValueError(f"fused_dispatch: expected x (tokens, d), expert_index and gate_weight (tokens, top_k); got "
@@ -386,7 +401,7 @@ def fused_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: tor
         if lowest < 0 or highest >= n_experts:
             raise ValueError(f"fused_dispatch: expert_index holds ids from {lowest} to {highest}, but there are "
                              f"{n_experts} experts (ids 0 to {n_experts - 1})")
-    return _FusedExperts.apply(x, expert_index.long(), gate_weight, w_gate_up, w_down)
+    return _FusedExperts.apply(x, expert_index.long(), gate_weight, w_gate_up, w_down, kernels_backend)
 
 
 def reference_moe_loop(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor,
@@ -463,8 +478,9 @@ class MoE(nn.Module):
                 counts = torch.bincount(routing.expert_index.reshape(-1), minlength=self.config.n_routed)
                 padded_rows = int(counts.max()) * self.config.n_routed
                 kind = "grouped" if padded_rows <= 2 * routing.expert_index.numel() else "fused"
-        if kind == "fused":
-            return fused_dispatch(x, routing.expert_index, routing.gate_weight, self.w_gate_up, self.w_down)
+        if kind in ("fused", "triton"):
+            return fused_dispatch(x, routing.expert_index, routing.gate_weight, self.w_gate_up, self.w_down,
+                                  "triton" if kind == "triton" else None)
         runner = run_experts_grouped if kind == "grouped" else run_experts_on_slices
         return sorted_dispatch(x, routing.expert_index, routing.gate_weight,
                                lambda xs, counts: runner(xs, counts, self.w_gate_up, self.w_down),

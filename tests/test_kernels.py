@@ -18,7 +18,7 @@ if not GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     triton = pytest.importorskip("triton")
-    from minillm.kernels import elementwise, normalization, rowwise, tiled_matmul  # noqa: E402,F401
+    from minillm.kernels import elementwise, grouped, normalization, rowwise, tiled_matmul  # noqa: E402,F401
 finally:
     if _INTERPRET_BEFORE is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -137,6 +137,61 @@ def test_cross_entropy_forward_and_backward(shape):
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, logits.grad, rtol=1e-4, atol=1e-6)
+
+
+# Rows per expert: idle experts first, last and in the middle, a tile boundary crossed, a single row.
+GROUPS = [[5, 0, 17, 1], [0, 0, 3], [33, 31, 0, 64], [1]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("counts", GROUPS, ids=str)
+def test_grouped_matmul_and_weight_grad_match_reference(counts, dtype):
+    rows, experts, k, n = sum(counts), len(counts), 24, 40
+    ends = torch.cumsum(torch.tensor(counts), 0).to(DEVICE)
+    a, b, c = randn(rows, k, dtype=dtype, seed=1), randn(experts, k, n, dtype=dtype, seed=2), randn(rows, n, dtype=dtype, seed=3)
+    b_transposed = randn(experts, n, k, dtype=dtype, seed=4).transpose(1, 2)   # strides only: the input-gradient case
+    for weights in (b, b_transposed):
+        got = kernels.grouped_matmul(a, weights, ends)
+        assert kernels.last_backend("grouped_matmul") == EXPECTED_BACKEND
+        torch.testing.assert_close(got, reference.grouped_matmul(a, weights, ends), **TOLERANCE[dtype])
+    got = kernels.grouped_weight_grad(a, c, ends.int())
+    assert kernels.last_backend("grouped_weight_grad") == EXPECTED_BACKEND and got.shape == (experts, k, n)
+    torch.testing.assert_close(got, reference.grouped_weight_grad(a, c, ends), **TOLERANCE[dtype])
+    for expert, count in enumerate(counts):
+        if count == 0:
+            assert not got[expert].any()             # an idle expert's gradient is exactly zero
+
+
+def test_grouped_matmul_refuses_ends_that_do_not_cover_the_rows():
+    a, b = randn(6, 8), randn(3, 8, 4)
+    with pytest.raises(ValueError, match="rise from 0 to the 6 rows"):
+        kernels.grouped_matmul(a, b, torch.tensor([2, 4, 5], device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="rise from 0"):
+        kernels.grouped_matmul(a, b, torch.tensor([4, 2, 6], device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="3 experts"):
+        kernels.grouped_matmul(a, b, torch.tensor([2, 6], device=DEVICE), backend="triton")
+    with pytest.raises(TypeError, match="int32/int64"):
+        kernels.grouped_weight_grad(a, randn(6, 4), torch.tensor([2.0, 6.0], device=DEVICE), backend="triton")
+
+
+def test_moe_triton_dispatch_equals_the_torch_one():
+    from minillm.moe import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    layer = MoE(32, MoEConfig(n_routed=6, top_k=2, expert_hidden=16, n_shared=1)).to(DEVICE)
+    x = randn(2, 9, 32, seed=5).requires_grad_()
+    results = {}
+    for kind in ("fused", "triton"):
+        layer.config.dispatch = kind
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = layer(x)
+        out.square().mean().backward()
+        results[kind] = [out.detach(), x.grad] + [p.grad for p in (layer.router.weight, layer.w_gate_up, layer.w_down)]
+    assert kernels.last_backend("grouped_matmul") == EXPECTED_BACKEND
+    assert kernels.last_backend("grouped_weight_grad") == EXPECTED_BACKEND
+    for got, expected in zip(results["triton"], results["fused"]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_backend_choice_is_explicit_and_observable(monkeypatch):

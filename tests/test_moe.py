@@ -236,6 +236,16 @@ def test_route_rejects_impossible_choices_with_a_clear_error():
         sequence_balance_loss(torch.sigmoid(logits), chosen, 4, 0.01)
 
 
+def test_triton_dispatch_without_a_gpu_or_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = MoE(16, MoEConfig(n_routed=4, top_k=2, expert_hidden=8, dispatch="triton"))
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        layer(torch.randn(1, 3, 16))
+    with pytest.raises(ValueError, match="kernels_backend='gpu'"):
+        fused_dispatch(torch.randn(3, 16), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2),
+                       layer.w_gate_up, layer.w_down, kernels_backend="gpu")
+
+
 def test_update_bias_rule():
     bias = torch.zeros(4)
     new = update_bias(bias, torch.tensor([10, 2, 4, 4]), 0.1)   # mean 5: overloaded, underloaded x3

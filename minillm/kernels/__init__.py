@@ -25,12 +25,13 @@ import torch
 
 from . import reference
 
-__all__ = ["KERNELS", "BACKENDS", "add", "softmax", "matmul", "rmsnorm", "cross_entropy", "triton_available",
+__all__ = ["KERNELS", "BACKENDS", "add", "softmax", "matmul", "rmsnorm", "cross_entropy", "grouped_matmul",
+           "grouped_weight_grad", "triton_available",
            "interpreting", "resolve_backend", "last_backend", "reference"]
 
 KERNELS = {  # kernel name -> module that holds its Triton version
     "add": "elementwise", "softmax": "rowwise", "matmul": "tiled_matmul", "rmsnorm": "normalization",
-    "cross_entropy": "rowwise",
+    "cross_entropy": "rowwise", "grouped_matmul": "grouped", "grouped_weight_grad": "grouped",
 }
 BACKENDS = ("auto", "triton", "torch")
 
@@ -148,3 +149,35 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """Mean cross-entropy of (rows × vocab) logits, softmax fused (differentiable in logits)."""
     return _run("cross_entropy", backend, _device_of("cross_entropy", logits),
                 _floating("cross_entropy", "logits", logits), targets, ignore_index)
+
+
+def _expert_ends(name: str, ends, rows: int, experts: int) -> torch.Tensor:
+    if not isinstance(ends, torch.Tensor) or ends.dim() != 1 or ends.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: ends must be a 1-D int32/int64 tensor of cumulative row counts, one per expert")
+    if ends.numel() != experts:
+        raise ValueError(f"{name}: ends has {ends.numel()} entries for {experts} experts")
+    values = ends.tolist()
+    if any(v < 0 for v in values) or any(b < a for a, b in zip(values, values[1:])) or (values and values[-1] != rows):
+        raise ValueError(f"{name}: ends must rise from 0 to the {rows} rows (cumulative counts per expert, e.g. "
+                         f"torch.cumsum(counts, 0)); got {values[:8]}{' ...' if len(values) > 8 else ''}")
+    return ends
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Rows of a (N, K) sorted by expert times that expert's b[e] (K, M), all experts in one launch: (N, M).
+
+    ends (E,) are the cumulative row counts: expert e owns rows ends[e-1] .. ends[e]. Chapter 04's experts.
+    """
+    device = _device_of("grouped_matmul", a)
+    if not isinstance(b, torch.Tensor) or b.dim() != 3 or a.dim() != 2:
+        raise ValueError("grouped_matmul: expected a (N, K) and b (E, K, M)")
+    return _run("grouped_matmul", backend, device, a, b, _expert_ends("grouped_matmul", ends, a.shape[0], b.shape[0]))
+
+
+def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Per expert e, a[rows of e]^T @ c[rows of e]: the (E, K, M) weight gradient of grouped_matmul."""
+    device = _device_of("grouped_weight_grad", a)
+    if not isinstance(c, torch.Tensor) or a.dim() != 2 or c.dim() != 2:
+        raise ValueError("grouped_weight_grad: expected a (N, K) and c (N, M)")
+    return _run("grouped_weight_grad", backend, device, a, c,
+                _expert_ends("grouped_weight_grad", ends, a.shape[0], ends.numel() if isinstance(ends, torch.Tensor) else 0))

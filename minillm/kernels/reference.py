@@ -36,3 +36,25 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of (rows × vocab) logits against integer targets, in fp32."""
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of a (N, K) sorted by expert (expert e owns rows ends[e-1]..ends[e]) times b[e] (K, M): (N, M)."""
+    out = a.new_zeros(a.shape[0], b.shape[2])
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = matmul(a[start:end], b[expert])
+        start = end
+    return out
+
+
+def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Per expert e, a[rows of e]^T @ c[rows of e]: (E, K, M); zeros for an expert without rows."""
+    out = a.new_zeros(ends.numel(), a.shape[1], c.shape[1])
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            out[expert] = matmul(a[start:end].t(), c[start:end])
+        start = end
+    return out
