@@ -170,6 +170,8 @@ def test_grouped_matmul_refuses_ends_that_do_not_cover_the_rows():
         kernels.grouped_matmul(a, b, torch.tensor([4, 2, 6], device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="3 experts"):
         kernels.grouped_matmul(a, b, torch.tensor([2, 6], device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="rise from 0 to the 6 rows"):     # no experts, but rows
+        kernels.grouped_matmul(a, randn(0, 8, 4), torch.zeros(0, dtype=torch.long, device=DEVICE), backend="triton")
     with pytest.raises(TypeError, match="int32/int64"):
         kernels.grouped_weight_grad(a, randn(6, 4), torch.tensor([2.0, 6.0], device=DEVICE), backend="triton")
 

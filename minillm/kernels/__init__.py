@@ -157,7 +157,7 @@ def _expert_ends(name: str, ends, rows: int, experts: int) -> torch.Tensor:
     if ends.numel() != experts:
         raise ValueError(f"{name}: ends has {ends.numel()} entries for {experts} experts")
     values = ends.tolist()
-    if any(v < 0 for v in values) or any(b < a for a, b in zip(values, values[1:])) or (values and values[-1] != rows):
+    if any(v < 0 for v in values) or any(b < a for a, b in zip(values, values[1:])) or (values[-1] if values else 0) != rows:
         raise ValueError(f"{name}: ends must rise from 0 to the {rows} rows (cumulative counts per expert, e.g. "
                          f"torch.cumsum(counts, 0)); got {values[:8]}{' ...' if len(values) > 8 else ''}")
     return ends
