@@ -162,6 +162,22 @@ def test_grouped_matmul_and_weight_grad_match_reference(counts, dtype):
             assert not got[expert].any()             # an idle expert's gradient is exactly zero
 
 
+def test_grouped_matmul_agrees_with_torch_grouped_mm():
+    # The peer: torch's own grouped GEMM (torch.nn.functional.grouped_mm, fp32 rows 16-byte aligned).
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+    if grouped_mm is None:
+        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
+    counts = [9, 0, 23, 16]
+    ends = torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(DEVICE)
+    a, b, c = randn(sum(counts), 32, seed=6), randn(4, 32, 48, seed=7), randn(sum(counts), 48, seed=8)
+    try:
+        expected, expected_grad = grouped_mm(a, b, offs=ends), grouped_mm(a.t(), c, offs=ends)
+    except RuntimeError as error:   # a build or device without it for these dtypes
+        pytest.skip(f"torch.nn.functional.grouped_mm refuses these inputs here: {error}")
+    torch.testing.assert_close(kernels.grouped_matmul(a, b, ends), expected, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(kernels.grouped_weight_grad(a, c, ends), expected_grad, **TOLERANCE[torch.float32])
+
+
 def test_grouped_matmul_refuses_ends_that_do_not_cover_the_rows():
     a, b = randn(6, 8), randn(3, 8, 4)
     with pytest.raises(ValueError, match="rise from 0 to the 6 rows"):
