@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._inputs import require_same_device, require_tensor
+from .tiled_matmul import launch_settings
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
 GPU_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
@@ -92,10 +93,6 @@ def _check(name: str, a: torch.Tensor, other: torch.Tensor, ends: torch.Tensor) 
         raise ValueError(f"{name}: ends must be a 1-D integer tensor, one cumulative row count per expert")
 
 
-def _precision(a: torch.Tensor, interpreted: bool) -> str:
-    return "tf32" if (a.dtype == torch.float32 and not interpreted and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-
-
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """(N, K) rows sorted by expert, times (E, K, M) per-expert matrices: (N, M). ends: (E,) cumulative counts."""
     _check("grouped_matmul", a, b, ends)
@@ -108,9 +105,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
         return c
     if inner == 0:
         return c.zero_()
-    interpreted = a.device.type != "cuda"
-    if interpreted and a.dtype == torch.bfloat16:
-        raise TypeError("grouped_matmul: the Triton interpreter computes bf16 wrongly; use fp16/fp32 or backend='torch'")
+    interpreted, precision = launch_settings("grouped_matmul", a)
     config = dict(INTERPRETER_CONFIG if interpreted else GPU_CONFIG)
     block_m = config["BLOCK_M"]
     # The tile table: for each expert, one entry per BLOCK_M of its rows (expert, first row).
@@ -127,7 +122,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
     grouped_matmul_kernel[grid](a, b, c, tile_expert.to(torch.int32), first_row.to(torch.int32),
                                 ends.to(torch.int32), n_cols, inner, a.stride(0), a.stride(1), b.stride(0),
                                 b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-                                INPUT_PRECISION=_precision(a, interpreted), **config)
+                                INPUT_PRECISION=precision, **config)
     return c
 
 
@@ -143,17 +138,14 @@ def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor) ->
         return g
     if rows == 0:
         return g.zero_()
-    interpreted = a.device.type != "cuda"
-    if interpreted and a.dtype == torch.bfloat16:
-        raise TypeError("grouped_weight_grad: the Triton interpreter computes bf16 wrongly; use fp16/fp32 or "
-                        "backend='torch'")
+    interpreted, precision = launch_settings("grouped_weight_grad", a)
     config = dict(INTERPRETER_GRAD_CONFIG if interpreted else GPU_GRAD_CONFIG)
     ends = ends.to(torch.int64)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     grid = (experts, triton.cdiv(inner, config["BLOCK_K"]), triton.cdiv(n_cols, config["BLOCK_N"]))
     grouped_weight_grad_kernel[grid](a, c, g, starts.to(torch.int32), ends.to(torch.int32), inner, n_cols,
                                      a.stride(0), a.stride(1), c.stride(0), c.stride(1), g.stride(0), g.stride(1),
-                                     g.stride(2), INPUT_PRECISION=_precision(a, interpreted), **config)
+                                     g.stride(2), INPUT_PRECISION=precision, **config)
     return g
 
 

@@ -74,6 +74,20 @@ def _autotuned():
     return _autotuned_kernel
 
 
+def launch_settings(name: str, a: torch.Tensor) -> tuple[bool, str]:
+    """(interpreted, tl.dot input precision) for a matmul-like kernel on a's device; bf16 refused in the interpreter.
+
+    fp32 inputs use TF32 tensor cores only when torch allows it (torch.backends.cuda.matmul.allow_tf32),
+    so the kernel and torch round the same way.
+    """
+    interpreted = a.device.type != "cuda"
+    if interpreted and a.dtype == torch.bfloat16:
+        raise TypeError(f"{name}: the Triton interpreter computes bf16 wrongly; use fp16/fp32 or backend='torch'")
+    precision = "tf32" if (a.dtype == torch.float32 and not interpreted
+                           and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    return interpreted, precision
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M×K) @ (K×N) for 2-D fp32 or fp16 tensors (bf16 on GPUs that have it); result in a's dtype.
 
@@ -94,11 +108,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return c
     if K == 0:
         return c.zero_()
-    interpreted = a.device.type != "cuda"
-    if interpreted and a.dtype == torch.bfloat16:
-        raise TypeError("matmul: the Triton interpreter computes bf16 wrongly; use fp16/fp32 or backend='torch'")
-    precision = "tf32" if (a.dtype == torch.float32 and not interpreted
-                           and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    interpreted, precision = launch_settings("matmul", a)
     args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     if interpreted:
         config = INTERPRETER_CONFIG
