@@ -204,9 +204,10 @@ def keep_freed_memory(enable: bool = True, up_to_bytes: int = 1 << 30) -> bool:
     zero it): milliseconds per 16 MB on a small VM. PyTorch's CPU tensors come straight from malloc,
     which by default maps big blocks fresh from the OS and returns them on free, so a layer that allocates
     tens of MB of temporaries can pay those faults on every step (glibc raises its threshold for "big"
-    by itself after such a free, up to 32 MB, so how many remain depends on the allocation pattern). This sets glibc's mmap and trim thresholds
-    high (`mallopt`), so freed blocks stay in the heap and are reused warm: the in-process equivalent of
-    running with jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends. The cost is that
+    by itself after such a free, up to 32 MB, so how many remain depends on the allocation pattern).
+    This sets glibc's mmap and trim thresholds high (`mallopt`), so freed blocks stay in the heap and are
+    reused warm: the in-process equivalent of running with jemalloc or tcmalloc, which PyTorch's CPU
+    performance guide recommends. The cost is that
     the process keeps its peak memory instead of giving it back.
 
     It changes the whole process, so it is a call you make, never something importing minillm does.
