@@ -107,7 +107,8 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
                          f"must be between 1 and n_groups")
     if not 1 <= top_k <= top_groups * (n_routed // n_groups):
         raise ValueError(f"route: top_k={top_k} must be between 1 and the {top_groups * (n_routed // n_groups)} "
-                         f"experts a token may use ({n_routed} experts, top_groups={top_groups} of n_groups={n_groups})")
+                         f"experts a token may use ({n_routed} experts, top_groups={top_groups} of "
+                         f"n_groups={n_groups})")
     affinity = torch.sigmoid(router_logits.float())
     # The bias only steers the choice: it never enters the weights, so balancing does not distort outputs.
     choice = affinity.detach() if bias is None else affinity.detach() + bias.float()

@@ -148,7 +148,8 @@ GROUPS = [[5, 0, 17, 1], [0, 0, 3], [33, 31, 0, 64], [1]]
 def test_grouped_matmul_and_weight_grad_match_reference(counts, dtype):
     rows, experts, k, n = sum(counts), len(counts), 24, 40
     ends = torch.cumsum(torch.tensor(counts), 0).to(DEVICE)
-    a, b, c = randn(rows, k, dtype=dtype, seed=1), randn(experts, k, n, dtype=dtype, seed=2), randn(rows, n, dtype=dtype, seed=3)
+    a, b = randn(rows, k, dtype=dtype, seed=1), randn(experts, k, n, dtype=dtype, seed=2)
+    c = randn(rows, n, dtype=dtype, seed=3)
     b_transposed = randn(experts, n, k, dtype=dtype, seed=4).transpose(1, 2)   # strides only: the input-gradient case
     for weights in (b, b_transposed):
         got = kernels.grouped_matmul(a, weights, ends)

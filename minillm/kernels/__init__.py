@@ -157,7 +157,8 @@ def _expert_ends(name: str, ends, rows: int, experts: int) -> torch.Tensor:
     if ends.numel() != experts:
         raise ValueError(f"{name}: ends has {ends.numel()} entries for {experts} experts")
     values = ends.tolist()
-    if any(v < 0 for v in values) or any(b < a for a, b in zip(values, values[1:])) or (values[-1] if values else 0) != rows:
+    rising = all(v >= 0 for v in values) and all(b >= a for a, b in zip(values, values[1:]))
+    if not rising or (values[-1] if values else 0) != rows:
         raise ValueError(f"{name}: ends must rise from 0 to the {rows} rows (cumulative counts per expert, e.g. "
                          f"torch.cumsum(counts, 0)); got {values[:8]}{' ...' if len(values) > 8 else ''}")
     return ends
@@ -179,5 +180,6 @@ def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor, ba
     device = _device_of("grouped_weight_grad", a)
     if not isinstance(c, torch.Tensor) or a.dim() != 2 or c.dim() != 2:
         raise ValueError("grouped_weight_grad: expected a (N, K) and c (N, M)")
-    return _run("grouped_weight_grad", backend, device, a, c,
-                _expert_ends("grouped_weight_grad", ends, a.shape[0], ends.numel() if isinstance(ends, torch.Tensor) else 0))
+    experts = ends.numel() if isinstance(ends, torch.Tensor) else 0   # one weight gradient per entry of ends
+    ends = _expert_ends("grouped_weight_grad", ends, a.shape[0], experts)
+    return _run("grouped_weight_grad", backend, device, a, c, ends)
