@@ -59,7 +59,8 @@ def main() -> None:
     ends = torch.cumsum(counts, 0).to(device=device, dtype=torch.int32)
     grouped_mm = getattr(F, "grouped_mm", None)
     flops = 2 * rows * inner * cols
-    results = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "none (interpreter)", "torch": torch.__version__, "shape": [experts, rows, inner, cols],
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (interpreter)"
+    results = {"gpu": gpu, "torch": torch.__version__, "shape": [experts, rows, inner, cols],
                "max_rows_per_expert": int(counts.max()), "min_rows_per_expert": int(counts.min()), "rows": []}
     default_forward, default_grad = dict(grouped.GPU_CONFIG), dict(grouped.GPU_GRAD_CONFIG)
     for dtype in (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16,):

@@ -305,6 +305,21 @@ def test_benchmark_without_gpu_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
+def test_benchmark_grouped_rows_check_the_kernel_before_timing_it(monkeypatch):
+    # The grouped-GEMM rows of `python -m minillm.bench kernels` at a tiny size, timer stubbed (the
+    # interpreter proves correctness, not speed): each row is checked against the loop of matmuls first,
+    # and a wrong kernel stops the benchmark instead of being timed.
+    from minillm.kernels import bench
+    monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), 1.0)[1])
+    rows = bench._grouped_rows(32, DEVICE)
+    assert {row["kernel"] for row in rows} == {"grouped_fwd", "grouped_dgrad", "grouped_wgrad"}
+    assert all(row["relative_error"] < 1e-2 and row["baseline"] for row in rows)
+    doubled = lambda a, c, ends: 2 * reference.grouped_weight_grad(a, c, ends)  # noqa: E731
+    monkeypatch.setattr(grouped, "grouped_weight_grad", doubled)
+    with pytest.raises(AssertionError, match="grouped_wgrad"):
+        bench._grouped_rows(32, DEVICE)
+
+
 # --- GPU only ----------------------------------------------------------------------------------------
 
 gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")

@@ -59,7 +59,8 @@ def _grouped_rows(size: int, device: torch.device) -> list[dict]:
     ends = torch.cumsum(counts, 0).to(device=device, dtype=torch.int32)
     grouped_mm = getattr(F, "grouped_mm", None)
     out = []
-    for dtype in [torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else []):
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    for dtype in [torch.float16] + ([torch.bfloat16] if bf16 else []):
         a = torch.randn(rows_n, inner, device=device, dtype=dtype)
         b = torch.randn(experts, inner, cols, device=device, dtype=dtype) / inner ** 0.5
         grad_out = torch.randn(rows_n, cols, device=device, dtype=dtype)
