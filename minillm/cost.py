@@ -835,6 +835,12 @@ def format_quantity(value, unit: str = "", digits: int = 3) -> str:
     if unit in ("x", "×"):
         return f"×{_significant(value, digits)}"
     if unit == "s":
+        years = magnitude / (365.25 * 86400)
+        if years >= 1e6:   # DeepSeek-V3's pretraining on a laptop: "8.05 million years", not "70539681331 h"
+            scale, word = (1e9, "billion") if years >= 1e9 else (1e6, "million")
+            return f"{sign}{_significant(years / scale, digits)} {word} years"
+        if years >= 2:
+            return f"{sign}{_significant(years, digits)} years"
         if magnitude >= 2 * 3600:
             return f"{sign}{_significant(magnitude / 3600, digits)} h"
         if magnitude >= 120:
