@@ -1,7 +1,7 @@
 """A learner's path: open a chapter in a real JupyterLab in headless Chromium, run all cells, save.
 
-Chapter 00 (the set-up every learner starts with) and chapter 04 (its ipywidgets explorer of the routing
-must render as a live widget in a real front end, not its static fallback).
+Every chapter, in fast mode (MINILLM_FAST=1); chapter 04's ipywidgets explorer of the routing must render
+as a live widget in a real front end, not its static fallback.
 
 Needs Chromium (Debian: `apt-get install chromium`; `.ci/run` installs it) and the `playwright` package
 (the dev extra). The saved notebook is read back from disk: every code cell ran, none raised, and each
@@ -22,7 +22,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # chapter -> the check lines its solutions print
-CHAPTERS = {"00_setup.ipynb": ["ex00.1", "ex00.2"], "04_mixture_of_experts.ipynb": ["ex04.1", "ex04.2", "ex04.3"]}
+CHAPTERS = {"00_setup.ipynb": ["ex00.1", "ex00.2"],
+            "01_next_word.ipynb": [f"ex01.{i}" for i in range(1, 6)],
+            "02_gpu_linear_algebra.ipynb": [f"ex02.{i}" for i in range(1, 5)],
+            "03_pretraining.ipynb": [f"ex03.{i}" for i in range(1, 5)],
+            "04_mixture_of_experts.ipynb": ["ex04.1", "ex04.2", "ex04.3"]}
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium (CI installs it)")
