@@ -490,6 +490,14 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.n_embd:
             raise ValueError(f"MoE: input has {x.shape[-1]} channels, the layer was built for n_embd={self.n_embd}")
+        weights = self.router.weight
+        if x.device != weights.device:
+            raise ValueError(f"MoE: input is on {x.device} but the layer's weights are on {weights.device}; "
+                             f"move one with .to(...)")
+        if x.dtype != weights.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"MoE: input is {str(x.dtype).removeprefix('torch.')} but the layer's weights are "
+                            f"{str(weights.dtype).removeprefix('torch.')}; convert one (layer.to(dtype) or x.to(dtype)) "
+                            f"or run under torch.autocast")
         shape = x.shape
         batch = shape[0] if x.dim() == 3 else 1
         tokens = x.reshape(-1, self.n_embd)

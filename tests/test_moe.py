@@ -236,6 +236,21 @@ def test_route_rejects_impossible_choices_with_a_clear_error():
         sequence_balance_loss(torch.sigmoid(logits), chosen, 4, 0.01)
 
 
+def test_layer_refuses_inputs_it_cannot_take_with_a_clear_error():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="15 channels"):
+        layer(torch.randn(2, 3, 15))
+    with pytest.raises(TypeError, match="input is bfloat16 but the layer's weights are float32"):
+        layer(torch.randn(2, 3, 16, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="input is int64"):
+        layer(torch.ones(2, 3, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="input is on meta"):
+        layer(torch.randn(2, 3, 16, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # mixed precision: float32 weights take bf16 inputs
+        assert layer(torch.randn(2, 3, 16, dtype=torch.bfloat16)).shape == (2, 3, 16)
+    assert layer.double()(torch.randn(2, 3, 16, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_triton_dispatch_without_a_gpu_or_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layer = MoE(16, MoEConfig(n_routed=4, top_k=2, expert_hidden=8, dispatch="triton"))
