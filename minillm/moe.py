@@ -496,8 +496,8 @@ class MoE(nn.Module):
                              f"move one with .to(...)")
         if x.dtype != weights.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"MoE: input is {str(x.dtype).removeprefix('torch.')} but the layer's weights are "
-                            f"{str(weights.dtype).removeprefix('torch.')}; convert one (layer.to(dtype) or x.to(dtype)) "
-                            f"or run under torch.autocast")
+                            f"{str(weights.dtype).removeprefix('torch.')}; convert one (layer.to(dtype) or "
+                            f"x.to(dtype)) or run under torch.autocast")
         shape = x.shape
         batch = shape[0] if x.dim() == 3 else 1
         tokens = x.reshape(-1, self.n_embd)
