@@ -448,3 +448,51 @@ def test_layer_matches_transformers_deepseek_v3_moe_block(dispatch):
     torch.testing.assert_close(layer.w_gate_up.grad, peer.experts.gate_up_proj.grad.transpose(1, 2), **close)
     torch.testing.assert_close(layer.w_down.grad, peer.experts.down_proj.grad.transpose(1, 2), **close)
     torch.testing.assert_close(layer.router.weight.grad, peer.gate.weight.grad, **close)
+
+
+# --- GPU only (run by benchmarks/gpu_check.sh on a lent GPU; skipped on CPU-only machines such as CI) ------
+
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_every_dispatch_agrees_with_the_autograd_slices_on_a_gpu(autocast):
+    # On CUDA "auto" picks the padded batched GEMM or the fused dispatch (torch's grouped_mm where it takes
+    # the inputs), and "triton" runs minillm's grouped-GEMM kernels compiled: all against "slices" on the
+    # same layer, uneven loads and idle experts included (200 tokens over 32 experts).
+    layer = make_layer(n_routed=32, top_k=4, n_shared=1).cuda()
+    x = torch.randn(2, 100, 16, device="cuda", requires_grad=True)
+    tolerance = dict(rtol=1e-3, atol=1e-3)   # float32 (TF32 only if torch allows it)
+    results = {}
+    for kind in ("slices", "auto", "fused", "grouped", "triton"):
+        layer.config.dispatch = kind
+        layer.zero_grad()
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.float().square().sum().backward()
+        results[kind] = [out.float(), x.grad, layer.router.weight.grad, layer.w_gate_up.grad, layer.w_down.grad]
+    for kind, got in results.items():
+        for name, value, expected in zip(("out", "x", "router", "w_gate_up", "w_down"), got, results["slices"]):
+            if autocast:   # bf16 rounds in a different order per dispatch: compare whole tensors
+                error = ((value.float() - expected.float()).norm() / expected.float().norm()).item()
+                assert error < 2e-2, f"dispatch={kind}, {name}: relative error {error:.3g} under bf16 autocast"
+            else:
+                torch.testing.assert_close(value, expected, **tolerance,
+                                           msg=lambda m, kind=kind, name=name: f"dispatch={kind}, {name}: {m}")
+
+
+@gpu_only
+@pytest.mark.gpu
+def test_moe_gpt_trains_on_a_gpu():
+    torch.manual_seed(0)
+    pattern = torch.arange(4000) % 7 + (torch.arange(4000) // 7) % 3
+    model = GPT(tiny_moe_config()).cuda()
+    before = estimate_loss(model, pattern, 16, 8, 4)
+    config = TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=2, eval_interval=40, eval_batches=4,
+                         progress=False, device="cuda")
+    result = train(model, pattern, pattern, config)
+    assert result.final_val_loss < 0.6 * before
+    assert len(model.moe_layers()[0].load_history) == 40
