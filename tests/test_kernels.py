@@ -193,6 +193,26 @@ def test_grouped_matmul_refuses_ends_that_do_not_cover_the_rows():
         kernels.grouped_weight_grad(a, randn(6, 4), torch.tensor([2.0, 6.0], device=DEVICE), backend="triton")
 
 
+def test_grouped_matmul_checks_and_tiles_a_reused_ends_once_but_sees_in_place_changes():
+    # An MoE step passes one `ends` to several calls: the check and the tile table are remembered for that
+    # very tensor, and forgotten when it changes in place (else the kernel would read a stale table).
+    a, b = randn(40, 8, seed=1), randn(3, 8, 4, seed=2)
+    ends = torch.tensor([10, 30, 40], device=DEVICE)
+    first = kernels.grouped_matmul(a, b, ends, backend="triton")
+    torch.testing.assert_close(kernels.grouped_matmul(a, b, ends, backend="triton"), first)
+    ends[0] = 25                                     # counts 25, 5, 10: new tiles
+    torch.testing.assert_close(kernels.grouped_matmul(a, b, ends, backend="triton"),
+                               reference.grouped_matmul(a, b, ends), **TOLERANCE[torch.float32])
+    ends[1:].copy_(torch.tensor([20, 40]))          # through a view; 20 < 25 no longer rises
+    with pytest.raises(ValueError, match="rise from 0"):
+        kernels.grouped_matmul(a, b, ends, backend="triton")
+    with torch.inference_mode():                     # no version counter: simply not remembered
+        frozen = torch.tensor([5, 30, 40], device=DEVICE)
+        for _ in range(2):
+            torch.testing.assert_close(kernels.grouped_matmul(a, b, frozen, backend="triton"),
+                                       reference.grouped_matmul(a, b, frozen), **TOLERANCE[torch.float32])
+
+
 def test_moe_triton_dispatch_equals_the_torch_one():
     from minillm.moe import MoE, MoEConfig
 

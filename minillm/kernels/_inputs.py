@@ -1,6 +1,8 @@
 """Input checks shared by the Triton wrappers (chapter 02): clear errors before a kernel reads memory."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -30,3 +32,35 @@ def require_rows(name: str, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: the last dimension is empty (shape {tuple(x.shape)})")
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+class LastSeen:
+    """What was last worked out from one tensor, valid while that very tensor is unmodified.
+
+    An MoE training step hands the same expert counts to six grouped matmuls; checking them or building a
+    tile table from them waits for the GPU each time. The tensor is held weakly; torch bumps `_version` on
+    every in-place change (through any view), which makes the entry stale. Inference tensors have no
+    version counter and are never remembered.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple = (None, None, None)
+
+    @staticmethod
+    def _key(tensor: torch.Tensor, extra) -> tuple | None:
+        try:
+            return (tensor._version, extra)
+        except RuntimeError:   # "Inference tensors do not track version counter"
+            return None
+
+    def get(self, tensor: torch.Tensor, extra=None):
+        """The remembered value for (tensor, extra), or None."""
+        source, key, value = self._entry
+        if source is not None and source() is tensor and key is not None and key == self._key(tensor, extra):
+            return value
+        return None
+
+    def put(self, tensor: torch.Tensor, value, extra=None):
+        key = self._key(tensor, extra)
+        self._entry = (weakref.ref(tensor), key, value) if key is not None else (None, None, None)
+        return value

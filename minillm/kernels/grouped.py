@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._inputs import require_same_device, require_tensor
+from ._inputs import LastSeen, require_same_device, require_tensor
 from .tiled_matmul import launch_settings
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
@@ -107,23 +107,35 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
         return c.zero_()
     interpreted, precision = launch_settings("grouped_matmul", a)
     config = dict(INTERPRETER_CONFIG if interpreted else GPU_CONFIG)
-    block_m = config["BLOCK_M"]
-    # The tile table: for each expert, one entry per BLOCK_M of its rows (expert, first row).
-    ends = ends.to(torch.int64)
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    tiles = (counts + block_m - 1) // block_m
-    tile_expert = torch.repeat_interleave(torch.arange(experts, device=a.device), tiles)
-    tile_start = torch.cumsum(tiles, 0) - tiles
-    first_row = (ends - counts)[tile_expert] + (torch.arange(tile_expert.numel(), device=a.device)
-                                                 - tile_start[tile_expert]) * block_m
+    tile_expert, first_row, ends32 = _tile_table(ends, config["BLOCK_M"])
     if tile_expert.numel() == 0:
         return c.zero_()
     grid = (tile_expert.numel(), triton.cdiv(n_cols, config["BLOCK_N"]))
-    grouped_matmul_kernel[grid](a, b, c, tile_expert.to(torch.int32), first_row.to(torch.int32),
-                                ends.to(torch.int32), n_cols, inner, a.stride(0), a.stride(1), b.stride(0),
-                                b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+    grouped_matmul_kernel[grid](a, b, c, tile_expert, first_row, ends32, n_cols, inner, a.stride(0), a.stride(1),
+                                b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
                                 INPUT_PRECISION=precision, **config)
     return c
+
+
+# The last tile table built: an MoE step multiplies by the same counts four times, and building the table
+# waits for the GPU (repeat_interleave needs the number of tiles on the host).
+_last_table = LastSeen()
+
+
+def _tile_table(ends: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each expert, one entry per BLOCK_M of its rows: (expert, first row) as int32, and ends as int32."""
+    table = _last_table.get(ends, block_m)
+    if table is not None:
+        return table
+    ends64 = ends.to(torch.int64)
+    counts = torch.diff(ends64, prepend=ends64.new_zeros(1))
+    tiles = (counts + block_m - 1) // block_m
+    tile_expert = torch.repeat_interleave(torch.arange(ends.numel(), device=ends.device), tiles)
+    tile_start = torch.cumsum(tiles, 0) - tiles
+    first_row = (ends64 - counts)[tile_expert] + (torch.arange(tile_expert.numel(), device=ends.device)
+                                                   - tile_start[tile_expert]) * block_m
+    ends32 = ends.to(torch.int32, copy=True)   # a copy: the table must not keep `ends` itself alive
+    return _last_table.put(ends, (tile_expert.to(torch.int32), first_row.to(torch.int32), ends32), block_m)
 
 
 def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
