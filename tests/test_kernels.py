@@ -331,13 +331,13 @@ def test_benchmark_grouped_rows_check_the_kernel_before_timing_it(monkeypatch):
     # and a wrong kernel stops the benchmark instead of being timed.
     from minillm.kernels import bench
     monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), 1.0)[1])
-    rows = bench._grouped_rows(32, DEVICE)
+    rows = bench._grouped_rows(16, DEVICE)
     assert {row["kernel"] for row in rows} == {"grouped_fwd", "grouped_dgrad", "grouped_wgrad"}
     assert all(row["relative_error"] < 1e-2 and row["baseline"] for row in rows)
     doubled = lambda a, c, ends: 2 * reference.grouped_weight_grad(a, c, ends)  # noqa: E731
     monkeypatch.setattr(grouped, "grouped_weight_grad", doubled)
     with pytest.raises(AssertionError, match="grouped_wgrad"):
-        bench._grouped_rows(32, DEVICE)
+        bench._grouped_rows(16, DEVICE)
 
 
 # --- GPU only ----------------------------------------------------------------------------------------
