@@ -258,7 +258,7 @@ def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[i
     if a.shape[0] and _grouped_mm_fits(a, b):
         try:
             return _GROUPED_MM(a, b, offs=offs)
-        except RuntimeError:   # a layout this build's kernel refuses: the loop below always works
+        except (RuntimeError, TypeError, ValueError):   # a layout, dtype or GPU this build refuses: the loop works
             pass
     out = a.new_empty(a.shape[0], b.shape[-1])
     for e, rows in _expert_slices(sizes):
@@ -274,7 +274,7 @@ def _weight_mm(a: torch.Tensor, c: torch.Tensor, offs: torch.Tensor, sizes: list
     if a.shape[0] and _grouped_mm_fits(a, c):
         try:
             return _GROUPED_MM(a.t(), c, offs=offs)
-        except RuntimeError:
+        except (RuntimeError, TypeError, ValueError):
             pass
     out = a.new_zeros(len(sizes), a.shape[1], c.shape[1])
     for e, rows in _expert_slices(sizes):

@@ -120,6 +120,12 @@ def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch):
     assert moe._GROUPED_MM is None or len(calls) == 6   # 2 forward + 4 backward grouped matmuls
     monkeypatch.setattr(moe, "_GROUPED_MM", None)
     looped = run()
+    for refusal in (RuntimeError, TypeError, ValueError):   # a grouped_mm that refuses (an old GPU, a dtype)
+        def refuses(*args, refusal=refusal, **kwargs):
+            raise refusal("grouped_mm: not for these inputs here")
+        monkeypatch.setattr(moe, "_GROUPED_MM", refuses)
+        for a, b in zip(run(), looped):
+            torch.testing.assert_close(a, b)
     expected = per_expert_mask_loop(x.detach(), index, gate.detach(), w1.detach(), w2.detach())
     torch.testing.assert_close(grouped[0], expected, rtol=1e-4, atol=1e-5)
     for a, b in zip(grouped, looped):
