@@ -15,7 +15,8 @@ step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t0=$SECON
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1
-step 150 $PY -m pytest -q -n 8 -p no:cacheprovider tests/test_kernels.py tests/test_moe.py 2>&1
+PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")   # pytest-xdist, where the image has it
+step 150 $PY -m pytest -q $PARALLEL -p no:cacheprovider tests/test_kernels.py tests/test_moe.py 2>&1
 step 90 $PY -m minillm.bench kernels --out-dir "$OUT" 2>&1
 step 90 $PY benchmarks/grouped_configs.py --out "$OUT/grouped-configs.json" 2>&1
 step 70 $PY -m minillm.bench moe --device cuda --out-dir "$OUT" 2>&1
