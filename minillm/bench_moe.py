@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.cost import (Meter, best_seconds_interleaved, default_device, format_hardware, hardware_id,
-                          keep_freed_memory, probe_hardware)
+from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hardware_id, keep_freed_memory,
+                          probe_hardware, resolve_device)
 from minillm import kernels
 from minillm.paths import atomic_write_text
 from minillm.moe import MoE, MoEConfig, per_expert_mask_loop, route
@@ -103,7 +103,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             raise ValueError(f"bench moe: --threads={threads} must be >= 1")
         # On a busy machine, CPU threads that wait for each other at every small op can dominate the time.
         torch.set_num_threads(threads)
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device, "bench moe")
     # Every contender runs under the same allocator; by default freed memory is kept for reuse, so no
     # contender pays a page fault per 4 kB of its temporaries on every step (see cost.keep_freed_memory).
     kept = False if default_malloc else keep_freed_memory()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm.cost import best_seconds_interleaved, default_device
+from minillm.cost import best_seconds_interleaved, resolve_device
 from minillm.model import GPT, GPTConfig
 
 __all__ = ["bench_train"]
@@ -57,7 +57,7 @@ def bench_train(layers: int = 4, heads: int = 4, width: int = 128, context: int 
                             steps=steps, rounds=rounds).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"bench train: --{name}={value!r} must be a positive integer")
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device, "bench train")
     torch.manual_seed(0)
     ours = GPT(GPTConfig(vocab_size=vocab, block_size=context, n_layer=layers, n_head=heads, n_embd=width)).to(device)
     theirs = _transformers_gpt2(layers, heads, width, context, vocab).to(device)

@@ -30,7 +30,7 @@ from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, fast_mode
 __all__ = [
     "synchronize", "Meter", "best_seconds", "best_seconds_interleaved", "keep_freed_memory", "freed_memory_kept",
     "probe_hardware", "hardware_id", "format_hardware",
-    "default_device", "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour",
+    "default_device", "resolve_device", "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour",
     "set_price_per_hour", "Ledger", "savings_table", "report", "format_quantity",
 ]
 
@@ -407,6 +407,24 @@ def default_device() -> torch.device:
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device | None = None, who: str = "minillm") -> torch.device:
+    """None or "auto": default_device(); otherwise that device, if this machine has it (else a clear error)."""
+    if name is None or name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{who}: device={name!r} is not a device; use 'auto', 'cpu', 'cuda' or 'mps'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{who}: device={name!r} but no CUDA GPU is available; use device='auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{who}: device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not _mps_available():
+        raise ValueError(f"{who}: device={name!r} but Apple's mps is not available; use device='auto' or 'cpu'")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------

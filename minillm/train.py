@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minillm.cost import Meter
+from minillm.cost import Meter, resolve_device
 from minillm.data import BatchSampler
 from minillm.paths import runs_dir
 
@@ -342,16 +342,7 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
 # ---- helpers -------------------------------------------------------------------------------------------
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TrainConfig: device={name!r} but no CUDA GPU is available; use device='auto' or 'cpu'")
-    return device
+    return resolve_device(name, "TrainConfig")
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:

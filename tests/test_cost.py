@@ -390,3 +390,16 @@ def test_keep_freed_memory_rejects_a_bad_limit():
 
     with pytest.raises(ValueError, match="up_to_bytes"):
         keep_freed_memory(up_to_bytes=1000)
+
+
+def test_resolve_device_names_what_is_missing():
+    assert cost.resolve_device(None) == cost.default_device() == cost.resolve_device("auto")
+    assert cost.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="bench moe: device='gpu' is not a device"):
+        cost.resolve_device("gpu", "bench moe")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            cost.resolve_device("cuda", "bench moe")
+    else:
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            cost.resolve_device(f"cuda:{torch.cuda.device_count()}")
