@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._inputs import LastSeen, require_same_device, require_tensor
-from .tiled_matmul import launch_settings
+from .tiled_matmul import launch_settings, nothing_to_multiply
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
 GPU_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
@@ -101,10 +101,8 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
                          f"{tuple(b.shape)} and {tuple(ends.shape)}")
     (rows, inner), (experts, n_cols) = a.shape, (b.shape[0], b.shape[2])
     c = torch.empty((rows, n_cols), dtype=a.dtype, device=a.device)
-    if rows == 0 or n_cols == 0:
-        return c
-    if inner == 0:
-        return c.zero_()
+    if (done := nothing_to_multiply(c, inner)) is not None:
+        return done
     interpreted, precision = launch_settings("grouped_matmul", a)
     config = dict(INTERPRETER_CONFIG if interpreted else GPU_CONFIG)
     tile_expert, first_row, ends32 = _tile_table(ends, config["BLOCK_M"])
@@ -146,10 +144,8 @@ def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor) ->
                          f"{tuple(a.shape)} and {tuple(c.shape)}")
     experts, (rows, inner), n_cols = ends.numel(), a.shape, c.shape[1]
     g = torch.empty((experts, inner, n_cols), dtype=a.dtype, device=a.device)
-    if g.numel() == 0:
-        return g
-    if rows == 0:
-        return g.zero_()
+    if (done := nothing_to_multiply(g, rows)) is not None:     # rows are the summed dimension here
+        return done
     interpreted, precision = launch_settings("grouped_weight_grad", a)
     config = dict(INTERPRETER_GRAD_CONFIG if interpreted else GPU_GRAD_CONFIG)
     ends = ends.to(torch.int64)

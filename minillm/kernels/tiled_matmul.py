@@ -88,6 +88,13 @@ def launch_settings(name: str, a: torch.Tensor) -> tuple[bool, str]:
     return interpreted, precision
 
 
+def nothing_to_multiply(c: torch.Tensor, inner: int) -> torch.Tensor | None:
+    """c finished without a launch when it is empty, or zeros when the summed dimension (inner) is; else None."""
+    if c.numel() == 0:
+        return c
+    return c.zero_() if inner == 0 else None
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M×K) @ (K×N) for 2-D fp32 or fp16 tensors (bf16 on GPUs that have it); result in a's dtype.
 
@@ -104,10 +111,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    if M == 0 or N == 0:
-        return c
-    if K == 0:
-        return c.zero_()
+    if (done := nothing_to_multiply(c, K)) is not None:
+        return done
     interpreted, precision = launch_settings("matmul", a)
     args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     if interpreted:
