@@ -30,7 +30,8 @@ from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, fast_mode
 __all__ = [
     "synchronize", "Meter", "best_seconds", "best_seconds_interleaved", "keep_freed_memory", "freed_memory_kept",
     "probe_hardware", "hardware_id", "format_hardware", "default_device", "resolve_device",
-    "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour", "set_price_per_hour", "Ledger", "savings_table", "report", "format_quantity",
+    "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour", "set_price_per_hour",
+    "Ledger", "savings_table", "report", "format_quantity",
 ]
 
 
