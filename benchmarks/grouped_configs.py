@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from minillm.kernels import grouped, reference
+from minillm.kernels import grouped
+from minillm.kernels.bench import grouped_problems
 
 FORWARD = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in [
     (64, 64, 32, 4, 3), (128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
@@ -52,30 +53,15 @@ def main() -> None:
     if device.type != "cuda":
         global median_ms
         median_ms = interpreter_median_ms
-    experts, rows, inner, cols = 64, 8 * args.size, args.size, args.size // 4
-    generator = torch.Generator().manual_seed(0)
-    share = torch.softmax(torch.randn(experts, generator=generator), 0)
-    counts = torch.bincount(torch.multinomial(share, rows, replacement=True, generator=generator), minlength=experts)
-    ends = torch.cumsum(counts, 0).to(device=device, dtype=torch.int32)
     grouped_mm = getattr(F, "grouped_mm", None)
-    flops = 2 * rows * inner * cols
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (interpreter)"
-    results = {"gpu": gpu, "torch": torch.__version__, "shape": [experts, rows, inner, cols],
-               "max_rows_per_expert": int(counts.max()), "min_rows_per_expert": int(counts.min()), "rows": []}
+    results = {"gpu": gpu, "torch": torch.__version__, "rows": []}
     default_forward, default_grad = dict(grouped.GPU_CONFIG), dict(grouped.GPU_GRAD_CONFIG)
     for dtype in (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16,):
-        a = torch.randn(rows, inner, device=device, dtype=dtype)
-        b = torch.randn(experts, inner, cols, device=device, dtype=dtype) / inner ** 0.5
-        grad_out = torch.randn(rows, cols, device=device, dtype=dtype)
-        b_t = b.transpose(1, 2)
-        problems = {  # name: (minillm's kernel, the loop of torch matmuls, torch's grouped_mm arguments)
-            "forward": (lambda: grouped.grouped_matmul(a, b, ends), lambda: reference.grouped_matmul(a, b, ends),
-                        (a, b)),
-            "input_grad": (lambda: grouped.grouped_matmul(grad_out, b_t, ends),
-                           lambda: reference.grouped_matmul(grad_out, b_t, ends), (grad_out, b_t)),
-            "weight_grad": (lambda: grouped.grouped_weight_grad(a, grad_out, ends),
-                            lambda: reference.grouped_weight_grad(a, grad_out, ends), (a.t(), grad_out)),
-        }
+        shape, ends, problems = grouped_problems(args.size, device, dtype)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        results.update(shape=list(shape), max_rows_per_expert=int(counts.max()), min_rows_per_expert=int(counts.min()))
+        flops = 2 * shape[1] * shape[2] * shape[3]
         for problem, (ours, loop, peer_args) in problems.items():
             peer_ms = None
             if grouped_mm is not None:
@@ -84,9 +70,9 @@ def main() -> None:
                 except (RuntimeError, TypeError, ValueError) as error:
                     print(f"grouped_mm refuses {problem} {dtype}: {str(error).splitlines()[0]}")
             expected, loop_ms = loop(), median_ms(loop)
-            configs = WEIGHT_GRAD if problem == "weight_grad" else FORWARD
+            configs = WEIGHT_GRAD if problem == "grouped_wgrad" else FORWARD
             for config in configs:
-                if problem == "weight_grad":
+                if problem == "grouped_wgrad":
                     grouped.GPU_GRAD_CONFIG = config
                 else:
                     grouped.GPU_CONFIG = config
@@ -102,7 +88,7 @@ def main() -> None:
                        "grouped_mm_ms": peer_ms, "loop_ms": loop_ms}
                 results["rows"].append(row)
                 vs = f"{peer_ms / ms:.2f}x grouped_mm" if (ms and peer_ms) else ""
-                print(f"{problem:<12}{row['dtype']:<9}{str(list(config.values())):<26}"
+                print(f"{problem:<14}{row['dtype']:<9}{str(list(config.values())):<26}"
                       + (f"{ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  {loop_ms / ms:5.2f}x loop  {vs}" if ms
                          else f"  failed (error {error})"))
             grouped.GPU_CONFIG, grouped.GPU_GRAD_CONFIG = dict(default_forward), dict(default_grad)

@@ -44,51 +44,60 @@ def _print_row(row: dict) -> None:
           f"{rate}  {row['speed_vs_torch']:.2f}x torch")
 
 
-def _grouped_rows(size: int, device: torch.device) -> list[dict]:
-    """Chapter 04's grouped GEMM at an MoE-like shape (64 experts, uneven counts) against torch's own grouped_mm.
+def grouped_problems(size: int, device: torch.device, dtype: torch.dtype) -> tuple[tuple, torch.Tensor, dict]:
+    """Chapter 04's grouped GEMM at an MoE-like shape: 64 experts with uneven counts (like a real router),
+    8*size rows, inner size size, size/4 columns, random data in `dtype`.
 
-    Forward, input gradient (the same kernel on transposed weights) and weight gradient, fp16 and bf16. Where
-    this torch has no grouped_mm (or it refuses the inputs), the baseline is a loop of per-expert matmuls.
+    Returns ((experts, rows, inner, cols), ends, cases) with cases[name] = (minillm's kernel, the loop of torch
+    matmuls, torch grouped_mm's arguments) for the forward, the input gradient (the same kernel on transposed
+    weights) and the weight gradient. Used here and by benchmarks/grouped_configs.py.
     """
     from . import grouped, reference
-    experts, rows_n, inner, cols = 64, 8 * size, size, size // 4
+    experts, rows, inner, cols = 64, 8 * size, size, size // 4
     generator = torch.Generator().manual_seed(0)
-    share = torch.softmax(torch.randn(experts, generator=generator), 0)   # uneven loads, like a real router
-    counts = torch.bincount(torch.multinomial(share, rows_n, replacement=True, generator=generator),
-                            minlength=experts)
+    share = torch.softmax(torch.randn(experts, generator=generator), 0)
+    counts = torch.bincount(torch.multinomial(share, rows, replacement=True, generator=generator), minlength=experts)
     ends = torch.cumsum(counts, 0).to(device=device, dtype=torch.int32)
+    a = torch.randn(rows, inner, device=device, dtype=dtype)
+    b = torch.randn(experts, inner, cols, device=device, dtype=dtype) / inner ** 0.5
+    grad_out = torch.randn(rows, cols, device=device, dtype=dtype)
+    b_t = b.transpose(1, 2)
+    cases = {
+        "grouped_fwd": (lambda: grouped.grouped_matmul(a, b, ends), lambda: reference.grouped_matmul(a, b, ends),
+                        (a, b)),
+        "grouped_dgrad": (lambda: grouped.grouped_matmul(grad_out, b_t, ends),
+                          lambda: reference.grouped_matmul(grad_out, b_t, ends), (grad_out, b_t)),
+        "grouped_wgrad": (lambda: grouped.grouped_weight_grad(a, grad_out, ends),
+                          lambda: reference.grouped_weight_grad(a, grad_out, ends), (a.t(), grad_out)),
+    }
+    return (experts, rows, inner, cols), ends, cases
+
+
+def _grouped_rows(size: int, device: torch.device) -> list[dict]:
+    """The grouped GEMM's cases against torch's own grouped_mm, fp16 (and bf16 on GPUs that have it).
+
+    Where this torch has no grouped_mm (or it refuses the inputs), the baseline is the loop of matmuls.
+    """
     grouped_mm = getattr(F, "grouped_mm", None)
     out = []
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     for dtype in [torch.float16] + ([torch.bfloat16] if bf16 else []):
-        a = torch.randn(rows_n, inner, device=device, dtype=dtype)
-        b = torch.randn(experts, inner, cols, device=device, dtype=dtype) / inner ** 0.5
-        grad_out = torch.randn(rows_n, cols, device=device, dtype=dtype)
-        cases = {  # name: (ours, the loop of matmuls, torch's grouped_mm arguments)
-            "grouped_fwd": (lambda: grouped.grouped_matmul(a, b, ends),
-                            lambda: reference.grouped_matmul(a, b, ends), (a, b)),
-            "grouped_dgrad": (lambda: grouped.grouped_matmul(grad_out, b.transpose(1, 2), ends),
-                              lambda: reference.grouped_matmul(grad_out, b.transpose(1, 2), ends),
-                              (grad_out, b.transpose(1, 2))),
-            "grouped_wgrad": (lambda: grouped.grouped_weight_grad(a, grad_out, ends),
-                              lambda: reference.grouped_weight_grad(a, grad_out, ends), (a.t(), grad_out)),
-        }
+        shape, ends, cases = grouped_problems(size, device, dtype)
+        flops = 2 * shape[1] * shape[2] * shape[3]
         for name, (ours, loop, peer_args) in cases.items():
             baseline = loop
             if grouped_mm is not None:
                 try:
                     grouped_mm(*peer_args, offs=ends)
                     baseline = lambda args=peer_args: grouped_mm(*args, offs=ends)  # noqa: E731
-                except (RuntimeError, TypeError, NotImplementedError):
+                except (RuntimeError, TypeError, ValueError):
                     pass
             expected = loop().float()
             got = ours().float()
             error = ((got - expected).norm() / expected.norm()).item()
             if not error < 1e-2:
                 raise AssertionError(f"{name} {dtype}: relative error {error:.2e} against the loop of matmuls")
-            flops = 2 * rows_n * inner * cols
-            row = _row(name, (experts, rows_n, inner, cols), dtype, _median_ms(ours), _median_ms(baseline),
-                       flops=flops)
+            row = _row(name, shape, dtype, _median_ms(ours), _median_ms(baseline), flops=flops)
             row["baseline"] = "torch grouped_mm" if baseline is not loop else "loop of torch matmuls"
             row["loop_ms"] = _median_ms(loop)
             row["relative_error"] = error
