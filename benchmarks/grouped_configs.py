@@ -15,10 +15,9 @@ import json
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 from minillm.kernels import grouped
-from minillm.kernels.bench import grouped_problems
+from minillm.kernels.bench import _median_ms as median_ms, grouped_problems, relative_error
 
 FORWARD = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for m, n, k, w, s in [
     (64, 64, 32, 4, 3), (128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
@@ -28,19 +27,11 @@ WEIGHT_GRAD = [dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r, num_warps=w, num_stages=s) 
     (128, 64, 64, 4, 4), (128, 128, 32, 4, 4)]]
 
 
-def median_ms(fn) -> float:
-    return float(do_bench(fn, return_mode="median"))
-
-
 def interpreter_median_ms(fn) -> float:  # --device cpu: a smoke run in Triton's interpreter, not a timing
     import time
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def main() -> None:

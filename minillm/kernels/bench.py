@@ -24,6 +24,11 @@ def _median_ms(fn) -> float:
     return float(do_bench(fn, return_mode="median"))
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||, in float32."""
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
 def _row(name, shape, dtype, triton_ms, torch_ms, flops=None, bytes_moved=None) -> dict:
     row = {"kernel": name, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
            "triton_ms": triton_ms, "torch_ms": torch_ms, "speed_vs_torch": torch_ms / triton_ms}
@@ -92,9 +97,7 @@ def _grouped_rows(size: int, device: torch.device) -> list[dict]:
                     baseline = lambda args=peer_args: grouped_mm(*args, offs=ends)  # noqa: E731
                 except (RuntimeError, TypeError, ValueError):
                     pass
-            expected = loop().float()
-            got = ours().float()
-            error = ((got - expected).norm() / expected.norm()).item()
+            error = relative_error(ours(), loop())
             if not error < 1e-2:
                 raise AssertionError(f"{name} {dtype}: relative error {error:.2e} against the loop of matmuls")
             row = _row(name, shape, dtype, _median_ms(ours), _median_ms(baseline), flops=flops)
