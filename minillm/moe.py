@@ -121,7 +121,9 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
         choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, n_routed)
     expert_index = choice.topk(top_k, dim=-1).indices
     chosen = affinity.gather(1, expert_index)
-    gate_weight = chosen / chosen.sum(dim=-1, keepdim=True) * route_scale
+    # + 1e-20 (as transformers' DeepSeek-V3 does): a token whose chosen affinities all underflow to zero
+    # (router logits below about -88) gets zero weights, so no routed output, rather than 0 / 0 = NaN.
+    gate_weight = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
     return Routing(expert_index, gate_weight.type_as(router_logits), affinity)
 
 
@@ -157,9 +159,11 @@ def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, ba
                          f"tokens (the rows of affinity are batch sequences of equal length, one after another)")
     top_k = expert_index.shape[-1]
     length = tokens // batch
+    if length == 0:   # empty sequences: nothing to balance (and no 0 / 0)
+        return affinity.sum() * 0.0
     chosen = torch.zeros_like(affinity).scatter_(1, expert_index, 1.0).view(batch, length, n_routed)
     fraction = chosen.sum(dim=1) * n_routed / (top_k * length)
-    normalised = affinity / affinity.sum(dim=-1, keepdim=True)
+    normalised = affinity / (affinity.sum(dim=-1, keepdim=True) + 1e-20)   # as in route: no 0 / 0
     probability = normalised.view(batch, length, n_routed).mean(dim=1)
     return alpha * (fraction * probability).sum(dim=-1).mean()
 

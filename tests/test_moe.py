@@ -215,6 +215,29 @@ def test_route_picks_top_k_of_biased_scores_and_weighs_by_unbiased_ones():
     assert (routing.gate_weight > 0).all()
 
 
+def test_router_logits_so_low_that_sigmoid_underflows_give_zero_weights_not_nan():
+    logits = torch.randn(6, 8)
+    logits[2] = -200.0                                    # sigmoid(-200) is 0 in float32: 0 / 0 without care
+    routing = route(logits, None, top_k=2)
+    assert torch.isfinite(routing.gate_weight).all()
+    assert torch.equal(routing.gate_weight[2], torch.zeros(2))
+    torch.testing.assert_close(routing.gate_weight.sum(1)[[0, 1, 3, 4, 5]], torch.ones(5))
+    layer = MoE(8, MoEConfig(n_routed=8, n_shared=1, top_k=2, expert_hidden=4, aux_loss_weight=0.01))
+    with torch.no_grad():
+        layer.router.weight.fill_(-1.0)
+    x = torch.full((1, 3, 8), 50.0, requires_grad=True)   # every router logit -400
+    out = layer(x)
+    (out.square().sum() + layer.aux_loss).backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(layer.aux_loss)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+def test_sequence_balance_loss_of_empty_sequences_is_zero_not_nan():
+    layer = MoE(8, MoEConfig(n_routed=4, n_shared=0, top_k=2, expert_hidden=4, aux_loss_weight=0.01))
+    out = layer(torch.randn(2, 0, 8))
+    assert out.shape == (2, 0, 8) and layer.aux_loss.detach().item() == 0.0
+
+
 def test_group_limited_routing_stays_within_the_best_groups():
     torch.manual_seed(3)
     logits = torch.randn(200, 16)
