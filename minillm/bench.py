@@ -112,7 +112,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     }),
     "kernels": Benchmark(bench_kernels, "each Triton kernel vs torch on this GPU; writes "
                          "benchmarks/kernels-<gpu>-<date>.json (chapter 02)", {
-        "--size": dict(type=int, default=4096, help="square matmul size (default 4096)"),
+        "--size": dict(type=int, default=4096, help="square matmul size, at least 64 (default 4096)"),
         "--out-dir": dict(default=None, help="folder for the JSON (default benchmarks/)"),
     }),
     "train": Benchmark(bench_train, "minillm's GPT training step vs transformers' GPT2LMHeadModel at the same "

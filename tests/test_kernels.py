@@ -262,6 +262,92 @@ def test_bad_inputs_are_clear_errors():
         kernels.rmsnorm(randn(2, 5), randn(4), backend="triton")
 
 
+def test_every_backend_makes_the_same_checks():
+    # backend="torch" once accepted what the kernels refuse: a K mismatch with no rows, mixed dtypes
+    # (silently fp16), 3-D operands, and rows of c beyond those of a.
+    e = torch.tensor([2, 4, 6], device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="same rows"):
+            kernels.grouped_weight_grad(randn(6, 8), randn(9, 4), e, backend=backend)
+        with pytest.raises(TypeError, match="float16 and float32"):
+            kernels.grouped_matmul(randn(6, 8, dtype=torch.float16), randn(3, 8, 4), e, backend=backend)
+        with pytest.raises(ValueError, match=r"a \(N, K\) and b \(E, K, M\)"):
+            kernels.grouped_matmul(randn(0, 8), randn(3, 7, 4), torch.zeros(3, dtype=torch.long, device=DEVICE),
+                                   backend=backend)
+        with pytest.raises(TypeError, match="float16 and float32"):
+            kernels.matmul(randn(2, 3, dtype=torch.float16), randn(3, 2), backend=backend)
+        with pytest.raises(ValueError, match="do not chain"):
+            kernels.matmul(randn(2, 3, 4), randn(4, 5), backend=backend)
+
+
+@pytest.mark.parametrize("name", ["add", "softmax", "matmul", "grouped_matmul", "grouped_weight_grad"])
+def test_kernels_without_a_backward_of_their_own_are_still_differentiable(name):
+    # Autograd flows through the Triton path as through the torch references (it used to stop silently).
+    counts = [5, 0, 9, 3]
+    ends = torch.cumsum(torch.tensor(counts), 0).to(DEVICE)
+    rows = sum(counts)
+    inputs = {"add": (randn(7, 13, seed=1), randn(7, 13, seed=2)), "softmax": (randn(7, 13, scale=3, seed=1),),
+              "matmul": (randn(9, 20, seed=1), randn(20, 11, seed=2)),
+              "grouped_matmul": (randn(rows, 12, seed=1), randn(4, 12, 10, seed=2), ends),
+              "grouped_weight_grad": (randn(rows, 12, seed=1), randn(rows, 10, seed=2), ends)}[name]
+    grad_seed = {"add": (7, 13), "softmax": (7, 13), "matmul": (9, 11), "grouped_matmul": (rows, 10),
+                 "grouped_weight_grad": (4, 12, 10)}[name]
+    upstream = randn(*grad_seed, seed=3)
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+        out = getattr(kernels, name)(*leaves, backend=backend)
+        assert out.requires_grad, f"{name} on {backend}: the output does not require grad"
+        out.backward(upstream)
+        results[backend] = (out.detach(), [t.grad for t in leaves if t.is_floating_point()])
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], **TOLERANCE[torch.float32])
+    for got, expected in zip(results["triton"][1], results["torch"][1]):
+        torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+    with torch.no_grad():   # and no graph where none is wanted
+        assert not getattr(kernels, name)(*[t.clone().requires_grad_() if t.is_floating_point() else t
+                                            for t in inputs], backend="triton").requires_grad
+
+
+def test_auto_hands_dtypes_the_kernels_do_not_take_to_torch():
+    a, b = randn(5, 7, dtype=torch.float64, seed=1), randn(7, 3, dtype=torch.float64, seed=2)
+    torch.testing.assert_close(kernels.matmul(a, b), a @ b)
+    assert kernels.last_backend("matmul") == "torch"
+    assert torch.autograd.gradcheck(kernels.matmul, (a.requires_grad_(), b.requires_grad_()))
+    assert kernels.softmax(randn(3, 4, dtype=torch.float64)).dtype == torch.float64
+    assert kernels.last_backend("softmax") == "torch"
+    kernels.matmul(randn(5, 7), randn(7, 3))
+    assert kernels.last_backend("matmul") == EXPECTED_BACKEND
+    with pytest.raises(TypeError, match="float64"):                  # "triton" still insists
+        kernels.matmul(a.detach(), b.detach(), backend="triton")
+
+
+def test_interpreting_reads_the_variable_as_triton_does(monkeypatch):
+    for value, expected in [("1", True), ("true", True), ("On", True), (" yes ", True), ("0", False),
+                            ("false", False), ("", False)]:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert kernels.interpreting() is expected, value
+
+
+def test_grouped_kernels_see_ends_changed_behind_torchs_back():
+    # Writes through .data or numpy do not bump the version counter; on the CPU the values are compared too.
+    a, b, c = randn(40, 8, seed=1), randn(3, 8, 4, seed=2), randn(40, 4, seed=3)
+    ends = torch.tensor([10, 30, 40], device=DEVICE)
+    kernels.grouped_matmul(a, b, ends, backend="triton")
+    if GPU:
+        pytest.skip("on a GPU such writes are not looked for (reading ends back would wait for the GPU)")
+    ends.numpy()[0] = 25
+    torch.testing.assert_close(kernels.grouped_matmul(a, b, ends, backend="triton"),
+                               reference.grouped_matmul(a, b, ends), **TOLERANCE[torch.float32])
+    kernels.grouped_weight_grad(a, c, ends, backend="triton")
+    ends.data[2] = 400                                # past the rows: refused, never read out of bounds
+    with pytest.raises(ValueError, match="rise from 0"):
+        kernels.grouped_weight_grad(a, c, ends, backend="triton")
+    # The kernels themselves (no check of ends in front) stop at a's last row whatever ends says.
+    clipped = torch.tensor([25, 30, 40], device=DEVICE)
+    torch.testing.assert_close(grouped.grouped_weight_grad(a, c, ends), reference.grouped_weight_grad(a, c, clipped),
+                               **TOLERANCE[torch.float32])
+
+
 def test_import_without_triton_falls_back_to_torch():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, minillm, minillm.kernels as k\n"
@@ -338,6 +424,16 @@ def test_benchmark_grouped_rows_check_the_kernel_before_timing_it(monkeypatch):
     monkeypatch.setattr(grouped, "grouped_weight_grad", doubled)
     with pytest.raises(AssertionError, match="grouped_wgrad"):
         bench._grouped_rows(16, DEVICE)
+
+
+def test_benchmark_relative_error_and_size_checks():
+    from minillm.kernels.bench import bench_kernels, relative_error
+    assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0           # was 0 / 0 = nan: a false failure
+    assert relative_error(torch.ones(3), torch.zeros(3)) == float("inf")
+    assert relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])) == pytest.approx(0.5 ** 0.5)
+    for size in (3, 0, -8, 64.5, True):
+        with pytest.raises(ValueError, match="at least 64"):
+            bench_kernels(size=size)
 
 
 # --- GPU only ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
     kernels.last_backend("softmax")         # "triton", "interpreter" or "torch": what actually ran
 
 backend="auto" runs the Triton kernel on a CUDA tensor, Triton's interpreter when TRITON_INTERPRET=1 (on
-CPU tensors; correct but slow, for tests and the notebook), and the torch reference otherwise.
+CPU tensors; correct but slow, for tests and the notebook), and the torch reference otherwise, or for
+dtypes the kernels do not take (float64, integers; bf16 in the interpreter, which computes it wrongly).
 backend="triton" insists on Triton (GPU or interpreter) and says why when it cannot; backend="torch"
 always runs the reference. The first use of each (kernel, backend) pair is logged once at INFO level.
 
@@ -24,7 +25,7 @@ import os
 import torch
 
 from . import reference
-from ._inputs import LastSeen
+from ._inputs import KERNEL_DTYPES, LastSeen
 
 __all__ = ["KERNELS", "BACKENDS", "add", "softmax", "matmul", "rmsnorm", "cross_entropy", "grouped_matmul",
            "grouped_weight_grad", "triton_available",
@@ -49,9 +50,13 @@ def triton_available() -> bool:
         return False
 
 
+# The values Triton itself reads as "on" for TRITON_INTERPRET (its knobs lower-case the variable).
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
 def interpreting() -> bool:
-    """True when TRITON_INTERPRET=1: Triton kernels run on the CPU in its Python interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when TRITON_INTERPRET=1 (or true/yes/on): Triton kernels run on the CPU in its Python interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -100,8 +105,20 @@ def _triton_function(name: str, backend: str):
     return getattr(module, name)
 
 
+def _kernel_takes(chosen: str, args) -> bool:
+    """Whether the Triton kernels take these inputs' dtypes: fp32/fp16/bf16 data, no bf16 in the interpreter."""
+    data = [t for i, t in enumerate(args) if isinstance(t, torch.Tensor) and (i == 0 or t.is_floating_point())]
+    return all(t.dtype in KERNEL_DTYPES and not (chosen == "interpreter" and t.dtype == torch.bfloat16)
+               for t in data)
+
+
 def _run(name: str, backend: str, device: torch.device, *args, **kwargs):
     chosen = resolve_backend(backend, device)
+    if backend == "auto" and chosen != "torch" and not _kernel_takes(chosen, args):
+        chosen = "torch"   # "auto": the kernel where it can run; float64, integers (bf16 when interpreted): torch
+    if chosen != "torch" and name in _BACKWARDS and torch.is_grad_enabled() \
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        return _Differentiable.apply(name, backend, *args)
     function = getattr(reference, name) if chosen == "torch" else _triton_function(name, chosen)
     result = function(*args, **kwargs)
     _last_backend[name] = chosen
@@ -109,6 +126,56 @@ def _run(name: str, backend: str, device: torch.device, *args, **kwargs):
         _logged.add((name, chosen))
         logger.info("minillm.kernels.%s runs on %s (%s tensors)", name, chosen, device)
     return result
+
+
+class _Differentiable(torch.autograd.Function):
+    """A Triton kernel without a backward of its own, made differentiable (the torch references already are).
+
+    The backward of each product is made of the same products, dispatched the same way, so on a GPU the
+    gradients run on Triton too: for C = A @ B, dA = dC @ B^T and dB = A^T @ dC; per expert likewise for
+    grouped_matmul and grouped_weight_grad. add passes the gradient through; softmax's backward,
+    y * (dy - sum(dy * y)), is a few torch ops.
+    """
+
+    @staticmethod
+    def forward(ctx, name, backend, *inputs):
+        output = _run(name, backend, inputs[0].device, *inputs)   # forward runs without grad: no recursion
+        ctx.name, ctx.backend = name, backend
+        ctx.save_for_backward(*(inputs if name != "softmax" else (output,)))
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None) + _BACKWARDS[ctx.name](grad, ctx.saved_tensors, ctx.needs_input_grad[2:], ctx.backend)
+
+
+def _softmax_backward(grad, saved, needed, backend):
+    (y,) = saved
+    y32, grad32 = y.float(), grad.float()
+    return ((y32 * (grad32 - (grad32 * y32).sum(dim=-1, keepdim=True))).to(y.dtype),)
+
+
+def _matmul_backward(grad, saved, needed, backend):
+    a, b = saved
+    return (matmul(grad, b.t(), backend) if needed[0] else None,
+            matmul(a.t(), grad, backend) if needed[1] else None)
+
+
+def _grouped_matmul_backward(grad, saved, needed, backend):
+    a, b, ends = saved
+    return (grouped_matmul(grad, b.transpose(1, 2), ends, backend) if needed[0] else None,
+            grouped_weight_grad(a, grad, ends, backend) if needed[1] else None, None)
+
+
+def _grouped_weight_grad_backward(grad, saved, needed, backend):
+    a, c, ends = saved   # G[e] = A_e^T C_e, so dA_e = C_e dG[e]^T and dC_e = A_e dG[e]
+    return (grouped_matmul(c, grad.transpose(1, 2), ends, backend) if needed[0] else None,
+            grouped_matmul(a, grad, ends, backend) if needed[1] else None, None)
+
+
+_BACKWARDS = {"add": lambda grad, saved, needed, backend: (grad, grad), "softmax": _softmax_backward,
+              "matmul": _matmul_backward, "grouped_matmul": _grouped_matmul_backward,
+              "grouped_weight_grad": _grouped_weight_grad_backward}
 
 
 def _device_of(name: str, tensor) -> torch.device:
@@ -126,18 +193,34 @@ def _floating(name: str, what: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def add(x: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """x + y (same shape and dtype)."""
+    """x + y (same shape and dtype; differentiable on every backend)."""
     return _run("add", backend, _device_of("add", x), x, y)
 
 
 def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Numerically stable softmax over the last dimension, one fused pass per row."""
+    """Numerically stable softmax over the last dimension, one fused pass per row (differentiable)."""
     return _run("softmax", backend, _device_of("softmax", x), _floating("softmax", "x", x))
 
 
+def _same_dtype_and_device(name: str, first: torch.Tensor, *others) -> None:
+    """The checks every backend makes (the Triton kernels add their own dtype limits)."""
+    for other in others:
+        _device_of(name, other)
+        if other.device != first.device:
+            raise ValueError(f"{name}: inputs are on {first.device} and {other.device}; move them to one device")
+        if other.dtype != first.dtype:
+            raise TypeError(f"{name}: inputs are {str(first.dtype).removeprefix('torch.')} and "
+                            f"{str(other.dtype).removeprefix('torch.')}; convert one so they match")
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """(M×K) @ (K×N), fp32 accumulation, result in the inputs' dtype."""
-    return _run("matmul", backend, _device_of("matmul", a), a, b)
+    """(M×K) @ (K×N), fp32 accumulation, result in the inputs' dtype (differentiable on every backend)."""
+    device = _device_of("matmul", a)
+    _same_dtype_and_device("matmul", a, b)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not chain; expected (M, K) @ (K, N) "
+                         "(2-D only: for batches use torch.matmul)")
+    return _run("matmul", backend, device, a, b)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
@@ -177,18 +260,25 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, backend
     """Rows of a (N, K) sorted by expert times that expert's b[e] (K, M), all experts in one launch: (N, M).
 
     ends (E,) are the cumulative row counts: expert e owns rows ends[e-1] .. ends[e]. Chapter 04's experts.
+    Differentiable in a and b on every backend.
     """
     device = _device_of("grouped_matmul", a)
-    if not isinstance(b, torch.Tensor) or b.dim() != 3 or a.dim() != 2:
-        raise ValueError("grouped_matmul: expected a (N, K) and b (E, K, M)")
+    _same_dtype_and_device("grouped_matmul", a, b)
+    if b.dim() != 3 or a.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"grouped_matmul: expected a (N, K) and b (E, K, M); got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
     return _run("grouped_matmul", backend, device, a, b, _expert_ends("grouped_matmul", ends, a.shape[0], b.shape[0]))
 
 
 def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Per expert e, a[rows of e]^T @ c[rows of e]: the (E, K, M) weight gradient of grouped_matmul."""
+    """Per expert e, a[rows of e]^T @ c[rows of e]: the (E, K, M) weight gradient of grouped_matmul.
+
+    Differentiable in a and c on every backend (a second derivative, should a learner want one)."""
     device = _device_of("grouped_weight_grad", a)
-    if not isinstance(c, torch.Tensor) or a.dim() != 2 or c.dim() != 2:
-        raise ValueError("grouped_weight_grad: expected a (N, K) and c (N, M)")
+    _same_dtype_and_device("grouped_weight_grad", a, c)
+    if a.dim() != 2 or c.dim() != 2 or a.shape[0] != c.shape[0]:
+        raise ValueError(f"grouped_weight_grad: expected a (N, K) and c (N, M) with the same rows; got "
+                         f"{tuple(a.shape)} and {tuple(c.shape)}")
     experts = ends.numel() if isinstance(ends, torch.Tensor) else 0   # one weight gradient per entry of ends
     ends = _expert_ends("grouped_weight_grad", ends, a.shape[0], experts)
     return _run("grouped_weight_grad", backend, device, a, c, ends)

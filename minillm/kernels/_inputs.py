@@ -39,8 +39,11 @@ class LastSeen:
 
     An MoE training step hands the same expert counts to six grouped matmuls; checking them or building a
     tile table from them waits for the GPU each time. The tensor is held weakly; torch bumps `_version` on
-    every in-place change (through any view), which makes the entry stale. Inference tensors have no
-    version counter and are never remembered.
+    every in-place change a torch operation makes (through any view), which makes the entry stale. Writes
+    that bypass torch (`.data`, numpy, DLPack) do not bump it, so on the CPU, where reading the values
+    costs no wait, they are compared too; on a GPU such a write can leave a stale entry, which the grouped
+    kernels survive without reading out of bounds (they also mask rows by the tensor's row count).
+    Inference tensors have no version counter and are never remembered.
     """
 
     def __init__(self) -> None:
@@ -49,7 +52,7 @@ class LastSeen:
     @staticmethod
     def _key(tensor: torch.Tensor, extra) -> tuple | None:
         try:
-            return (tensor._version, extra)
+            return (tensor._version, extra, tuple(tensor.tolist()) if tensor.device.type == "cpu" else None)
         except RuntimeError:   # "Inference tensors do not track version counter"
             return None
 

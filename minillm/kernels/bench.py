@@ -25,8 +25,11 @@ def _median_ms(fn) -> float:
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """||got - expected|| / ||expected||, in float32."""
-    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    """||got - expected|| / ||expected||, in float32; 0 when both are zero (an empty or all-zero result)."""
+    difference, scale = (got.float() - expected.float()).norm(), expected.float().norm()
+    if scale == 0:
+        return 0.0 if difference == 0 else float("inf")
+    return (difference / scale).item()
 
 
 def _row(name, shape, dtype, triton_ms, torch_ms, flops=None, bytes_moved=None) -> dict:
@@ -110,6 +113,9 @@ def _grouped_rows(size: int, device: torch.device) -> list[dict]:
 
 def bench_kernels(size: int = 4096, out_dir: str | None = None, write: bool = True) -> dict:
     """Time every kernel against torch on the GPU; return (and save) the figures. No GPU: skip, say why."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 64:
+        raise ValueError(f"bench kernels: --size={size!r} must be an integer of at least 64 (the matrices are "
+                         "size x size; the grouped GEMM's have size/4 columns)")
     if not torch.cuda.is_available():
         message = ("kernels: this benchmark needs a CUDA GPU (none found). On a CPU the kernels run in Triton's "
                    "interpreter, which shows they are correct, not how fast they are; run it on a GPU (Colab T4).")

@@ -29,7 +29,7 @@ GPU_GRAD_CONFIG = dict(BLOCK_K=64, BLOCK_N=64, BLOCK_R=32, num_warps=4, num_stag
 
 
 @triton.jit
-def grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, N, K,
+def grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, M, N, K,
                           stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr = "ieee"):
@@ -39,7 +39,7 @@ def grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, en
     end = tl.load(ends_ptr + expert).to(tl.int64)
     rows = tl.load(tile_row_ptr + tile).to(tl.int64) + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < end
+    row_ok = (rows < end) & (rows < M)   # < M too: never past a's rows, whatever ends says
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -57,7 +57,7 @@ def grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, en
 
 
 @triton.jit
-def grouped_weight_grad_kernel(a_ptr, c_ptr, g_ptr, starts_ptr, ends_ptr, K, N,
+def grouped_weight_grad_kernel(a_ptr, c_ptr, g_ptr, starts_ptr, ends_ptr, M, K, N,
                                stride_am, stride_ak, stride_cm, stride_cn, stride_ge, stride_gk, stride_gn,
                                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                                INPUT_PRECISION: tl.constexpr = "ieee"):
@@ -73,7 +73,7 @@ def grouped_weight_grad_kernel(a_ptr, c_ptr, g_ptr, starts_ptr, ends_ptr, K, N,
     accumulator = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for first in range(start, end, BLOCK_R):
         rows = first + tl.arange(0, BLOCK_R)
-        row_ok = rows < end
+        row_ok = (rows < end) & (rows < M)
         a_t = tl.load(a_ptr + rows[None, :] * stride_am + ks[:, None] * stride_ak,
                       mask=k_ok[:, None] & row_ok[None, :], other=0.0)          # (BLOCK_K, BLOCK_R): A^T
         c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
@@ -109,7 +109,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
     if tile_expert.numel() == 0:
         return c.zero_()
     grid = (tile_expert.numel(), triton.cdiv(n_cols, config["BLOCK_N"]))
-    grouped_matmul_kernel[grid](a, b, c, tile_expert, first_row, ends32, n_cols, inner, a.stride(0), a.stride(1),
+    grouped_matmul_kernel[grid](a, b, c, tile_expert, first_row, ends32, rows, n_cols, inner, a.stride(0), a.stride(1),
                                 b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
                                 INPUT_PRECISION=precision, **config)
     return c
@@ -151,7 +151,7 @@ def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor) ->
     ends = ends.to(torch.int64)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     grid = (experts, triton.cdiv(inner, config["BLOCK_K"]), triton.cdiv(n_cols, config["BLOCK_N"]))
-    grouped_weight_grad_kernel[grid](a, c, g, starts.to(torch.int32), ends.to(torch.int32), inner, n_cols,
+    grouped_weight_grad_kernel[grid](a, c, g, starts.to(torch.int32), ends.to(torch.int32), rows, inner, n_cols,
                                      a.stride(0), a.stride(1), c.stride(0), c.stride(1), g.stride(0), g.stride(1),
                                      g.stride(2), INPUT_PRECISION=precision, **config)
     return g

@@ -32,8 +32,9 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk,
 
     # Rows and columns past the edge wrap around (% M, % N): loads stay in bounds without a mask, and
     # the store below drops those lanes.
-    rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    # int64 before multiplying by a stride: row * stride passes 2**31 on tensors of a few GB.
+    rows = ((tile_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    cols = ((tile_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
     b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
@@ -47,8 +48,8 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk,
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    out_rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    out_cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    out_cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     c_ptrs = c_ptr + out_rows[:, None] * stride_cm + out_cols[None, :] * stride_cn
     tl.store(c_ptrs, accumulator.to(c_ptr.dtype.element_ty), mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
 
