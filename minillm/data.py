@@ -17,6 +17,7 @@ import functools
 import hashlib
 import http.client
 import json
+import operator
 import os
 import socket
 import tempfile
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .paths import data_dir, datasets_dir
@@ -117,7 +119,7 @@ def load_corpus(name: str | os.PathLike = PYDOCS, *, manifest: str | os.PathLike
     local = Path(name)
     if local.is_file():
         try:
-            return local.read_text(encoding="utf-8")
+            return _read_utf8(local)
         except UnicodeDecodeError as error:
             raise ValueError(f"{local} is not UTF-8 text ({error}); convert it to UTF-8 first") from error
     available = ", ".join(repr(n) for n in list_corpora(manifest))
@@ -146,7 +148,13 @@ def _load_manifest_corpus(name: str, entry: dict[str, Any], cache_dir: str | os.
             download_file(entry["url"], path, expected, size=entry.get("size"), desc=name)
         except CorpusUnavailableError as error:
             raise unavailable(str(error)) from error
-    return path.read_text(encoding="utf-8")
+    return _read_utf8(path)
+
+
+def _read_utf8(path: Path) -> str:
+    # Decoding the bytes keeps "\r\n" as it is; read_text would turn it into "\n" (universal newlines), and
+    # then the text no longer matches the file's bytes and size.
+    return path.read_bytes().decode("utf-8")
 
 
 def _verify_cached(path: Path, expected: str | None, size: int | None) -> None:
@@ -294,17 +302,34 @@ def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ batches
 
+def _check_int(value, name: str, where: str, minimum: int) -> int:
+    """An integer argument as a Python int (numpy and 0-d torch integers too, bools no), at least `minimum`."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        raise TypeError(f"{where}: {name}={value!r} must be an int >= {minimum}, not a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{where}: {name}={value!r} must be an int >= {minimum}, got {type(value).__name__}; "
+                        f"e.g. int({name})") from None
+    if value < minimum:
+        raise ValueError(f"{where}: {name}={value} must be >= {minimum}")
+    return value
+
+
 def get_batch(tokens: torch.Tensor, block_size: int, batch_size: int,
               generator: torch.Generator | None = None, device: str | torch.device = "cpu"):
     """`batch_size` random windows of `block_size` tokens: inputs x and next-token targets y.
 
+    `tokens` is a 1-D tensor of token ids; a list or numpy array of integer ids is converted to one.
     The windows depend only on `generator`'s state, so a seeded generator gives the same batch again
     (this is what makes resumed training identical to uninterrupted training).
     """
+    if not isinstance(tokens, torch.Tensor):
+        tokens = _ids_from_array_like(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"get_batch: tokens must be a 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
-    if block_size < 1 or batch_size < 1:
-        raise ValueError(f"get_batch: block_size={block_size} and batch_size={batch_size} must both be >= 1")
+    block_size = _check_int(block_size, "block_size", "get_batch", 1)
+    batch_size = _check_int(batch_size, "batch_size", "get_batch", 1)
     if len(tokens) < block_size + 1:
         raise ValueError(f"get_batch: need at least block_size+1={block_size + 1} tokens, got {len(tokens)}; "
                          "use a smaller block_size or more text")
@@ -317,16 +342,49 @@ def get_batch(tokens: torch.Tensor, block_size: int, batch_size: int,
     return x.contiguous(), y.contiguous()
 
 
+def _ids_from_array_like(tokens) -> torch.Tensor:
+    """A list, tuple or numpy array of integer token ids as a 1-D-or-more int64 tensor (shape checked later)."""
+    try:
+        array = np.asarray(tokens)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"get_batch: tokens must be a 1-D tensor, list or array of integer token ids, got "
+                        f"{type(tokens).__name__} ({error})") from error
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise TypeError(f"get_batch: tokens must be integer token ids, got {type(tokens).__name__} of dtype "
+                        f"{array.dtype}; encode the text with a tokenizer (see tokenize_corpus)")
+    return torch.as_tensor(array.astype(np.int64, copy=False))
+
+
+# Batch `step` of seed `seed` seeds its generator with seed * _STEP_STRIDE + step while that is unambiguous
+# (step < _STEP_STRIDE, and the product fits in 63 bits), which keeps the batches of every earlier version;
+# any other (seed, step) is hashed into [2**63, 2**64), a range the first rule never reaches.
+_STEP_STRIDE = 1_000_003
+_LINEAR_SEEDS = (2 ** 63) // _STEP_STRIDE
+
+
+def _batch_seed(seed: int, step: int) -> int:
+    """A torch seed for (seed, step); different pairs give different seeds (up to a 64-bit hash collision)."""
+    if step < _STEP_STRIDE and seed < _LINEAR_SEEDS:
+        return seed * _STEP_STRIDE + step
+    digest = hashlib.blake2b(f"minillm.BatchSampler:{seed}:{step}".encode(), digest_size=8).digest()
+    return 2 ** 63 + int.from_bytes(digest, "big") % 2 ** 63
+
+
 class BatchSampler:
-    """Seeded random windows where batch `step` is a pure function of (seed, step)."""
+    """Seeded random windows where batch `step` is a pure function of (seed, step).
+
+    `seed` and `step` are integers >= 0. Different (seed, step) pairs draw independently seeded batches.
+    """
 
     def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int = 0,
                  device: str | torch.device = "cpu"):
+        seed = _check_int(seed, "seed", "BatchSampler", 0)
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.device = seed, device
 
     def batch(self, step: int):
         # A fresh generator per step (not one advancing generator) makes step k reproducible on its
         # own, e.g. after resuming from a checkpoint.
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        step = _check_int(step, "step", "BatchSampler.batch", 0)
+        g = torch.Generator().manual_seed(_batch_seed(self.seed, step))
         return get_batch(self.tokens, self.block_size, self.batch_size, generator=g, device=self.device)

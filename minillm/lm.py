@@ -17,6 +17,7 @@ models with different tokenizers compare fairly.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,10 @@ __all__ = ["bigram_counts", "bigram_probabilities", "bigram_nll", "perplexity", 
 # ---- counting --------------------------------------------------------------------------------------------
 
 def _as_ids(ids, where: str, vocab_size: int | None = None) -> torch.Tensor:
+    from_tensor = isinstance(ids, torch.Tensor)
     ids = torch.as_tensor(ids)
+    if not from_tensor and ids.numel() == 0:
+        ids = ids.long()  # torch makes an empty list float32; it is still an empty sequence of ids
     if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(f"{where}: expected a 1-D sequence of integer token ids, got a {ids.dtype} tensor of "
                          f"shape {tuple(ids.shape)}; encode the text with a tokenizer first")
@@ -44,14 +48,15 @@ def _as_ids(ids, where: str, vocab_size: int | None = None) -> torch.Tensor:
 
 
 def _check_positive_int(value, name: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """`value` as a Python int; any integer type (int, numpy) is accepted, bools are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{where}: {name}={value!r} must be a positive integer")
-    return value
+    return int(value)
 
 
 def bigram_counts(ids, vocab_size: int) -> torch.Tensor:
     """counts[a, b] = how often token b directly follows token a in `ids`; shape (vocab, vocab), int64."""
-    _check_positive_int(vocab_size, "vocab_size", "bigram_counts")
+    vocab_size = _check_positive_int(vocab_size, "vocab_size", "bigram_counts")
     ids = _as_ids(ids, "bigram_counts", vocab_size)
     # Each (previous, next) pair becomes one cell number of the flattened table; bincount tallies them.
     cells = ids[:-1] * vocab_size + ids[1:]
@@ -68,8 +73,9 @@ def bigram_probabilities(counts: torch.Tensor, smoothing: float = 1.0) -> torch.
         shape = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
         raise ValueError(f"bigram_probabilities: counts must be a square (vocab, vocab) tensor, got {shape}; "
                          "build it with bigram_counts(ids, vocab_size)")
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not smoothing >= 0:
-        raise ValueError(f"bigram_probabilities: smoothing={smoothing!r} must be a number >= 0 "
+    if (isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not smoothing >= 0
+            or not math.isfinite(smoothing)):
+        raise ValueError(f"bigram_probabilities: smoothing={smoothing!r} must be a finite number >= 0 "
                          "(0: no smoothing, 1: add-one)")
     table = counts.double() + smoothing
     totals = table.sum(dim=1, keepdim=True)
@@ -90,6 +96,8 @@ def bigram_nll(probabilities: torch.Tensor, ids) -> float:
 
 def perplexity(mean_nll: float) -> float:
     """exp(mean NLL in nats): a loss of ln(V) is perplexity V, as unsure as a uniform pick among V tokens."""
+    if math.isnan(mean_nll):
+        return math.nan  # an undefined loss has an undefined perplexity, not an infinite one
     return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
@@ -113,7 +121,8 @@ class BigramConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size"):
-            _check_positive_int(getattr(self, name), name, "BigramConfig")
+            # stored as a Python int, so a numpy integer (e.g. from an array of sizes) works like an int
+            setattr(self, name, _check_positive_int(getattr(self, name), name, "BigramConfig"))
 
 
 @dataclass
@@ -126,7 +135,8 @@ class MLPConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "n_embd", "hidden", "block_size"):
-            _check_positive_int(getattr(self, name), name, "MLPConfig")
+            # stored as a Python int, so a numpy integer (e.g. from an array of sizes) works like an int
+            setattr(self, name, _check_positive_int(getattr(self, name), name, "MLPConfig"))
 
 
 class _LanguageModel(nn.Module):

@@ -36,14 +36,19 @@ class PowerLaw:
 
     def inverse(self, y: float) -> float:
         """The x at which the law reaches y (inf when y is at or below an offset the law never crosses)."""
+        if self.scale == 0 or self.exponent == 0:
+            raise ValueError(f"PowerLaw.inverse: {self} is constant in x (scale or exponent is 0), so no single "
+                             "x reaches a given y; fit the law to points that vary with x")
         excess = (y - self.offset) / self.scale
         if excess <= 0:
             return math.inf
         return excess ** (-1.0 / self.exponent)
 
     def __str__(self) -> str:
-        offset = f" + {self.offset:.3g}" if self.offset else ""
-        return f"{self.scale:.3g} * x^(-{self.exponent:.3g}){offset}"
+        # "+ 0.0" turns -0.0 into 0.0, so an exponent of 0 prints as x^(0), not x^(-0)
+        power = -self.exponent + 0.0
+        offset = f" {'-' if self.offset < 0 else '+'} {abs(self.offset):.3g}" if self.offset else ""
+        return f"{self.scale:.3g} * x^({power:.3g}){offset}"
 
 
 def _as_points(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +121,10 @@ def isoflop_optimum(n_params, losses) -> float:
     sizes, values = np.asarray(n_params, dtype=float).ravel(), np.asarray(losses, dtype=float).ravel()
     if sizes.shape != values.shape or sizes.size == 0:
         raise ValueError(f"isoflop_optimum: got {sizes.size} sizes and {values.size} losses; pass one loss per size")
-    if np.any(sizes <= 0) or not np.all(np.isfinite(values)):
-        raise ValueError("isoflop_optimum: sizes must be > 0 and losses finite")
+    if not (np.all(np.isfinite(sizes)) and np.all(np.isfinite(values))):
+        raise ValueError("isoflop_optimum: every size and loss must be a finite number; drop NaN/inf points first")
+    if np.any(sizes <= 0):
+        raise ValueError("isoflop_optimum: sizes (parameter counts) must be > 0")
     best_tried = float(sizes[int(np.argmin(values))])
     if np.unique(sizes).size < 3:
         return best_tried
@@ -133,7 +140,12 @@ def isoflop_optimum(n_params, losses) -> float:
 
 def loss_at_compute(compute, loss, budget: float) -> float:
     """One training curve's loss at `budget` FLOPs, interpolated linearly in log(compute); NaN outside it."""
-    compute, loss = np.asarray(compute, dtype=float), np.asarray(loss, dtype=float)
+    compute, loss = np.asarray(compute, dtype=float).ravel(), np.asarray(loss, dtype=float).ravel()
+    if compute.shape != loss.shape or compute.size == 0:
+        raise ValueError(f"loss_at_compute: got {compute.size} compute values and {loss.size} losses; pass one "
+                         "loss per compute value, at least one point")
+    if np.any(np.isnan(compute)):
+        raise ValueError("loss_at_compute: a compute value is NaN; drop that point first")
     order = np.argsort(compute)
     compute, loss = compute[order], loss[order]
     if budget < compute[0] or budget > compute[-1]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import numbers
+import operator
 import os
 import re
 import warnings
@@ -49,16 +51,40 @@ def _check_text(text, where: str) -> None:
                         "decode bytes first (e.g. data.decode('utf-8')) or join a list of strings")
 
 
+def _as_index(value) -> int | None:
+    """`value` as a Python int when it is an integer of any kind (int, numpy or torch), else None.
+
+    Bools are refused although Python counts them as ints: True as a token id is always a mistake.
+    """
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_ids(ids, vocab_size: int, where: str) -> list[int]:
-    """Ids as a list of Python ints, accepting lists, tuples, numpy arrays and torch tensors."""
+    """Ids as a list of Python ints, accepting lists, tuples, numpy arrays and torch tensors.
+
+    Each id may be any integer type (int, numpy or torch integers) but not a bool. A single id (an int,
+    a numpy scalar, a 0-d array or tensor) is refused with a TypeError rather than guessed at: wrap it in
+    a list, e.g. decode([token_id]) or decode(tensor.reshape(-1)).
+    """
     if isinstance(ids, (str, bytes)):
         raise TypeError(f"{where}: expected a list of token ids, got {type(ids).__name__}")
+    if isinstance(ids, numbers.Number) or getattr(ids, "ndim", None) == 0:
+        raise TypeError(f"{where}: expected a sequence of token ids, got the single id {ids!r} "
+                        f"({type(ids).__name__}); wrap it in a list, e.g. decode([token_id])")
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     checked = []
     for token_id in ids:
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise TypeError(f"{where}: token ids must be ints, got {token_id!r} ({type(token_id).__name__})")
+        index = _as_index(token_id)
+        if index is None:
+            raise TypeError(f"{where}: token ids must be ints, got {token_id!r} ({type(token_id).__name__})"
+                            + ("; pass a flat (1-D) sequence of ids" if isinstance(token_id, list) else ""))
+        token_id = index
         if not 0 <= token_id < vocab_size:
             raise ValueError(f"{where}: token id {token_id} is out of range for vocab_size {vocab_size} "
                              f"(valid ids are 0..{vocab_size - 1}); were these ids made by another tokenizer?")
@@ -135,6 +161,26 @@ def _read_json(path, expected_type: str | None) -> dict:
         raise ValueError(f"tokenizer file {str(path)!r} has format version {state.get('version')!r}, this minillm "
                          f"reads version {_FORMAT_VERSION}; retrain and save it again")
     return state
+
+
+# A saved chunk pattern must cut this text into pieces that re-join to it: letters, digits, spaces,
+# punctuation, newlines, tabs and non-ASCII. A pattern that skips characters would make encode drop text.
+_PATTERN_SAMPLE = ("Hello, World! It's 2024: x_1 = 3.14 * (y + 42); don't\n\n  stop.\t"
+                   "Caf\u00e9 na\u00efve Stra\u00dfe \u6771\u4eac \u041c\u043e\u0441\u043a\u0432\u0430 "
+                   "\U0001f642\r\n  end  ")
+
+
+def _checked_chunk_regex(pattern: str, invalid) -> re.Pattern:
+    """Compile a chunk pattern read from a file; `invalid(reason)` builds the error to raise."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise invalid(f"its 'pattern' {pattern!r} is not a regular expression ({error})") from error
+    chunks = regex.findall(_PATTERN_SAMPLE)
+    if not all(isinstance(chunk, str) for chunk in chunks) or "".join(chunks) != _PATTERN_SAMPLE:
+        raise invalid(f"its 'pattern' {pattern!r} does not cut text into chunks that re-join to the text "
+                      "(it would skip characters when encoding)")
+    return regex
 
 
 def _field(state: dict, name: str, kind: type, path) -> object:
@@ -461,16 +507,28 @@ class BPETokenizer:
         merges = _field(state, "merges", list, path)
         special_tokens = _field(state, "special_tokens", list, path)
         pattern = _field(state, "pattern", str, path)
+
+        def invalid(reason: str) -> ValueError:
+            return ValueError(f"tokenizer file {str(path)!r} is not a valid BPETokenizer: {reason}; "
+                              "the file is corrupted, retrain and save it again")
+
+        seen: set[tuple[int, int]] = set()
         for i, pair in enumerate(merges):
             # merge i may only use bytes and earlier merges
             if (not isinstance(pair, list) or len(pair) != 2
-                    or not all(isinstance(t, int) and 0 <= t < 256 + i for t in pair)):
-                raise ValueError(f"tokenizer file {str(path)!r}: merge {i} is {pair!r}, expected a pair of ids "
-                                 f"below {256 + i}; the file is corrupted, retrain and save it again")
-        tokenizer = cls(special_tokens=special_tokens)
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 256 + i for t in pair)):
+                raise invalid(f"merge {i} is {pair!r}, expected a pair of integer ids below {256 + i}")
+            if tuple(pair) in seen:
+                raise invalid(f"merge {i} {pair!r} repeats an earlier merge (each pair is merged once)")
+            seen.add(tuple(pair))
+        chunk_regex = _checked_chunk_regex(pattern, invalid)
+        try:
+            tokenizer = cls(special_tokens=special_tokens)
+        except (TypeError, ValueError) as error:
+            raise invalid(f"its 'special_tokens' are wrong ({error})") from error
         # the chunking rule is part of the tokenizer: keep the one it was trained with
         tokenizer.pattern = pattern
-        tokenizer._chunk_regex = re.compile(pattern)
+        tokenizer._chunk_regex = chunk_regex
         tokenizer._set_merges([tuple(pair) for pair in merges])
         return tokenizer
 

@@ -334,3 +334,93 @@ def test_default_manifest_ships_inside_the_package():
     corpora = read_manifest()
     assert {"tinyshakespeare", "tinystories"} <= set(corpora)
     assert all(len(entry["sha256"]) == 64 for entry in corpora.values())
+
+
+# ------------------------------------------------------------------------------------- fixes (review)
+
+def test_a_local_file_keeps_its_crlf_line_ends(tmp_path):
+    payload = "first line\r\nsecond line\rthird\ncafé\r\n".encode("utf-8")
+    path = tmp_path / "windows.txt"
+    path.write_bytes(payload)
+    text = load_corpus(path)
+    assert text == payload.decode("utf-8")
+    assert len(text.encode("utf-8")) == len(payload)
+
+
+def test_a_cached_manifest_corpus_keeps_its_crlf_line_ends(cache, tmp_path, monkeypatch):
+    forbid_network(monkeypatch)
+    payload = make_text(200).replace("\n", "\r\n").encode("utf-8") + b"end\r\n"
+    cache.mkdir(parents=True)
+    (cache / "crlf.txt").write_bytes(payload)
+    manifest = write_manifest(tmp_path / "manifest.json", crlf={
+        "url": "http://127.0.0.1:9/crlf.txt", "filename": "crlf.txt", "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest()})
+    text = load_corpus("crlf", manifest=manifest)
+    assert text.count("\r\n") == payload.count(b"\r\n") > 0
+    assert text.encode("utf-8") == payload
+
+
+def test_batch_sampler_seeds_and_steps_never_share_a_batch():
+    tokens = torch.arange(100_000)
+    assert not torch.equal(BatchSampler(tokens, 3, 8, seed=1).batch(0)[0],
+                           BatchSampler(tokens, 3, 8, seed=0).batch(1_000_003)[0])
+    assert not torch.equal(BatchSampler(tokens, 3, 8, seed=2).batch(5)[0],
+                           BatchSampler(tokens, 3, 8, seed=0).batch(2 * 1_000_003 + 5)[0])
+    huge = BatchSampler(tokens, 3, 8, seed=2 ** 62)
+    assert torch.equal(huge.batch(10 ** 12)[0], BatchSampler(tokens, 3, 8, seed=2 ** 62).batch(10 ** 12)[0])
+    assert not torch.equal(huge.batch(0)[0], huge.batch(1)[0])
+    assert data._batch_seed(2 ** 62, 0) != data._batch_seed(2 ** 62 + 1, 0)
+
+
+def test_batch_sampler_keeps_the_batches_of_ordinary_seeds_and_steps():
+    # Training runs and notebooks draw these batches; the fix for large seeds must not change them.
+    tokens = torch.arange(5000)
+    for seed, step in [(0, 0), (3, 7), (1234, 99), (0, 1_000_002)]:
+        expected = get_batch(tokens, 16, 4, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+        assert torch.equal(BatchSampler(tokens, 16, 4, seed=seed).batch(step)[0], expected[0])
+
+
+@pytest.mark.parametrize("seed, error, message", [
+    (-1, ValueError, "seed=-1 must be >= 0"),
+    (True, TypeError, "not a bool"),
+    (1.5, TypeError, "seed=1.5 must be an int"),
+    ("0", TypeError, "must be an int"),
+])
+def test_batch_sampler_rejects_bad_seeds_when_built(seed, error, message):
+    with pytest.raises(error, match=message):
+        BatchSampler(torch.arange(100), 4, 2, seed=seed)
+
+
+def test_batch_sampler_accepts_numpy_seeds_and_checks_steps():
+    import numpy as np
+
+    tokens = torch.arange(1000)
+    assert torch.equal(BatchSampler(tokens, 8, 2, seed=np.int64(3)).batch(np.int64(4))[0],
+                       BatchSampler(tokens, 8, 2, seed=3).batch(4)[0])
+    with pytest.raises(ValueError, match="step=-1 must be >= 0"):
+        BatchSampler(tokens, 8, 2).batch(-1)
+
+
+def test_get_batch_accepts_lists_and_numpy_arrays_of_ids():
+    import numpy as np
+
+    ids = list(range(300))
+    expected = get_batch(torch.tensor(ids), 8, 4, generator=torch.Generator().manual_seed(5))
+    for tokens in (ids, np.array(ids, dtype=np.uint16), np.array(ids, dtype=np.int32)):
+        x, y = get_batch(tokens, 8, 4, generator=torch.Generator().manual_seed(5))
+        assert x.dtype == torch.int64 and torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+    with pytest.raises(TypeError, match="integer token ids"):
+        get_batch([0.5] * 100, 8, 4)
+    with pytest.raises(TypeError, match="integer token ids"):
+        get_batch("some text", 8, 4)
+
+
+@pytest.mark.parametrize("block_size, batch_size, error, message", [
+    (8.0, 4, TypeError, "block_size=8.0 must be an int"),
+    (8, 2.5, TypeError, "batch_size=2.5 must be an int"),
+    (0, 4, ValueError, "block_size=0 must be >= 1"),
+    (8, True, TypeError, "not a bool"),
+])
+def test_get_batch_sizes_must_be_positive_ints(block_size, batch_size, error, message):
+    with pytest.raises(error, match=message):
+        get_batch(torch.arange(100), block_size, batch_size)

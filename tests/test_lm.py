@@ -180,3 +180,40 @@ def test_chapter_checks(grade_id, right, wrong, capsys):
     assert capsys.readouterr().out.startswith(f"✓ {grade_id} ")
     with pytest.raises(AssertionError, match="Hint"):
         grading.check(grade_id, wrong)
+
+
+# ---- fixes from review ----
+
+def test_perplexity_of_nan_is_nan():
+    assert math.isnan(lm.perplexity(float("nan")))
+    assert lm.perplexity(float("inf")) == math.inf
+    assert math.isclose(lm.perplexity(math.log(7)), 7.0)
+
+
+def test_bigram_counts_of_an_empty_list_is_an_empty_table():
+    for ids in ([], (), torch.tensor([], dtype=torch.long)):
+        counts = lm.bigram_counts(ids, 4)
+        assert counts.dtype == torch.int64 and torch.equal(counts, torch.zeros(4, 4, dtype=torch.long))
+    assert lm.bigram_counts([3], 4).sum() == 0
+    with pytest.raises(ValueError, match="integer token ids"):
+        lm.bigram_counts(torch.tensor([], dtype=torch.float32), 4)  # an explicit float tensor is still refused
+
+
+def test_configs_accept_numpy_integers_and_store_python_ints():
+    import numpy as np
+
+    config = lm.BigramConfig(np.int64(5), block_size=np.int32(8))
+    assert config.vocab_size == 5 and type(config.vocab_size) is int and type(config.block_size) is int
+    assert lm.NeuralBigram(config)(torch.zeros(1, 3, dtype=torch.long))[0].shape == (1, 3, 5)
+    assert lm.MLPConfig(np.int64(7), context=np.int64(2)).context == 2
+    assert lm.bigram_counts([0, 1], np.int64(2)).tolist() == [[0, 1], [0, 0]]
+    with pytest.raises(ValueError, match="positive integer"):
+        lm.BigramConfig(np.float64(5.0))
+    with pytest.raises(ValueError, match="positive integer"):
+        lm.BigramConfig(True)
+
+
+@pytest.mark.parametrize("smoothing", [math.inf, math.nan, -math.inf])
+def test_non_finite_smoothing_is_refused(smoothing):
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        lm.bigram_probabilities(lm.bigram_counts([0, 1, 1], 2), smoothing=smoothing)

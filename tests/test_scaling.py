@@ -65,3 +65,33 @@ def test_isoflop_optimum_finds_the_vertex_of_a_parabola_in_log_size():
 def test_loss_at_compute_interpolates_in_log_compute():
     assert loss_at_compute([1e3, 1e5], [4.0, 2.0], 1e4) == pytest.approx(3.0)
     assert math.isnan(loss_at_compute([1e3, 1e5], [4.0, 2.0], 1e6))
+
+
+def test_power_law_prints_the_sign_of_its_exponent_and_offset():
+    assert str(PowerLaw(2, 0.5, 1.5)) == "2 * x^(-0.5) + 1.5"  # the usual decreasing law is printed as before
+    assert str(PowerLaw(2, -0.5)) == "2 * x^(0.5)"
+    assert str(PowerLaw(2, 0)) == "2 * x^(0)"
+    assert str(PowerLaw(2, 0.5, -1.0)) == "2 * x^(-0.5) - 1"
+
+
+def test_inverse_of_a_constant_law_is_a_clear_error():
+    with pytest.raises(ValueError, match="constant in x"):
+        PowerLaw(2, 0).inverse(3)
+    with pytest.raises(ValueError, match="constant in x"):
+        PowerLaw(0, 0.5, 1.0).inverse(3)
+    assert PowerLaw(2, -0.5).inverse(4.0) == pytest.approx(4.0)  # a growing law still inverts
+
+
+@pytest.mark.parametrize("sizes, message", [([1e5, float("nan"), 1e7], "finite"), ([1e5, 1e6, float("inf")], "finite"),
+                                            ([1e5, 0.0, 1e7], "> 0")])
+def test_isoflop_optimum_refuses_bad_sizes(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        isoflop_optimum(sizes, [3.0, 2.5, 2.8])
+
+
+@pytest.mark.parametrize("compute, loss, message", [([], [], "at least one point"), ([1e3, 1e5], [4.0], "one loss per"),
+                                                    ([1e3], [4.0, 2.0], "one loss per"),
+                                                    ([1e3, float("nan")], [4.0, 2.0], "NaN")])
+def test_loss_at_compute_refuses_bad_curves(compute, loss, message):
+    with pytest.raises(ValueError, match=message):
+        loss_at_compute(compute, loss, 1e4)

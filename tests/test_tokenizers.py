@@ -256,3 +256,71 @@ def test_textbook_recount_trainer_picks_the_same_merges_as_the_incremental_one()
 
     text = "the cat sat on the mat; the hat, the bat — ünïcödé 123 123 the end " * 3
     assert train_bpe_by_recount(text, 30) == BPETokenizer().train(text, 256 + 30).merges
+
+
+def test_decode_accepts_numpy_and_torch_integer_ids():
+    import numpy as np
+    import torch
+
+    bpe, char = small_bpe(), small_char()
+    ids = bpe.encode("the fox")
+    assert bpe.decode([np.int64(i) for i in ids]) == "the fox"
+    assert bpe.decode([np.int32(i) for i in ids]) == "the fox"
+    assert bpe.decode([torch.tensor(i) for i in ids]) == "the fox"
+    assert bpe.token_bytes(np.int64(104)) == b"h"
+    char_ids = char.encode("dog")
+    assert char.decode([np.int64(i) for i in char_ids]) == "dog"
+    assert char.decode(np.array(char_ids, dtype=np.uint16)) == "dog"
+    with pytest.raises(TypeError, match="token ids must be ints, got True"):
+        bpe.decode([True])
+    with pytest.raises(TypeError, match="token ids must be ints"):
+        char.decode([np.bool_(True)])
+    with pytest.raises(TypeError, match="token ids must be ints"):
+        bpe.decode([np.float64(104.0)])
+
+
+@pytest.mark.parametrize("single", [104, "np.int64", "np.array", "torch.tensor"])
+def test_decode_of_a_single_id_says_to_wrap_it_in_a_list(single):
+    import numpy as np
+    import torch
+
+    values = {"np.int64": np.int64(104), "np.array": np.array(104), "torch.tensor": torch.tensor(104)}
+    value = values.get(single, single)
+    for tokenizer in (small_bpe(), small_char()):
+        with pytest.raises(TypeError, match=r"single id .*wrap it in a list"):
+            tokenizer.decode(value)
+
+
+def _bpe_file(tmp_path, **fields) -> str:
+    state = {"type": "BPETokenizer", "version": 1, "pattern": small_bpe().pattern, "special_tokens": [],
+             "merges": [[104, 101], [116, 104]]}
+    state.update(fields)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(state))
+    return str(path)
+
+
+@pytest.mark.parametrize("fields, complaint", [
+    ({"pattern": "a"}, "does not cut text into chunks that re-join"),
+    ({"pattern": "("}, "is not a regular expression"),
+    ({"pattern": r"\w+|\s+"}, "does not cut text into chunks that re-join"),    # drops punctuation
+    ({"pattern": r"(\w+)|(\W+)"}, "does not cut text into chunks that re-join"),  # groups: findall gives tuples
+    ({"merges": [[97, 98], [97, 98]]}, "merge 1 .* repeats an earlier merge"),
+    ({"merges": [[True, False]]}, "merge 0 is"),
+    ({"merges": [[97, 1.0]]}, "merge 0 is"),
+    ({"special_tokens": [""]}, "special_tokens"),
+])
+def test_loading_an_invalid_bpe_file_says_why(tmp_path, fields, complaint):
+    path = _bpe_file(tmp_path, **fields)
+    with pytest.raises(ValueError, match="is not a valid BPETokenizer: .*" + complaint):
+        BPETokenizer.load(path)
+    with pytest.raises(ValueError, match=complaint):
+        load_tokenizer(path)
+
+
+def test_loading_keeps_a_custom_pattern_that_covers_all_text(tmp_path):
+    tokenizer = BPETokenizer.load(_bpe_file(tmp_path, pattern=r"\S+|\s+"))
+    assert tokenizer.pattern == r"\S+|\s+"
+    text = "the end, thé 東京!\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert BPETokenizer.load(_bpe_file(tmp_path)).merges == [(104, 101), (116, 104)]
