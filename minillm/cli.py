@@ -72,7 +72,27 @@ def cmd_course(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from pathlib import Path
+
     from .cost import Ledger, report
+    if args.ledger:
+        # The default ledger is simply absent until a chapter records something (the report then says it is
+        # empty), but a ledger named on the command line that is not there is a mistyped path.
+        ledger = Path(args.ledger)
+        if ledger.is_dir():
+            raise ValueError(f"--ledger {ledger} is a folder; give the ledger file itself, e.g. "
+                             f"{ledger / 'ledger.jsonl'}")
+        if not ledger.exists():
+            raise FileNotFoundError(f"--ledger {ledger} does not exist; check the path, or leave --ledger out "
+                                    "to report runs/ledger.jsonl")
+    if args.out:
+        out = Path(args.out)
+        if out.suffix.lower() != ".png" and out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder; give a folder for report.png, or a file "
+                             "name ending in .png")
+        if out.suffix.lower() == ".png" and out.is_dir():
+            raise ValueError(f"--out {out} is a folder, so the plot cannot be written there; give another file "
+                             f"name, or {out / 'report.png'}")
     text, png = report(Ledger(args.ledger) if args.ledger else None, out_dir=args.out)
     print(text)
     return 0
@@ -145,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"minillm {args.command}: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder where a file should be, a file in the way of a folder, no permission...
+        # os.replace and os.rename name the destination second: the path the user gave, not a temp file
+        path = getattr(error, "filename2", None) or error.filename
+        where = f" ({path})" if path else ""
+        what = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):  # mkdir or open through a file
+            what = f"{what}: a file is where a folder is needed"
+        print(f"minillm {args.command}: {what}{where}; check that path (and its permissions) and run the "
+              "command again", file=sys.stderr)
         return 2
 
 

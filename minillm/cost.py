@@ -61,10 +61,13 @@ class Meter:
 
     def __init__(self, label: str, chapter: str | None = None, device: str | torch.device | None = None,
                  tokens: int = 0, flops: float = 0.0, price_per_hour: float | None = None):
+        # bool is an int to Python, but price_per_hour=True is a mistake, not a price of $1 per hour
         if price_per_hour is not None and not (isinstance(price_per_hour, numbers.Real)
+                                               and not isinstance(price_per_hour, bool)
                                                and math.isfinite(price_per_hour) and price_per_hour >= 0):
             raise ValueError(f"Meter: price_per_hour={price_per_hour!r} must be a finite number >= 0 "
-                             "(dollars per hour); leave it None to use the price table")
+                             f"(dollars per hour{', not a bool' if isinstance(price_per_hour, bool) else ''}); "
+                             "leave it None to use the price table")
         self.label = label
         self.chapter = chapter
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -713,6 +716,45 @@ def _jsonable(value, where: str):
 
 
 _RESERVED_KEYS = ("time", "chapter", "label", "hardware_id", "hardware", "values")
+# Values the report computes with: in an entry each is a number or None (JSON null), never text or a bool.
+_NUMERIC_VALUE_KEYS = ("seconds", "tokens", "flops", "tokens_per_second", "flops_per_second", "peak_memory_bytes",
+                       "price_per_hour", "dollars", "baseline", "improved", "ratio", "saving_percent")
+
+
+def _chapter_name(chapter, who: str) -> str:
+    """The chapter as the ledger stores it: 3 -> "03", strings as they are."""
+    if isinstance(chapter, int) and not isinstance(chapter, bool):
+        chapter = f"{chapter:02d}"
+    if not isinstance(chapter, str) or not chapter:
+        raise ValueError(f"{who}: chapter={chapter!r} must be a non-empty string such as '03'")
+    return chapter
+
+
+def _finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def _unusable_value(values: dict) -> str | None:
+    """The first value the report could not compute with, as "'key' = value", or None when all are fine."""
+    for key in _NUMERIC_VALUE_KEYS:
+        if values.get(key) is not None and not _finite_number(values[key]):
+            return f"{key!r} = {values[key]!r}"
+    if not isinstance(values.get("unit", ""), str):
+        return f"'unit' = {values['unit']!r}"
+    return None
+
+
+def _usable_entry(entry) -> bool:
+    """Whether a parsed ledger line is an entry the report can show (anything else counts as corrupt)."""
+    return (isinstance(entry, dict) and isinstance(entry.get("values"), dict)
+            and isinstance(entry.get("chapter"), str) and bool(entry["chapter"])
+            and isinstance(entry.get("label"), str) and bool(entry["label"])
+            and _unusable_value(entry["values"]) is None)
 
 
 class Ledger:
@@ -729,10 +771,7 @@ class Ledger:
 
     def append(self, chapter: str, label: str, values: dict, hardware: dict | None = None, **tags) -> dict:
         """Add one entry and make sure it is on disk before returning it."""
-        if isinstance(chapter, int) and not isinstance(chapter, bool):
-            chapter = f"{chapter:02d}"
-        if not isinstance(chapter, str) or not chapter:
-            raise ValueError(f"Ledger.append: chapter={chapter!r} must be a non-empty string such as '03'")
+        chapter = _chapter_name(chapter, "Ledger.append")
         if not isinstance(label, str) or not label:
             raise ValueError(f"Ledger.append: label={label!r} must be a non-empty string naming the measurement")
         if not isinstance(values, dict):
@@ -751,11 +790,21 @@ class Ledger:
             "values": {str(key): _jsonable(value, f"values[{key!r}]") for key, value in values.items()},
         }
         entry.update({key: _jsonable(value, f"tag {key!r}") for key, value in tags.items()})
-        line = json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n"
+        unusable = _unusable_value(entry["values"])
+        if unusable is not None:  # entries() would skip such a line as corrupt: refuse it now instead
+            raise TypeError(f"Ledger.append: values {unusable} must be a number or None, since the report "
+                            f"computes with it; keys {list(_NUMERIC_VALUE_KEYS)} hold numbers (put text elsewhere)")
+        line = (json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One write in append mode, then fsync: a crash loses at most the line being written.
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
+        # One write in append mode, then fsync: a crash loses at most the line being written. If an earlier
+        # crash left a torn last line (no newline), start on a fresh line so this entry is not glued onto it.
+        # Another process appending at the same moment can at worst add a blank line, which entries() skips.
+        with open(self.path, "a+b") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)  # append mode: lands at the end of the file whatever the read position
             f.flush()
             os.fsync(f.fileno())
         return entry
@@ -768,8 +817,14 @@ class Ledger:
                              "here or to Meter(...)")
         return self.append(chapter, meter.label, {**meter.to_dict(), **extra_values})
 
-    def entries(self, chapter: str | None = None, label: str | None = None) -> list[dict]:
-        """All entries, oldest first, optionally only one chapter's and/or one label's."""
+    def entries(self, chapter: str | int | None = None, label: str | None = None) -> list[dict]:
+        """All entries, oldest first, optionally only one chapter's (3 means "03", as in append) and/or one label's.
+
+        Lines that are not entries the report can use (torn by a crash, edited by hand into text where a
+        number belongs) are skipped with a warning.
+        """
+        if chapter is not None:
+            chapter = _chapter_name(chapter, "Ledger.entries")
         if not self.path.exists():
             return []
         found, corrupt = [], []
@@ -781,8 +836,7 @@ class Ledger:
                     entry = json.loads(line)
                 except ValueError:
                     entry = None
-                if not (isinstance(entry, dict) and isinstance(entry.get("values"), dict)
-                        and "chapter" in entry and "label" in entry):
+                if not _usable_entry(entry):
                     corrupt.append(number)
                     continue
                 if chapter is not None and entry["chapter"] != chapter:
@@ -793,11 +847,12 @@ class Ledger:
         if len(corrupt) > self._corrupt_lines_reported:
             self._corrupt_lines_reported = len(corrupt)
             warnings.warn(f"Ledger {self.path}: skipped {len(corrupt)} corrupt line(s) (line {corrupt[0]}"
-                          f"{' and more' if len(corrupt) > 1 else ''}); the other entries are fine. "
-                          "Delete those lines to silence this.", stacklevel=2)
+                          f"{' and more' if len(corrupt) > 1 else ''}): torn by a crash, or not an entry (chapter "
+                          "and label must be text, measured values numbers); the other entries are fine. "
+                          "Delete or fix those lines to silence this.", stacklevel=2)
         return found
 
-    def latest(self, chapter: str | None = None, label: str | None = None) -> dict | None:
+    def latest(self, chapter: str | int | None = None, label: str | None = None) -> dict | None:
         matches = self.entries(chapter, label)
         return matches[-1] if matches else None
 
@@ -810,11 +865,35 @@ _PREFIXES = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0,
 _SYMBOL_UNITS = {"FLOP", "FLOPs", "B", "tok", "param", "Hz", "W", "J"}  # an SI prefix attaches directly
 
 
-def _significant(value: float, digits: int) -> str:
+# Whole numbers print in full below this ("8049 years", "×12345"); beyond it digits stop being readable and
+# scientific notation takes over ("×1e+300", not 301 digits).
+_PLAIN_LIMIT = 1e9
+
+
+def _significant(value, digits: int) -> str:
+    try:
+        value = float(value)
+    except OverflowError:  # an int (or Fraction) beyond float's range, e.g. 10**400
+        return _huge_number(value, digits)
     text = f"{value:.{digits}g}"
-    if "e+" in text:  # 999.7 rounds to "1e+03"; print "1000" instead
+    if "e+" in text and abs(value) < _PLAIN_LIMIT:  # 999.7 rounds to "1e+03"; print "1000" instead
         text = f"{value:.0f}"
     return text
+
+
+def _huge_number(value: numbers.Real, digits: int) -> str:
+    """Scientific notation for a number too big for a float: 10**400 -> "1e+400" (no float overflow)."""
+    sign, whole = ("-" if value < 0 else ""), abs(int(value))
+    exponent = int(math.log10(whole))  # math.log10 takes ints of any size
+    mantissa = whole / 10**exponent    # int / int rounds correctly even for huge ints
+    if mantissa >= 10:  # log10 rounded up or down by one: put the mantissa back in [1, 10)
+        mantissa, exponent = mantissa / 10, exponent + 1
+    elif mantissa < 1:
+        mantissa, exponent = mantissa * 10, exponent - 1
+    text = f"{mantissa:.{digits}g}"
+    if text == "10":  # 9.9996 rounded up
+        text, exponent = "1", exponent + 1
+    return f"{sign}{text}e+{exponent}"
 
 
 def matmul_flops(m: int, k: int, n: int) -> int:
@@ -833,27 +912,41 @@ def format_quantity(value, unit: str = "", digits: int = 3) -> str:
     Knows seconds ("s"), dollars ("$", "$/h"), percent ("%"), ratios ("x"/"×"), and puts SI prefixes on
     everything else (bytes are decimal: 1 GB = 1e9 B). None and NaN print as "n/a".
     """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"{value} {unit}".strip()
-    value = float(value)
+    try:
+        value = float(value)  # also numpy scalars, whose NaN is no Python float
+    except OverflowError:  # an int beyond float's range: no unit ladder reaches it
+        number = _huge_number(value, digits)
+        if unit in ("$", "$/h"):
+            return f"{'-' if value < 0 else ''}${number.lstrip('-')}{'/h' if unit == '$/h' else ''}"
+        if unit in ("x", "×"):
+            return f"×{number}"
+        return f"{number}%" if unit == "%" else f"{number} {unit}".strip()
+    if math.isnan(value):
+        return "n/a"
     if math.isinf(value):
         return f"{'-' if value < 0 else ''}inf {unit}".strip()
     sign, magnitude = ("-" if value < 0 else ""), abs(value)
     if unit in ("$", "$/h"):
         suffix = "/h" if unit == "$/h" else ""
+        if magnitude >= 1e12:  # past the ladder's last step, "$1000000M": scientific notation
+            return f"{sign}${magnitude:.{digits}g}{suffix}"
         if magnitude >= 1e6:
             return f"{sign}${_significant(magnitude / 1e6, digits)}M{suffix}"
         if magnitude >= 1000:
             return f"{sign}${magnitude:,.0f}{suffix}"
         return f"{sign}${_significant(magnitude, digits)}{suffix}"
     if unit == "%":
-        return f"{value:.1f}%"
+        return f"{value:.1f}%" if magnitude < _PLAIN_LIMIT else f"{sign}{magnitude:.{digits}g}%"
     if unit in ("x", "×"):
         return f"×{_significant(value, digits)}"
     if unit == "s":
         years = magnitude / (365.25 * 86400)
+        if years >= 1e12:  # past "999 billion years", the ladder's last step: "3.17e+32 years"
+            return f"{sign}{years:.{digits}g} years"
         if years >= 1e6:   # DeepSeek-V3's pretraining on a laptop: "8.05 million years", not "70539681331 h"
             scale, word = (1e9, "billion") if years >= 1e9 else (1e6, "million")
             return f"{sign}{_significant(years / scale, digits)} {word} years"
@@ -888,7 +981,15 @@ def format_quantity(value, unit: str = "", digits: int = 3) -> str:
 def _positive_number(value, row: int, what: str, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"savings_table row {row} ({what!r}): {field} value {value!r} must be a number")
-    value = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        number = math.inf if value > 0 else -math.inf
+    if math.isinf(number):
+        raise ValueError(f"savings_table row {row} ({what!r}): {field} value {_significant(value, 3)} is infinite "
+                         "or too large to form a ratio; pass the finite figure you measured (or NaN for one not "
+                         "measured)")
+    value = number
     if not math.isnan(value) and value <= 0:
         raise ValueError(f"savings_table row {row} ({what!r}): {field} value {value} must be > 0 to form a "
                          "ratio; measure something positive (time, bytes, tokens/s)")
@@ -921,6 +1022,9 @@ def _savings_row(row: dict, index: int) -> dict:
     # ratio > 1 means the improvement won; the saving is the share of resources no longer needed for the
     # same work, which is 1 - 1/ratio for both directions (twice the speed saves half the time).
     ratio = improved / baseline if better == "higher" else baseline / improved
+    if ratio == 0 or math.isinf(ratio):  # 1e300 / 1e-300: each value is fine, their ratio overflows
+        raise ValueError(f"savings_table row {index} ({what!r}): baseline {baseline} and improved {improved} "
+                         "are too far apart to form a ratio; check their units (both seconds, both bytes, ...)")
     return {"what": what, "baseline_name": baseline_name, "baseline": baseline, "improved_name": improved_name,
             "improved": improved, "ratio": ratio, "saving_percent": (1 - 1 / ratio) * 100,
             "unit": str(row.get("unit", "")), "better": better}
@@ -1026,7 +1130,7 @@ def _describe_values(values: dict, limit: int = 6) -> str:
         if unit is not None or isinstance(value, str):
             text = format_quantity(value, unit or "")
         else:
-            text = _significant(float(value), 4) if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+            text = _significant(value, 4) if isinstance(value, numbers.Real) and not isinstance(value, bool) \
                 else str(value)
         parts.append(f"{name} {text}")
     return ", ".join(parts) if parts else "(no values)"

@@ -6,6 +6,7 @@ MINILLM_RUNS (ledger, checkpoints, peaks), MINILLM_DATA (downloaded corpora).
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -53,19 +54,45 @@ def datasets_dir() -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a crash never leaves a half-written file behind."""
+    """Write `data` to `path` so that a crash never leaves a half-written file behind.
+
+    The data goes to a temp file of its own in the same folder, which then replaces `path` in one step;
+    several threads or processes may write the same path at once, and the last to finish wins whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp = _create_unique_temp(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        # Nobody else uses this temp name, so removing it here cannot touch another writer's file.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _create_unique_temp(path: Path) -> tuple[int, Path]:
+    """Create an empty file next to `path` that no other thread or process is using: (open descriptor, path).
+
+    Like tempfile.mkstemp, but created with mode 0o666 so the umask applies: the file that replaces `path`
+    gets the permissions a plain open() would have given it, not mkstemp's owner-only 0o600.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:  # 48 random bits taken already: practically never, try another name
+            continue
+        return fd, tmp
+    raise FileExistsError(f"atomic_write: could not create a temp file next to {path}; clear out "
+                          f"the .{path.name}.*.tmp files there")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -53,6 +53,14 @@ def test_meter_dollars_use_the_price_table(monkeypatch):
         cost.Meter("bad", price_per_hour=-1)
 
 
+
+def test_meter_refuses_a_bool_price():
+    # True is an int to Python, but as a price per hour it is a mistake (price_per_hour=True for "look it up"?)
+    for flag in (True, False):
+        with pytest.raises(ValueError, match="price_per_hour=" + repr(flag)):
+            cost.Meter("flag", price_per_hour=flag)
+    assert cost.Meter("free", price_per_hour=0).dollars == 0
+
 # --- hardware -------------------------------------------------------------------------------------
 
 def test_probe_and_ids_describe_this_machine():
@@ -168,6 +176,65 @@ def test_ledger_records_a_meter():
         cost.Ledger().record(cost.Meter("orphan", price_per_hour=1.0))
 
 
+
+def test_ledger_append_after_a_torn_line_keeps_the_new_entry():
+    ledger = cost.Ledger()
+    ledger.append("02", "a", {"v": 1}, hardware=CPU_BOX)
+    with open(ledger.path, "a") as f:
+        f.write('{"time": "2026-11-28", "chapter": "02", "lab')  # a crash mid-line: no newline at the end
+    ledger.append("02", "b", {"v": 2}, hardware=CPU_BOX)
+    ledger.append("02", "c", {"v": 3}, hardware=CPU_BOX)
+    with pytest.warns(UserWarning, match="1 corrupt"):
+        assert [entry["label"] for entry in ledger.entries()] == ["a", "b", "c"]
+    assert ledger.path.read_bytes().endswith(b"\n")
+
+
+LEDGER_APPENDER = r"""
+import sys
+from minillm.cost import Ledger
+ledger = Ledger(sys.argv[1])
+for i in range(40):
+    ledger.append("05", f"{sys.argv[2]}-{i}", {"i": i}, hardware={"cpu": "test", "cores": 1, "device": "cpu"})
+"""
+
+
+def test_ledger_appends_from_three_processes_lose_nothing(tmp_path):
+    path = tmp_path / "shared.jsonl"
+    path.write_text('{"chapter": "05", "lab')  # start from a torn line, the case that needs the extra newline
+    workers = [subprocess.Popen([sys.executable, "-c", LEDGER_APPENDER, str(path), name]) for name in "abc"]
+    assert [worker.wait(timeout=120) for worker in workers] == [0, 0, 0]
+    with pytest.warns(UserWarning, match="1 corrupt"):
+        labels = [entry["label"] for entry in cost.Ledger(path).entries()]
+    assert sorted(labels) == sorted(f"{name}-{i}" for name in "abc" for i in range(40))
+
+
+def test_ledger_filters_take_an_int_chapter_like_append():
+    ledger = cost.Ledger()
+    ledger.append(3, "gpt", {"loss": 4.0}, hardware=CPU_BOX)
+    ledger.append("04", "moe", {"loss": 3.0}, hardware=CPU_BOX)
+    assert [entry["label"] for entry in ledger.entries(chapter=3)] == ["gpt"]
+    assert ledger.latest(chapter=3, label="gpt")["chapter"] == "03"
+    assert ledger.latest(chapter=4)["label"] == "moe" and ledger.latest(chapter=5) is None
+
+
+def test_ledger_skips_entries_the_report_cannot_use(isolated_runs):
+    ledger = cost.Ledger()
+    ledger.append("01", "good", {"seconds": 2.0}, hardware=CPU_BOX)
+    good = json.loads(ledger.path.read_text())
+    bad = [dict(good, label=7), dict(good, chapter=["01"]),
+           dict(good, label="savings: x", values={"ratio": "fast", "baseline": 1, "improved": 2}),
+           dict(good, label="slow", values={"seconds": "a while"}), dict(good, label="b", values={"seconds": True})]
+    with open(ledger.path, "a") as f:
+        f.write("".join(json.dumps(entry) + "\n" for entry in bad))
+        f.write('{"chapter": "01", "label": "huge", "values": {"seconds": 1e999}}\n')  # JSON's Infinity
+    with pytest.warns(UserWarning, match="6 corrupt"):
+        assert [entry["label"] for entry in ledger.entries()] == ["good"]
+    with pytest.warns(UserWarning, match="6 corrupt"):
+        text, png = cost.report(cost.Ledger(ledger.path))
+    assert "1 ledger entries" in text and png.exists()
+    with pytest.raises(TypeError, match="'ratio'"):  # what entries() would skip is refused on the way in
+        ledger.append("01", "savings: y", {"ratio": "fast"}, hardware=CPU_BOX)
+
 # --- savings table and formatting -----------------------------------------------------------------
 
 def test_savings_table_ratios_both_directions():
@@ -204,18 +271,50 @@ def test_savings_table_rejects_bad_rows():
     assert cost.Ledger().entries() == []
 
 
+
+def _short_id(value):
+    return "-10**400" if value == -10**400 else "10**400" if value == 10**400 else None  # else pytest's own id
+
+
+@pytest.mark.parametrize("baseline, improved", [(float("inf"), 2.0), (1.0, float("inf")), (1.0, -float("inf")),
+                                                (1e-300, 1e300), (10**400, 1.0)], ids=_short_id)
+def test_savings_table_rejects_values_too_big_for_a_ratio(baseline, improved):
+    row = {"what": "speed", "baseline": ("a", baseline), "improved": ("b", improved), "better": "lower"}
+    with pytest.raises(ValueError, match=r"row 0 \('speed'\)"):
+        cost.savings_table("01", [row])
+    assert cost.Ledger().entries() == []
+
 @pytest.mark.parametrize("value, unit, text", [
     (1.23e9, "FLOP/s", "1.23 GFLOP/s"), (9.997e11, "FLOP/s", "1 TFLOP/s"), (312e12, "FLOP/s", "312 TFLOP/s"),
     (45.6, "FLOP/s", "45.6 FLOP/s"), (2.5e9, "B/s", "2.5 GB/s"), (1.5e6, "B", "1.5 MB"),
     (3.4e5, "tok/s", "340 ktok/s"), (1.2e6, "tokens", "1.2M tokens"), (0.0123, "s", "12.3 ms"),
     (90, "s", "90 s"), (600, "s", "10 min"), (5 * 3600, "s", "5 h"), (2.54e11, "s", "8049 years"),
-    (2.54e14, "s", "8.05 million years"), (3e7 * 2e9, "s", "1.9 billion years"), (1e8, "s", "3.17 years"), (0.00123, "$", "$0.00123"), (2.0, "$/h", "$2/h"),
+    (2.54e14, "s", "8.05 million years"), (3e7 * 2e9, "s", "1.9 billion years"), (1e8, "s", "3.17 years"),
+    (0.00123, "$", "$0.00123"), (2.0, "$/h", "$2/h"),
     (5.576e6, "$", "$5.58M"), (2.834, "x", "×2.83"), (64.66, "%", "64.7%"), (None, "s", "n/a"),
     (float("nan"), "B", "n/a"), (0, "FLOP/s", "0 FLOP/s"), (-2e3, "B", "-2 kB"), (3.3e24, "FLOP", "3.3e+24 FLOP"),
 ])
 def test_format_quantity(value, unit, text):
     assert cost.format_quantity(value, unit) == text
 
+
+
+@pytest.mark.parametrize("value, unit, text", [
+    (1e300, "x", "×1e+300"), (1e40, "s", "3.17e+32 years"), (10**400, "B", "1e+400 B"), (-10**400, "x", "×-1e+400"),
+    (10**400, "$", "$1e+400"), (10**400, "%", "1e+400%"), (1e300, "%", "1e+300%"), (-3e15, "$", "-$3e+15"),
+    (12345.0, "x", "×12345"), (999.7, "x", "×1000"), (4e9, "s", "127 years"), (2e19, "s", "634 billion years"),
+    (2e25, "s", "6.34e+17 years"),
+], ids=_short_id)
+def test_format_quantity_beyond_the_unit_ladder(value, unit, text):
+    assert cost.format_quantity(value, unit) == text
+
+
+def test_format_quantity_numpy_nan_and_inf():
+    import numpy as np
+
+    assert cost.format_quantity(np.float32("nan"), "s") == "n/a" == cost.format_quantity(np.float64("nan"), "B")
+    assert cost.format_quantity(np.float32("inf"), "s") == "inf s"
+    assert cost.format_quantity(np.float32(0.0123), "s") == "12.3 ms"
 
 # --- measured peaks -------------------------------------------------------------------------------
 
@@ -403,3 +502,117 @@ def test_resolve_device_names_what_is_missing():
     else:
         with pytest.raises(ValueError, match="CUDA GPU"):
             cost.resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+
+def test_atomic_write_from_threads_of_one_process(tmp_path):
+    import threading
+
+    from minillm.paths import atomic_write_bytes
+
+    target = tmp_path / "shared.bin"
+    payloads = [bytes([65 + i]) * 2_000_000 for i in range(4)]  # big, so the writes overlap
+    errors = []
+
+    def writer(data):
+        try:
+            for _ in range(5):
+                atomic_write_bytes(target, data)
+        except Exception as error:  # noqa: BLE001 - any failure is what this test is looking for
+            errors.append(error)
+    threads = [threading.Thread(target=writer, args=(data,)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert target.read_bytes() in payloads  # one whole payload, never a mix or a half
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]  # no temp files left behind
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+def test_atomic_write_keeps_normal_permissions_and_cleans_up_on_failure(tmp_path, monkeypatch):
+    import os
+
+    from minillm import paths
+
+    umask = os.umask(0o027)
+    try:
+        paths.atomic_write_text(tmp_path / "a.txt", "hello")
+        with open(tmp_path / "b.txt", "w") as f:  # what a plain open() makes under the same umask
+            f.write("hello")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode == (tmp_path / "b.txt").stat().st_mode
+    assert (tmp_path / "a.txt").read_text() == "hello"
+
+    def broken_replace(source, target):
+        raise OSError("disk on fire")
+    monkeypatch.setattr(paths.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk on fire"):
+        paths.atomic_write_text(tmp_path / "a.txt", "goodbye")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    assert (tmp_path / "a.txt").read_text() == "hello"
+
+
+# --- minillm report on the command line -----------------------------------------------------------
+
+def _timed_ledger(path):
+    ledger = cost.Ledger(path)
+    ledger.append("01", "training", {"seconds": 3.0}, hardware=CPU_BOX)
+    return ledger
+
+
+def test_cli_report_works_and_the_untouched_default_ledger_is_just_empty(isolated_runs, capsys):
+    from minillm.cli import main
+
+    assert main(["report"]) == 0
+    assert "empty" in capsys.readouterr().out
+    _timed_ledger(isolated_runs / "ledger.jsonl")
+    assert main(["report"]) == 0
+    assert "training" in capsys.readouterr().out and (isolated_runs / "report.png").exists()
+
+
+def test_cli_report_explains_bad_paths_without_a_traceback(tmp_path, capsys):
+    from minillm.cli import main
+
+    ledger = _timed_ledger(tmp_path / "ledger.jsonl")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    (tmp_path / "taken.png").mkdir()
+    cases = [(["--ledger", str(tmp_path / "missing.jsonl")], "does not exist"),
+             (["--ledger", str(tmp_path)], "is a folder"),
+             (["--ledger", str(ledger.path), "--out", str(notes)], "not a folder"),
+             (["--ledger", str(ledger.path), "--out", str(tmp_path / "taken.png")], "is a folder")]
+    for extra, message in cases:
+        assert main(["report", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("minillm report: ") and message in err, (extra, err)
+        assert "Traceback" not in err
+    assert notes.read_text() == "not a folder"
+
+
+def test_cli_turns_other_os_errors_into_a_message(tmp_path, capsys):
+    from minillm.cli import main
+
+    ledger = _timed_ledger(tmp_path / "ledger.jsonl")
+    (tmp_path / "notes.txt").write_text("a file, in the way of a folder")
+    assert main(["report", "--ledger", str(ledger.path), "--out", str(tmp_path / "notes.txt" / "plot.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minillm report: ") and "notes.txt" in err and "Traceback" not in err
+
+
+def test_cli_report_skips_ledger_lines_it_cannot_show(tmp_path, capsys):
+    from minillm.cli import main
+
+    ledger = _timed_ledger(tmp_path / "ledger.jsonl")
+    good = json.loads(ledger.path.read_text())
+    with open(ledger.path, "a") as f:
+        savings = dict(good, label="savings: x", values={"ratio": "2", "baseline": 1, "improved": 2})
+        f.write(json.dumps(savings) + "\n")
+        f.write(json.dumps(dict(good, label=42)) + "\n")
+    with pytest.warns(UserWarning, match="2 corrupt"):
+        assert main(["report", "--ledger", str(ledger.path), "--out", str(tmp_path)]) == 0
+    assert "training" in capsys.readouterr().out and (tmp_path / "report.png").exists()
