@@ -7,6 +7,7 @@ masking (targets of -100 are ignored by the loss).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +35,24 @@ class GPTConfig:
     n_dense_layers: int = 0        # ... in every block after the first n_dense_layers
 
     def __post_init__(self) -> None:
+        # numpy scalars (np.int64, np.float64) are accepted but stored as Python numbers: a checkpoint holding
+        # numpy objects cannot be read back by a safe (weights-only) torch.load.
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "n_dense_layers",
+                     "dropout", "rope_base"):
+            setattr(self, name, _plain_number(getattr(self, name)))
         if isinstance(self.moe, dict):  # a config saved with dataclasses.asdict (checkpoints)
             self.moe = MoEConfig(**self.moe)
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ValueError(f"GPTConfig: moe={self.moe!r} must be a MoEConfig (or None for dense MLPs)")
-        if isinstance(self.n_dense_layers, bool) or not isinstance(self.n_dense_layers, int) \
-                or not 0 <= self.n_dense_layers <= self.n_layer:
-            raise ValueError(f"GPTConfig: n_dense_layers={self.n_dense_layers!r} must be an integer between 0 and "
-                             f"n_layer={self.n_layer}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig: {name}={value!r} must be a positive integer")
+        # After the n_layer check, so that a bad n_layer is reported as such, not as a failed comparison.
+        if isinstance(self.n_dense_layers, bool) or not isinstance(self.n_dense_layers, int) \
+                or not 0 <= self.n_dense_layers <= self.n_layer:
+            raise ValueError(f"GPTConfig: n_dense_layers={self.n_dense_layers!r} must be an integer between 0 and "
+                             f"n_layer={self.n_layer}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              "pick n_embd as a multiple of n_head")
@@ -57,8 +64,8 @@ class GPTConfig:
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig: dropout={self.dropout!r} must be a number with 0 <= dropout < 1")
         if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
-                or not self.rope_base > 1.0:
-            raise ValueError(f"GPTConfig: rope_base={self.rope_base!r} must be a number > 1 (10000 is usual)")
+                or not math.isfinite(self.rope_base) or not self.rope_base > 1.0:
+            raise ValueError(f"GPTConfig: rope_base={self.rope_base!r} must be a finite number > 1 (10000 is usual)")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"GPTConfig: attention={self.attention!r} is unknown; "
                              f"choose one of {', '.join(map(repr, ATTENTION_KINDS))}")
@@ -71,6 +78,17 @@ class GPTConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.n_dense_layers
+
+
+def _plain_number(value):
+    """A numpy (or other non-built-in) integer or real as Python's int or float; anything else unchanged."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 class RMSNorm(nn.Module):
@@ -216,6 +234,10 @@ class GPT(nn.Module):
             raise ValueError(f"GPT.forward: idx must have shape (batch, time), got {tuple(idx.shape)}; "
                              "for a single sequence pass idx.unsqueeze(0)")
         time = idx.shape[1]
+        if idx.numel() == 0:
+            # An empty batch would give a mean loss over no tokens, NaN, without any error.
+            raise ValueError(f"GPT.forward: idx of shape {tuple(idx.shape)} holds no tokens; give at least one "
+                             "sequence of at least one token")
         if time > self.config.block_size:
             raise ValueError(f"GPT.forward: sequence length {time} exceeds block_size={self.config.block_size}; "
                              f"crop the input to its last {self.config.block_size} tokens, e.g. "
@@ -300,15 +322,19 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 top_p: float | None = None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx ((T,) or (B, T)); returns the same rank.
 
-        temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely tokens.
+        temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely tokens;
+        top_p keeps the fewest most likely tokens whose probabilities add up to at least top_p (nucleus).
+        top_p comes after generator so that calls passing generator by position keep working.
         The context is cropped to the last block_size tokens, so any prompt length works. The sampling
         itself is `minillm.sampling.generate` (chapter 01), shared by every model of the course.
         """
         from minillm.sampling import generate
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        generator=generator)
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:

@@ -531,6 +531,10 @@ class MoE(nn.Module):
             self.expert_bias.copy_(update_bias(self.expert_bias, self.step_load, self.config.bias_update_rate))
         self.step_load.zero_()
 
+    def reset_load(self) -> None:
+        """Forget tokens counted since the last optimizer step (e.g. by a train-mode forward before training)."""
+        self.step_load.zero_()
+
     def load_stats(self) -> dict:
         """Tokens per expert in the last recorded step and its max/mean imbalance."""
         if not self.load_history:

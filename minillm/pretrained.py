@@ -21,7 +21,8 @@ from minillm.data import load_corpus, split, tokenize_corpus
 from minillm.model import GPT, GPTConfig
 from minillm.paths import atomic_write_text, fast_mode, runs_dir
 from minillm.tokenizers import BPETokenizer, load_tokenizer
-from minillm.train import TrainConfig, estimate_loss, load_checkpoint, save_checkpoint, train
+from minillm.train import (TrainConfig, checkpoint_safe, estimate_loss, load_checkpoint, save_checkpoint,
+                           train)
 
 __all__ = ["BaseRecipe", "base_recipe", "base_dir", "train_base_tokenizer", "base_tokens", "unigram_loss",
            "save_base", "load_base", "load_or_train_base", "validation_loss"]
@@ -98,8 +99,10 @@ def unigram_loss(train_tokens, val_tokens, vocab_size: int) -> float:
 def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None = None) -> Path:
     """Save the model (as a training checkpoint), its tokenizer and a readable info.json; returns the folder."""
     folder = base_dir(fast)
+    # numpy scalars become Python numbers and paths strings (a safe load, and info.json, need plain values);
+    # anything a safe load could not read back is refused here, before a file is written.
+    info = checkpoint_safe(dict(info or {}, fast=fast_mode(fast)), "save_base: info")
     folder.mkdir(parents=True, exist_ok=True)
-    info = dict(info or {}, fast=fast_mode(fast))
     save_checkpoint(folder / "model.pt", model, step=int(info.get("steps", 0)), extra=info)
     tokenizer.save(folder / "tokenizer.json")
     atomic_write_text(folder / "info.json", json.dumps(info, indent=2, default=str) + "\n")

@@ -49,12 +49,19 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """A copy of `logits` keeping the fewest most-likely tokens whose probabilities sum to >= p."""
     _check_logits(logits, "top_p_filter")
     _check_options(1.0, None, p, "top_p_filter")
+    if p >= 1:
+        # Every token is needed to reach a mass of 1. Rounding in the running sum can reach 1.0 before the
+        # last token, which would drop the least likely tokens, so keep them all without summing.
+        return logits.clone()
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    sorted_probabilities = F.softmax(sorted_logits.float(), dim=-1)
+    # float64: a float32 running sum over a large vocabulary drifts by more than 1 - p for p close to 1.
+    # MPS has no float64, so there the sum is taken on the CPU.
+    work_device = torch.device("cpu") if logits.device.type == "mps" else logits.device
+    sorted_probabilities = F.softmax(sorted_logits.to(work_device, torch.float64), dim=-1)
     # Probability mass strictly before each token: a token is kept while that mass is still below p,
     # so the most likely token is always kept.
     mass_before = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities
-    drop_sorted = mass_before >= p
+    drop_sorted = (mass_before >= p).to(logits.device)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -67,7 +74,16 @@ def next_token_probabilities(logits: torch.Tensor, temperature: float = 1.0, top
     logits = logits.float()
     if temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits / temperature
+    scaled = logits / temperature
+    # A tiny temperature (say 1e-40, which float32 even rounds to 0) overflows logits / temperature to inf
+    # or NaN, and softmax then gives NaN. Such rows are scaled after subtracting their maximum instead: the
+    # best tokens score exactly 0 and the others <= 0, possibly -inf, so nothing overflows, and the
+    # distribution is the right one (all mass on the best tokens, as greedy). Other rows keep the plain
+    # division, so ordinary temperatures give exactly the probabilities they always did.
+    overflowed = (~torch.isfinite(scaled) & torch.isfinite(logits)).any(dim=-1, keepdim=True)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    shifted = torch.where(logits == row_max, 0.0, (logits - row_max) / temperature)
+    logits = torch.where(overflowed, shifted, scaled)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

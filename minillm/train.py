@@ -12,13 +12,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
+import pickle
+import re
 import tempfile
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,6 +33,8 @@ from minillm.paths import runs_dir
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "minillm-checkpoint-v1"
+# Resuming with a different value of these gives other batches or other gradients than the saved run had.
+RESUME_FIELDS = ("batch_size", "grad_accum", "seed")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -70,6 +77,13 @@ class TrainConfig:
         def is_number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+        # numpy scalars (np.int64, np.float64) are accepted but stored as Python numbers: the config goes into
+        # checkpoints, and a safe (weights-only) torch.load refuses numpy objects.
+        for name in ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                     "grad_clip", "eval_interval", "eval_batches", "seed", "checkpoint_interval"):
+            setattr(self, name, _plain_number(getattr(self, name)))
+        if isinstance(self.betas, (tuple, list)):
+            self.betas = type(self.betas)(_plain_number(b) for b in self.betas)
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
@@ -153,7 +167,11 @@ def estimate_loss(model: torch.nn.Module, tokens, block_size: int, batch_size: i
 
 def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainConfig | None = None, *,
           resume_from: str | None = None, meter: Meter | None = None) -> TrainResult:
-    """Train `model` on random windows of `train_tokens`; returns the history and the measured cost."""
+    """Train `model` on random windows of `train_tokens`; returns the history and the measured cost.
+
+    resume_from= continues a checkpoint's run up to config.steps: a ValueError when the checkpoint is already
+    there, a warning when batch_size, grad_accum or seed differ from the saved run's (other batches follow).
+    """
     config = TrainConfig() if config is None else config
     device = _resolve_device(config.device)
     precision = _resolve_precision(config.precision, device)
@@ -169,12 +187,16 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
     completed = 0
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from, model, optimizer)
+        completed = checkpoint["step"]
+        _check_resume(config, checkpoint.get("train_config"), completed, resume_from)
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        _set_rng_state(checkpoint["rng"])
-        completed = checkpoint["step"]
+        _set_rng_state(checkpoint.get("rng"))
     else:
         torch.manual_seed(config.seed)  # dropout masks
+    # Tokens an MoE layer counted in train-mode forwards before this run (say, a look at the initial loss)
+    # must not count towards the first step's load and bias update.
+    _reset_moe_load(model)
     last_good_path = os.fspath(resume_from) if resume_from is not None else None
     rng_after_step = _rng_state()
     forward_model = _maybe_compile(model) if config.compile else model
@@ -269,17 +291,27 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
     torch.save goes to a temporary file in the same folder, which os.replace then renames over `path`:
     a crash or Ctrl-C mid-write leaves the previous checkpoint intact, never a half-written one.
+
+    `extra` may hold plain Python values (numbers, strings, None, lists, tuples, dicts), tensors, numpy
+    scalars (stored as Python numbers) and paths (stored as strings); anything else is refused with a
+    TypeError before a file is touched, since load_checkpoint's safe load could not read it back.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every key
     config = getattr(model, "config", None)
+    # Checked (and converted) first, so that a value a safe load refuses never replaces a good checkpoint.
+    model_config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+    train_config = dataclasses.asdict(train_config) if train_config is not None else None
+    model_config = checkpoint_safe(model_config, "save_checkpoint: model config")
+    train_config = checkpoint_safe(train_config, "save_checkpoint: train_config")
+    extra = checkpoint_safe(extra, "save_checkpoint: extra")
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "model_state": model.state_dict(),
-        "model_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
+        "model_config": model_config,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "step": int(step),
-        "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
+        "train_config": train_config,
         "rng": rng_state if rng_state is not None else _rng_state(),
         "extra": extra,
     }
@@ -311,15 +343,28 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
+        if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+            # The file reads fine but holds an object (a numpy scalar, a Path, a class instance) that a safe
+            # load does not rebuild: not corruption, so deleting it would be the wrong advice.
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            what = f" (e.g. {refused.group(1)})" if refused else ""
+            raise ValueError(f"load_checkpoint: {path} holds objects a safe (weights-only) load refuses{what}; "
+                             "it was written by an older or other version of minillm, or by code that stored "
+                             "such objects. If you trust the file, torch.load(path, weights_only=False) reads it; "
+                             "save it again with this version's save_checkpoint, which stores plain values"
+                             ) from error
         raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({type(error).__name__}: "
                          f"{error}); it is truncated or corrupt, delete it and use another checkpoint") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load_checkpoint: {path} was not written by minillm.train.save_checkpoint")
+    missing = [key for key in ("model_state", "model_config", "step") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"load_checkpoint: {path} has no {', '.join(map(repr, missing))} entry; it was not "
+                         "written whole by save_checkpoint, so use another checkpoint")
     if model is None:
-        from minillm.model import GPT, GPTConfig
         if checkpoint["model_config"] is None:
             raise ValueError(f"load_checkpoint: {path} holds no model config; pass the model to load into")
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model = _model_from_config(checkpoint["model_config"], path)
     else:
         model = getattr(model, "_orig_mod", model)
         config = getattr(model, "config", None)
@@ -331,15 +376,99 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
             raise ValueError(f"load_checkpoint: {path} was saved from a different model config ({differences}); "
                              "build the model from checkpoint['model_config'] or call load_checkpoint(path)")
     model.load_state_dict(checkpoint["model_state"])
+    _reset_moe_load(model)  # counts from forwards before the load belong to no step of the loaded run
     if optimizer is not None:
-        if checkpoint["optimizer"] is None:
+        if checkpoint.get("optimizer") is None:
             raise ValueError(f"load_checkpoint: {path} holds no optimizer state, so training cannot resume from it")
         optimizer.load_state_dict(checkpoint["optimizer"])
     checkpoint["model"] = model
     return checkpoint
 
 
+def checkpoint_safe(value, where: str = "checkpoint"):
+    """`value` with numpy scalars (and 0-d arrays) as Python numbers and paths as strings, checked to hold
+    only what a safe (weights-only) torch.load reads back; raises TypeError naming anything else.
+
+    `where` names the value in the error, e.g. "save_checkpoint: extra".
+    """
+    if isinstance(value, torch.Tensor) or type(value) in _SAFE_LEAVES:
+        return value
+    if isinstance(value, (np.generic, np.ndarray)) and value.ndim == 0:
+        return checkpoint_safe(value.item(), where)  # .item() of a datetime64 is no number: checked again
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        # Other dict subclasses (defaultdict, Counter) are stored as plain dicts; a safe load refuses them.
+        kind = type(value) if type(value) in (dict, OrderedDict) else dict
+        return kind((checkpoint_safe(k, f"{where} key {k!r}"), checkpoint_safe(v, f"{where}[{k!r}]"))
+                    for k, v in value.items())
+    if type(value) in (list, tuple, set):
+        return type(value)(checkpoint_safe(item, f"{where}[{i}]") for i, item in enumerate(value))
+    hint = ("convert it with .tolist() or torch.as_tensor(...)" if isinstance(value, np.ndarray)
+            else "convert it to one of those (e.g. str(...), float(...), a plain tuple or dict)")
+    raise TypeError(f"{where} holds a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80}), which "
+                    "a safe (weights-only) load could not read back; store numbers, strings, None, lists, tuples, "
+                    f"dicts or tensors instead: {hint}")
+
+
 # ---- helpers -------------------------------------------------------------------------------------------
+
+# Types a weights-only torch.load rebuilds as they are (containers are checked item by item).
+_SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device, torch.Size)
+
+
+def _plain_number(value):
+    """A numpy (or other non-built-in) integer or real as Python's int or float; anything else unchanged."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _model_from_config(saved: dict, path: Path) -> torch.nn.Module:
+    """A GPT built from a checkpoint's model_config, saying which saved fields this version does not know."""
+    from minillm.model import GPT, GPTConfig
+    from minillm.moe import MoEConfig
+    try:
+        return GPT(GPTConfig(**saved))
+    except TypeError as error:
+        def unknown_fields(saved_fields: dict, kind: type, prefix: str = "") -> list[str]:
+            return [prefix + name for name in sorted(set(saved_fields) - {f.name for f in dataclasses.fields(kind)})]
+
+        unknown = unknown_fields(saved, GPTConfig)
+        if isinstance(saved.get("moe"), dict):
+            unknown += unknown_fields(saved["moe"], MoEConfig, "moe.")
+        if not unknown:
+            raise
+        raise ValueError(f"load_checkpoint: {path} has model config fields this version of minillm does not know "
+                         f"({', '.join(unknown)}); load it with the minillm version that wrote it") from error
+
+
+def _reset_moe_load(model: torch.nn.Module) -> None:
+    """Zero the per-step token counts of the model's MoE layers (chapter 04), if it has any."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "moe_layers"):
+        for layer in model.moe_layers():
+            layer.reset_load()
+
+
+def _check_resume(config: TrainConfig, saved: dict | None, completed: int, path) -> None:
+    """Refuse a resume with nothing left to train; warn when the new config changes the batches or gradients."""
+    if completed >= config.steps:
+        raise ValueError(f"train: the checkpoint {path} is already at step {completed}, but TrainConfig(steps="
+                         f"{config.steps}) asks for no further steps; raise steps above {completed} to train on, "
+                         "or use load_checkpoint(path) to get the trained model")
+    if not saved:
+        return
+    changed = [f"{name}={getattr(config, name)!r} (the checkpoint's run used {saved[name]!r})"
+               for name in RESUME_FIELDS if name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        warnings.warn(f"train: resuming {path} with {', '.join(changed)}; training goes on, but with other "
+                      "batches or gradients than the saved run, so it will not match a run straight through",
+                      stacklevel=3)
 
 def _resolve_device(name: str) -> torch.device:
     return resolve_device(name, "TrainConfig")

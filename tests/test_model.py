@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from minillm import sampling
 from minillm.model import GPT, GPTConfig, apply_rope, rope_cos_sin
 
 
@@ -33,6 +35,10 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     (dict(dropout=1.0), "dropout"),
     (dict(dropout=-0.1), "dropout"),
     (dict(rope_base=0.5), "rope_base"),
+    (dict(rope_base=math.inf), "rope_base"),
+    (dict(rope_base=math.nan), "rope_base"),
+    (dict(n_layer="4"), "n_layer"),          # checked before n_dense_layers is compared with it
+    (dict(n_dense_layers=3), "n_dense_layers"),
     (dict(attention="flash"), "attention"),
     (dict(tie_weights="yes"), "tie_weights"),
 ])
@@ -243,3 +249,34 @@ def test_token_ids_outside_the_vocabulary_are_a_clear_error():
         model(torch.tensor([[-1, 2]]))
     with pytest.raises(TypeError, match="integer token ids"):
         model(torch.zeros(1, 3))
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
+    config = tiny_config(n_layer=np.int64(3), n_embd=np.int32(32), dropout=np.float64(0.1),
+                         rope_base=np.float64(500.0), n_dense_layers=np.int64(1))
+    assert (config.n_layer, config.n_embd, config.dropout, config.rope_base, config.n_dense_layers) == \
+        (3, 32, 0.1, 500.0, 1)
+    assert [type(getattr(config, name)) for name in ("n_layer", "n_embd", "dropout", "rope_base", "n_dense_layers")] \
+        == [int, int, float, float, int]
+    assert GPT(config).config.n_layer == 3
+
+
+def test_an_empty_sequence_is_a_clear_error_not_a_nan_loss():
+    model = tiny_model()
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="holds no tokens"):
+            model(empty, empty)
+
+
+def test_generate_passes_top_p_through():
+    model = tiny_model(seed=8)
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    for top_p in (0.5, 0.9):
+        ours = model.generate(prompt, 10, temperature=1.2, top_p=top_p, generator=torch.Generator().manual_seed(2))
+        reference = sampling.generate(model, prompt, 10, temperature=1.2, top_p=top_p,
+                                      generator=torch.Generator().manual_seed(2))
+        assert torch.equal(ours, reference)
+    tiny_p = model.generate(prompt, 10, temperature=1.5, top_p=1e-6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tiny_p, model.generate(prompt, 10, temperature=0))  # only the best token is left
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt, 2, top_p=1.5)

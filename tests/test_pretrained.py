@@ -1,8 +1,13 @@
 """minillm.pretrained: the load-or-train call gives a model that beats a unigram model, then loads it back."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from minillm import pretrained
+from minillm.model import GPT, GPTConfig
+from minillm.tokenizers import BPETokenizer
 from minillm.pretrained import base_tokens, load_base, load_or_train_base, unigram_loss, validation_loss
 
 
@@ -43,3 +48,21 @@ def test_recipes_are_valid_for_every_mode():
         for device in ("cpu", "cuda"):
             recipe = pretrained.base_recipe(fast, device)
             assert recipe.model.vocab_size == recipe.vocab_size
+
+
+def test_save_base_with_numpy_numbers_and_paths_loads_back(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=260, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    tokenizer = BPETokenizer().train("def f(x): return x + x\n" * 20, 260)
+    info = {"val_loss": np.float64(2.0), "steps": np.int64(7), "source": Path("/data/corpus.txt")}
+    folder = pretrained.save_base(model, tokenizer, info, fast=True)
+    loaded, _, loaded_info = load_base(fast=True)
+    assert loaded_info["val_loss"] == 2.0 and type(loaded_info["val_loss"]) is float
+    assert loaded_info["steps"] == 7 and type(loaded_info["steps"]) is int
+    assert loaded_info["source"] == str(Path("/data/corpus.txt"))
+    assert '"steps": 7' in (folder / "info.json").read_text()  # a number, not the string "7"
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match=r"save_base: info\['bad'\]"):
+        pretrained.save_base(model, tokenizer, {"bad": object()}, fast=False)
+    assert not (tmp_path / "runs" / "base" / "full").exists()  # refused before anything was written

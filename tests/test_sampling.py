@@ -114,3 +114,33 @@ def test_check_ex01_5_passes_right_and_fails_wrong(capsys):
     for wrong in (multiplies, never_greedy):
         with pytest.raises(AssertionError, match="Hint"):
             grading.check("ex01.5", wrong)
+
+
+def test_top_p_of_one_keeps_every_token_of_a_large_vocabulary():
+    # In float32 the running sum of 1000 probabilities reaches 1.0 before the last token.
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 5
+    kept = sampling.top_p_filter(logits, 1.0)
+    assert torch.equal(kept, logits) and kept is not logits
+    assert torch.equal(sampling.top_p_filter(logits, 1), logits)
+
+
+def test_top_p_just_below_one_drops_only_what_the_exact_sum_allows():
+    logits = torch.randn(50_000, generator=torch.Generator().manual_seed(1)) * 4
+    probabilities = torch.softmax(logits.double(), -1)
+    descending = probabilities.sort(descending=True).values
+    for p in (1 - 1e-6, 1 - 1e-5, 0.999):
+        mass_before = descending.cumsum(0) - descending
+        expected = int((mass_before < p).sum())  # the exact count of tokens to keep
+        assert int(torch.isfinite(sampling.top_p_filter(logits, p)).sum()) == expected, p
+
+
+def test_a_tiny_temperature_is_greedy_not_a_nan_error():
+    for temperature in (1e-40, 1e-300):
+        probabilities = sampling.next_token_probabilities(LOGITS, temperature)
+        assert torch.isfinite(probabilities).all()
+        assert probabilities.tolist() == [[1, 0, 0, 0, 0], [0, 0, 1, 0, 0]]
+        drawn = sampling.sample_next_token(LOGITS, temperature, generator=torch.Generator().manual_seed(0))
+        assert drawn.tolist() == [0, 2]
+    # Ordinary temperatures divide as they always did.
+    torch.testing.assert_close(sampling.next_token_probabilities(LOGITS, 0.5), torch.softmax(LOGITS / 0.5, -1),
+                               rtol=0, atol=0)

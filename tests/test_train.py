@@ -5,12 +5,14 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import minillm.train as train_module
 from minillm.cost import Meter
 from minillm.model import GPT, GPTConfig
+from minillm.moe import MoEConfig
 from minillm.train import (TrainConfig, TrainingDivergedError, estimate_loss, load_checkpoint, lr_at,
                            save_checkpoint, train)
 
@@ -312,3 +314,111 @@ def test_train_config_validation_names_the_field(overrides, field):
 def test_token_ids_outside_the_vocabulary_are_refused():
     with pytest.raises(ValueError, match="vocab_size is 64"):
         train(byte_model(vocab_size=64), torch.arange(200) % 100, config=quick_config(steps=1))
+
+
+def test_numpy_numbers_in_the_train_config_are_stored_as_python_numbers_and_resume(byte_tokens, tmp_path):
+    path = tmp_path / "numpy.pt"
+    config = quick_config(steps=np.int64(4), lr=np.float64(1e-3), betas=(np.float64(0.9), 0.95),
+                          checkpoint_path=path)
+    assert type(config.steps) is int and type(config.lr) is float and type(config.betas[0]) is float
+    assert config.lr == 1e-3 and config.steps == 4
+    train(byte_model(), byte_tokens, config=config)
+    resumed = train(byte_model(), byte_tokens, config=quick_config(steps=6, lr=np.float64(1e-3)), resume_from=path)
+    assert [r["step"] for r in resumed.history] == [5, 6]
+
+
+def test_numpy_scalars_and_paths_in_extra_load_back_as_plain_values(tmp_path):
+    extra = {"loss": np.float64(1.5), "n": np.int64(3), "zero_d": np.array(2.5), "folder": tmp_path,
+             "nested": [{"x": np.float32(0.5)}, (np.int32(1), "a")], np.int64(7): "numpy key"}
+    save_checkpoint(tmp_path / "extra.pt", byte_model(), extra=extra)
+    loaded = load_checkpoint(tmp_path / "extra.pt")["extra"]
+    assert loaded == {"loss": 1.5, "n": 3, "zero_d": 2.5, "folder": str(tmp_path),
+                      "nested": [{"x": 0.5}, (1, "a")], 7: "numpy key"}
+    assert type(loaded["loss"]) is float and type(loaded["n"]) is int and type(loaded["folder"]) is str
+
+
+@pytest.mark.parametrize("bad, where", [
+    (object(), r"extra\['bad'\]"),
+    ({"deep": [1, slice(2)]}, r"extra\['bad'\]\['deep'\]\[1\].*slice"),
+    (np.arange(3), r"extra\['bad'\].*tolist"),
+])
+def test_extra_a_safe_load_refuses_is_an_error_before_the_good_file_is_touched(tmp_path, bad, where):
+    folder = tmp_path / "checkpoints"
+    model = byte_model()
+    save_checkpoint(folder / "model.pt", model, step=3, extra={"note": "good"})
+    with pytest.raises(TypeError, match=where):
+        save_checkpoint(folder / "model.pt", model, step=9, extra={"bad": bad})
+    assert os.listdir(folder) == ["model.pt"]
+    loaded = load_checkpoint(folder / "model.pt")
+    assert loaded["step"] == 3 and loaded["extra"] == {"note": "good"}
+
+
+def test_a_checkpoint_holding_objects_a_safe_load_refuses_is_not_called_corrupt(tmp_path):
+    # What an older version wrote: a numpy scalar in the extra data.
+    path = tmp_path / "old.pt"
+    model = byte_model()
+    torch.save({"format": train_module.CHECKPOINT_FORMAT, "model_state": model.state_dict(), "model_config": None,
+                "step": 1, "extra": {"loss": np.float64(1.0)}}, path)
+    with pytest.raises(ValueError, match="old.pt.*safe.*older or other version") as error:
+        load_checkpoint(path, model)
+    assert "corrupt" not in str(error.value) and "delete" not in str(error.value)
+    assert "weights_only=False" in str(error.value)
+
+
+def test_a_checkpoint_without_a_model_config_entry_is_a_clear_error(tmp_path):
+    path = tmp_path / "partial.pt"
+    torch.save({"format": train_module.CHECKPOINT_FORMAT, "model_state": byte_model().state_dict(), "step": 1}, path)
+    with pytest.raises(ValueError, match="partial.pt has no 'model_config'"):
+        load_checkpoint(path)
+
+
+def test_a_saved_model_config_field_this_version_lacks_is_named(tmp_path):
+    path = tmp_path / "future.pt"
+    save_checkpoint(path, byte_model())
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model_config"]["sliding_window"] = 8
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"future.pt has model config fields .*\(sliding_window\)"):
+        load_checkpoint(path)
+
+
+def moe_byte_model(seed: int = 0) -> GPT:
+    return byte_model(seed, moe=MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=16))
+
+
+def test_moe_load_counts_only_the_training_steps(byte_tokens, tmp_path):
+    model = moe_byte_model()
+    model.train()
+    model(*[byte_tokens[:64].view(2, 32)] * 2)  # e.g. a look at the initial loss, in train mode
+    train(model, byte_tokens, config=quick_config(steps=2))
+    per_step = 4 * 32 * 2  # batch_size * block_size * top_k
+    for layer in model.moe_layers():
+        assert [sum(load) for load in layer.load_history] == [per_step, per_step]
+    # Loading a checkpoint forgets counts from forwards made before it.
+    save_checkpoint(tmp_path / "moe.pt", model)
+    model(*[byte_tokens[:64].view(2, 32)] * 2)
+    assert all(int(layer.step_load.sum()) > 0 for layer in model.moe_layers())
+    load_checkpoint(tmp_path / "moe.pt", model)
+    assert all(int(layer.step_load.sum()) == 0 for layer in model.moe_layers())
+
+
+def test_resume_with_no_steps_left_is_a_clear_error(byte_tokens, tmp_path):
+    path = tmp_path / "five.pt"
+    train(byte_model(), byte_tokens, config=quick_config(steps=5, checkpoint_path=path))
+    for steps in (3, 5):
+        with pytest.raises(ValueError, match=f"five.pt is already at step 5.*steps={steps}.*raise steps"):
+            train(byte_model(), byte_tokens, config=quick_config(steps=steps), resume_from=path)
+
+
+def test_resume_with_other_batches_warns_naming_the_fields(byte_tokens, tmp_path):
+    path = tmp_path / "two.pt"
+    train(byte_model(), byte_tokens, config=quick_config(steps=2, checkpoint_path=path))
+    with pytest.warns(UserWarning, match=r"batch_size=8 \(the checkpoint's run used 4\), seed=1 \(.* used 0\)"):
+        result = train(byte_model(), byte_tokens, config=quick_config(steps=3, batch_size=8, seed=1),
+                       resume_from=path)
+    assert result.step == 3
+    with pytest.warns(UserWarning, match=r"grad_accum=2 \(the checkpoint's run used 1\)"):
+        train(byte_model(), byte_tokens, config=quick_config(steps=3, grad_accum=2), resume_from=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same batches (only steps differ): no warning
+        train(byte_model(), byte_tokens, config=quick_config(steps=3), resume_from=path)
