@@ -39,7 +39,7 @@ class GPTConfig:
         # numpy objects cannot be read back by a safe (weights-only) torch.load.
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "n_dense_layers",
                      "dropout", "rope_base"):
-            setattr(self, name, _plain_number(getattr(self, name)))
+            setattr(self, name, plain_number(getattr(self, name)))
         if isinstance(self.moe, dict):  # a config saved with dataclasses.asdict (checkpoints)
             self.moe = MoEConfig(**self.moe)
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
@@ -80,7 +80,7 @@ class GPTConfig:
         return self.moe is not None and layer >= self.n_dense_layers
 
 
-def _plain_number(value):
+def plain_number(value):
     """A numpy (or other non-built-in) integer or real as Python's int or float; anything else unchanged."""
     if isinstance(value, bool) or type(value) in (int, float):
         return value

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 import os
 import pickle
 import re
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from minillm.cost import Meter, resolve_device
 from minillm.data import BatchSampler
+from minillm.model import plain_number
 from minillm.paths import runs_dir
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -81,9 +81,9 @@ class TrainConfig:
         # checkpoints, and a safe (weights-only) torch.load refuses numpy objects.
         for name in ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                      "grad_clip", "eval_interval", "eval_batches", "seed", "checkpoint_interval"):
-            setattr(self, name, _plain_number(getattr(self, name)))
+            setattr(self, name, plain_number(getattr(self, name)))
         if isinstance(self.betas, (tuple, list)):
-            self.betas = type(self.betas)(_plain_number(b) for b in self.betas)
+            self.betas = type(self.betas)(plain_number(b) for b in self.betas)
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
@@ -415,17 +415,6 @@ def checkpoint_safe(value, where: str = "checkpoint"):
 
 # Types a weights-only torch.load rebuilds as they are (containers are checked item by item).
 _SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device, torch.Size)
-
-
-def _plain_number(value):
-    """A numpy (or other non-built-in) integer or real as Python's int or float; anything else unchanged."""
-    if isinstance(value, bool) or type(value) in (int, float):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return value
 
 
 def _model_from_config(saved: dict, path: Path) -> torch.nn.Module:
