@@ -83,13 +83,46 @@ def expect_close(got, expected, what: str, rtol: float = 1e-5, atol: float = 1e-
             worst = (got.double() - expected.double()).abs().nan_to_num(float("inf")).max().item()
             raise AssertionError(f"{what}: values differ from the reference (largest difference {worst:.3g}).{suffix}")
         return
-    if isinstance(got, bool) or not isinstance(got, (int, float)):
-        try:
-            got = float(got)
-        except (TypeError, ValueError):
-            raise AssertionError(f"{what}: expected a number, got {type(got).__name__} {got!r}.{suffix}") from None
+    got = as_number(got, what, hint)
     if not math.isclose(float(got), float(expected), rel_tol=rtol, abs_tol=atol):
         raise AssertionError(f"{what}: expected {expected:.6g}, got {float(got):.6g}.{suffix}")
+
+
+def as_number(got, what: str, hint: str = "") -> float:
+    """`got` as a float when it is one number (int, float, numpy scalar, one-element tensor); else AssertionError.
+
+    Text is refused even when it spells a number: float("123") would accept a string where a number is due."""
+    suffix = f" Hint: {hint}" if hint else ""
+    if isinstance(got, (str, bytes, bytearray)):
+        raise AssertionError(f"{what}: expected a number, got the {type(got).__name__} {got!r}; return the number "
+                             f"itself, not its text.{suffix}")
+    if isinstance(got, torch.Tensor) and got.numel() != 1:
+        raise AssertionError(f"{what}: expected one number, got a tensor of shape {tuple(got.shape)}; return a "
+                             f"single value (a float, or .item() of a one-element tensor).{suffix}")
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        try:
+            return float(got)
+        except (TypeError, ValueError, RuntimeError):
+            shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+            raise AssertionError(f"{what}: expected a number, got {type(got).__name__} {shown}.{suffix}") from None
+    return float(got)
+
+
+def snapshot(**inputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of a checker's tensor inputs, taken before the student's function sees them (see expect_unchanged).
+    Anything that is not a tensor is skipped."""
+    return {name: (value, value.detach().clone()) for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+
+
+def expect_unchanged(saved: dict[str, tuple[torch.Tensor, torch.Tensor]], what: str, hint: str = "") -> None:
+    """Assert the student's function left its inputs as they were: an answer computed by changing the checker's
+    tensors in place could pass with wrong values, or fail with a misleading hint."""
+    suffix = f" Hint: {hint}" if hint else ""
+    for name, (live, before) in saved.items():
+        live = live.detach()
+        if live.shape != before.shape or not torch.allclose(live, before, rtol=0, atol=0, equal_nan=True):
+            raise AssertionError(f"{what}: your function changed its input {name} in place; work on a copy "
+                                 f"(x.clone()) or out-of-place ops (x / t, not x /= t or x.div_(t)).{suffix}")
 
 
 def expect_equal(got, expected, what: str, hint: str = "") -> None:

@@ -3,6 +3,8 @@
 - `solutions/NN_*.ipynb` is the single source. `build_student(nb)` replaces every region between
   `### BEGIN SOLUTION` and `### END SOLUTION` by a stub that raises NotImplementedError and clears
   outputs; `minillm build-notebooks` writes `notebooks/` and `--check` fails when they are out of sync.
+  Anything that would ship a solution by mistake is an error instead: a near-miss marker (`# BEGIN SOLUTION`,
+  lowercase, extra text), markers in a markdown or raw cell, a cell flagged `solution: true` without markers.
 - `BOOTSTRAP` is the first cell of every chapter (the template lives here, in one place).
 - `run_course()` executes chapters headless with nbclient (what `make course` calls).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ REPO_URL = "https://github.com/minillm-course/minillm"
 REPO_BRANCH = "main"
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+# Anything that looks like a solution marker: any number of '#', any case, anything around it.
+_MARKER_LIKE = re.compile(r"#*[ \t]*\b(begin|end)[ \t]+solution\b", re.IGNORECASE)
 STUB_LINE = 'raise NotImplementedError("exercise {grade_id}: replace this line with your code")'
 
 # First cell of every chapter. It must run before minillm is importable, so it is plain Python.
@@ -81,6 +86,10 @@ def stub_solution_regions(source: str, grade_id: str = "this exercise") -> str:
     out, inside, indent = [], False, ""
     for number, line in enumerate(source.split("\n"), 1):
         stripped = line.strip()
+        if stripped not in (BEGIN, END) and _MARKER_LIKE.search(line):
+            raise ValueError(f"{grade_id}: line {number}: {stripped!r} looks like a solution marker but is not "
+                             f"exactly '{BEGIN}' or '{END}' on a line of its own, so the solution would ship "
+                             "in the learner notebook; write the marker exactly like that")
         if stripped == BEGIN:
             if inside:
                 raise ValueError(f"{grade_id}: line {number}: '{BEGIN}' inside another solution region")
@@ -102,16 +111,41 @@ def _grade_id_of(cell) -> str | None:
     return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
 
 
+def _describe_cell(cell, index: int) -> str:
+    return f"cell {index} (id {cell.get('id', '?')}, {cell.get('cell_type', '?')})"
+
+
 def build_student(nb: dict) -> dict:
-    """The student twin of a solution notebook: solutions stubbed, outputs cleared, same ids."""
+    """The student twin of a solution notebook: solutions stubbed, outputs and widget state cleared, same ids.
+
+    Raises ValueError rather than ship a solution: near-miss markers, markers outside code cells, and cells
+    flagged as solutions (nbgrader `solution: true`) that have no markers to stub.
+    """
     student = copy.deepcopy(nb)
-    for cell in student["cells"]:
-        if cell["cell_type"] != "code":
-            continue
+    # Saved widget state can hold a solution's outputs (a slider's value, a plot's data): never ship it.
+    student.get("metadata", {}).pop("widgets", None)
+    for index, cell in enumerate(student["cells"]):
         source = _cell_source(cell)
-        if BEGIN in source or END in source:
+        flagged = bool(cell.get("metadata", {}).get("nbgrader", {}).get("solution"))
+        if cell["cell_type"] != "code":
+            if _MARKER_LIKE.search(source):
+                raise ValueError(f"{_describe_cell(cell, index)}: solution markers only work in code cells; in a "
+                                 f"{cell['cell_type']} cell the answer would be copied to the learner notebook as "
+                                 "is. Move the answer into a code cell or out of the solution notebook")
+            if flagged:
+                raise ValueError(f"{_describe_cell(cell, index)} is flagged as a solution (nbgrader solution: true) "
+                                 "but only code cells are stubbed; unflag it or make it a code cell with markers")
+            continue
+        if _MARKER_LIKE.search(source):
             grade_id = (_grade_id_of(cell) or "this exercise").removesuffix("-solution")
-            cell["source"] = stub_solution_regions(source, grade_id)
+            try:
+                cell["source"] = stub_solution_regions(source, grade_id)
+            except ValueError as error:
+                raise ValueError(f"{_describe_cell(cell, index)}: {error}") from None
+        if flagged and BEGIN not in source:
+            raise ValueError(f"{_describe_cell(cell, index)} is flagged as a solution (nbgrader solution: true) but "
+                             f"has no '{BEGIN}' / '{END}' region, so it would ship unchanged; put the markers "
+                             "around the answer, or unflag the cell if it is not an exercise")
         cell["outputs"] = []
         cell["execution_count"] = None
         cell.get("metadata", {}).pop("execution", None)
@@ -145,8 +179,14 @@ def build_notebooks(check: bool = False, verbose: bool = True, source_dir: Path 
     out_dir = Path(out_dir) if out_dir else source_dir.parent / "notebooks"
     problems = []
     solutions = chapter_paths(folder=source_dir)
-    for path in solutions:
-        text = dumps(build_student(load(path)))
+    texts = {}
+    for path in solutions:  # build every twin before writing any, so that an error leaves notebooks/ as it was
+        nb = load(path)
+        try:
+            texts[path] = dumps(build_student(nb))
+        except ValueError as error:
+            raise ValueError(f"{source_dir.name}/{path.name}: {error}") from None
+    for path, text in texts.items():
         target = out_dir / path.name
         current = target.read_text(encoding="utf-8") if target.exists() else None
         if current == text:

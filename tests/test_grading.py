@@ -1,8 +1,15 @@
 """Check cells: right answers print one line, wrong ones raise AssertionError with a hint, stubs raise."""
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from minillm import grading
+from minillm.notebooks import load
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_right_answer_prints_one_deterministic_line(capsys):
@@ -42,3 +49,171 @@ def test_expect_close_tensors():
         grading.expect_close(torch.ones(3), torch.zeros(3), "values")
     with pytest.raises(AssertionError, match="torch.Tensor"):
         grading.expect_close([1.0], torch.ones(1), "type")
+
+
+def test_expect_close_refuses_text():
+    for text in ("123", b"123", "1e3"):
+        with pytest.raises(AssertionError, match="expected a number"):
+            grading.expect_close(text, float(text), "text")
+    with pytest.raises(AssertionError, match="Hint"):
+        grading.check("ex00.1", lambda m, k, n: str(2 * m * k * n))
+    with pytest.raises(AssertionError, match="shape"):
+        grading.expect_close(torch.ones(3), 1.0, "many numbers")
+    grading.expect_close(torch.tensor(2.0), 2.0, "one-element tensor")
+    grading.expect_close(np.float32(2.0), 2.0, "numpy scalar")
+
+
+# --- the reference solutions, and correct answers in other forms, pass -----------------------------------------
+
+SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _solution_namespace(path: Path) -> tuple[dict, list[str]]:
+    """Run a solution notebook's exercise cells (only those) and return their namespace and check cells."""
+    import math
+
+    import torch.nn.functional as F
+
+    import minillm
+    namespace = {"math": math, "torch": torch, "F": F, "minillm": minillm}
+    if path.name.startswith("02"):
+        triton = pytest.importorskip("triton")
+        import triton.language as tl
+        namespace.update(triton=triton, tl=tl)
+    checks = []
+    for cell in load(path)["cells"]:
+        meta = cell["metadata"].get("nbgrader", {})
+        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        if meta.get("solution"):
+            exec(compile(source, f"{path.name}:{cell['id']}", "exec"), namespace)
+        elif meta.get("grade"):
+            checks.append(source)
+    return namespace, checks
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_reference_solutions_pass_their_checks(path, capsys):
+    namespace, checks = _solution_namespace(path)
+    assert checks
+    for source in checks:
+        exec(source, namespace)
+    out = capsys.readouterr().out
+    assert out.count("✓") == len(checks), out
+
+
+def _route(logits, bias, top_k, scale):
+    affinity = torch.sigmoid(logits)
+    index = (affinity + bias).topk(top_k, dim=-1).indices
+    chosen = affinity.gather(1, index)
+    return index, chosen / chosen.sum(dim=-1, keepdim=True) * scale
+
+
+def _nll(probabilities, ids):
+    chosen = probabilities[ids[:-1], ids[1:]].double()
+    nll = float(-chosen.log().mean())
+    return nll, math.exp(nll)
+
+
+def test_correct_answers_in_other_forms_pass():
+    grading.check("ex04.1", lambda *args: list(_route(*args)))        # a list, not a tuple
+    grading.check("ex04.1", lambda *args: (_route(*args)[0].int(), _route(*args)[1].double()))
+    grading.check("ex01.2", lambda p, ids: [torch.tensor(value) for value in _nll(p, ids)])
+
+    def in_place_bias(bias, load, gamma):  # the bias handed over is a copy: updating it and returning it is fine
+        load = load.float()
+        bias += gamma * torch.sign(load.mean() - load)
+        return bias
+    grading.check("ex04.2", in_place_bias)
+
+
+# --- inputs changed in place: a failure that says so, never a pass -------------------------------------------------
+
+def _nll_clamped(probabilities, ids):  # wrong smoothing that changes the checker's table, then the right formula
+    probabilities.clamp_(min=0.5 / probabilities.shape[0])
+    return _nll(probabilities, ids)
+
+
+def _nll_filled(probabilities, ids):  # makes the table uniform, then answers for a uniform table
+    probabilities.fill_(1 / probabilities.shape[0])
+    return math.log(probabilities.shape[0]), float(probabilities.shape[0])
+
+
+def _route_inplace(logits, bias, top_k, scale):
+    affinity = logits.sigmoid_()
+    index = (affinity + bias).topk(top_k, dim=-1).indices
+    chosen = affinity.gather(1, index)
+    return index, chosen / chosen.sum(dim=-1, keepdim=True) * scale
+
+
+def _attention_scaling_q_in_place(q, k, v):
+    q.div_(math.sqrt(q.shape[-1]))
+    time = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)).masked_fill(torch.ones(time, time, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def _counts_sorting_ids(ids, vocab_size):
+    counts = torch.zeros(vocab_size, vocab_size)
+    counts.index_put_((ids[:-1], ids[1:]), torch.ones(len(ids) - 1), accumulate=True)
+    ids.copy_(ids.flip(0))
+    return counts
+
+
+@pytest.mark.parametrize("grade_id, answer, name", [
+    ("ex01.2", _nll_clamped, "probabilities"), ("ex01.2", _nll_filled, "probabilities"),
+    ("ex04.1", _route_inplace, "logits"), ("ex03.1", _attention_scaling_q_in_place, "q"),
+    ("ex01.1", _counts_sorting_ids, "ids")])
+def test_changing_an_input_in_place_fails_and_says_so(grade_id, answer, name):
+    with pytest.raises(AssertionError, match=f"changed its input {name} in place"):
+        grading.check(grade_id, answer)
+
+
+# --- wrong answers get a failure with a hint, not an exception -----------------------------------------------------
+
+def _dispatch_float32(x, expert_index, gate_weight, experts):
+    from minillm.moe import reference_moe_loop
+    return reference_moe_loop(x, expert_index, gate_weight, experts).float()
+
+
+@pytest.mark.parametrize("grade_id, answers, message", [
+    ("ex01.2", [lambda p, ids: (-p[ids[:-1], ids[1:]].log(), 1.0)], "tensor of shape"),
+    ("ex04.1", [lambda *args: (_route(*args)[0], _route(*args)[1].tolist())], "gate_weight must be a tensor"),
+    ("ex04.1", [lambda *args: [*_route(*args), None]], "pair"),
+    ("ex04.3", [_dispatch_float32], "float32"),
+    ("ex04.2", [lambda bias, load, gamma: None], "None"),
+    ("ex03.2", [lambda x, h: x.view(*x.shape[:2], h, -1).transpose(1, 2),
+                lambda y: y.transpose(1, 2).view(y.shape[0], y.shape[2], -1)], "contiguous"),
+])
+def test_wrong_shapes_and_types_fail_with_a_hint(grade_id, answers, message):
+    with pytest.raises(AssertionError, match="Hint") as failure:
+        grading.check(grade_id, *answers)
+    assert message in str(failure.value)
+
+
+# --- chapter 02 kernels: strided views catch mixed-up strides; a kernel must not write into its inputs -------------
+
+def _solution_kernel(grade_id: str, old: str, new: str):
+    """The reference kernel of chapter 02 with one line changed (the way a learner might get it wrong)."""
+    path = next(p for p in SOLUTIONS if p.name.startswith("02"))
+    namespace, _ = _solution_namespace(path)
+    cell = next(c for c in load(path)["cells"] if c["metadata"].get("nbgrader", {}).get("grade_id") == grade_id)
+    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    assert old in source, f"{grade_id}: the solution no longer contains {old!r}; update this test"
+    exec(compile(source.replace(old, new), f"{grade_id}-wrong", "exec"), namespace)
+    return namespace[source.split("def ", 1)[1].split("(", 1)[0]]
+
+
+@pytest.mark.parametrize("grade_id, old, new, message", [
+    ("ex02.3-solution", "out_ptr + row * out_row_stride", "out_ptr + row * in_row_stride", "wrote outside the rows"),
+    ("ex02.3-solution", "in_ptr + row * in_row_stride", "in_ptr + row * n_cols", "values differ"),
+    ("ex02.4-solution", "a_ptrs += BLOCK_K * stride_ak", "a_ptrs += BLOCK_K", "values differ"),
+    ("ex02.4-solution", "b_ptrs += BLOCK_K * stride_bk", "b_ptrs += BLOCK_K * N", "values differ"),
+    ("ex02.2-solution", "    tl.store(out_ptr + offsets, x + y, mask=mask)",
+     "    tl.store(out_ptr + offsets, x + y, mask=mask)\n    tl.store(x_ptr + offsets, x + y, mask=mask)",
+     "changed its input x in place"),
+])
+def test_kernels_with_wrong_strides_or_writes_fail(grade_id, old, new, message):
+    kernel = _solution_kernel(grade_id, old, new)
+    with pytest.raises(AssertionError, match="Hint") as failure:
+        grading.check(grade_id.removesuffix("-solution"), kernel)
+    assert message in str(failure.value)

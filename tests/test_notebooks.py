@@ -1,4 +1,5 @@
 """The course machinery: student twins in sync with solutions, shared first cells, stubs that fail."""
+import copy
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from minillm import grading
-from minillm.notebooks import (BEGIN, BOOTSTRAP, END, PARAMETERS, build_notebooks, chapter_paths,
+from minillm.notebooks import (BEGIN, BOOTSTRAP, END, PARAMETERS, build_notebooks, build_student, chapter_paths,
                                load, stub_solution_regions)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,62 @@ def test_stub_keeps_indentation_and_signature():
 def test_unbalanced_markers_are_errors(bad):
     with pytest.raises(ValueError, match="SOLUTION"):
         stub_solution_regions(bad, "ex00.1")
+
+
+def _one_cell_notebook(source, cell_type="code", solution=True):
+    nb = copy.deepcopy(load(SOLUTIONS[0]))
+    cell = {"cell_type": cell_type, "id": "answer", "source": source,
+            "metadata": {"nbgrader": {"grade_id": "ex00.1-solution", "solution": solution}}}
+    if cell_type == "code":
+        cell.update(outputs=[], execution_count=None)
+    nb["cells"] = [cell]
+    return nb
+
+
+@pytest.mark.parametrize("begin, end", [
+    ("# BEGIN SOLUTION", "# END SOLUTION"), ("## BEGIN SOLUTION", "## END SOLUTION"),
+    ("### begin solution", "### end solution"), ("#### BEGIN SOLUTION", "#### END SOLUTION"),
+    (f"{BEGIN} (ex 1)", END), ("#BEGIN SOLUTION", "#END SOLUTION")])
+def test_near_miss_markers_are_errors_not_leaks(begin, end):
+    nb = _one_cell_notebook(f"def f():\n    {begin}\n    return 42\n    {end}\n")
+    with pytest.raises(ValueError, match="looks like a solution marker"):
+        build_student(nb)
+
+
+@pytest.mark.parametrize("cell_type", ["markdown", "raw"])
+def test_solution_markers_outside_code_cells_are_errors(cell_type):
+    for solution in (True, False):
+        nb = _one_cell_notebook(f"**Answer:**\n{BEGIN}\nIt is 42.\n{END}", cell_type, solution)
+        with pytest.raises(ValueError, match="only work in code cells"):
+            build_student(nb)
+    with pytest.raises(ValueError, match="flagged as a solution"):
+        build_student(_one_cell_notebook("It is 42.", cell_type))
+    build_student(_one_cell_notebook("Explain why.", cell_type, solution=False))  # ordinary prose is fine
+
+
+def test_solution_cell_without_markers_is_an_error():
+    with pytest.raises(ValueError, match="no '### BEGIN SOLUTION'"):
+        build_student(_one_cell_notebook("def f():\n    return 42\n"))
+    student = build_student(_one_cell_notebook("def f():\n    return 42\n", solution=False))  # not an exercise
+    assert "return 42" in source(student["cells"][0])
+
+
+def test_widget_state_is_not_shipped():
+    nb = _one_cell_notebook(f"def f():\n    {BEGIN}\n    return 42\n    {END}\n")
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"m": {"value": "42"}}}}
+    student = build_student(nb)
+    assert "widgets" not in student["metadata"] and "42" not in json.dumps(student)
+    assert "widgets" in nb["metadata"]  # the solution itself is left alone
+
+
+def test_a_bad_solution_stops_the_build_before_anything_is_written(tmp_path):
+    solutions, notebooks = tmp_path / "solutions", tmp_path / "notebooks"
+    solutions.mkdir()
+    (solutions / SOLUTIONS[0].name).write_text(json.dumps(load(SOLUTIONS[0])))
+    (solutions / "99_bad.ipynb").write_text(json.dumps(_one_cell_notebook("def f():\n    # BEGIN SOLUTION\n")))
+    with pytest.raises(ValueError, match="99_bad.ipynb: cell 0 .id answer, code.*looks like a solution marker"):
+        build_notebooks(verbose=False, source_dir=solutions, out_dir=notebooks)
+    assert not notebooks.exists() or not list(notebooks.iterdir())
 
 
 def test_build_check_detects_drift(tmp_path):
@@ -104,7 +161,8 @@ def test_cli_env_and_build_check():
     env = subprocess.run([sys.executable, "-m", "minillm", "env"], capture_output=True, text=True)
     assert env.returncode == 0, env.stdout + env.stderr
     assert "[OK] torch" in env.stdout and "[FAIL]" not in env.stdout
-    check = subprocess.run([sys.executable, "-m", "minillm", "build-notebooks", "--check"], capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-m", "minillm", "build-notebooks", "--check"], capture_output=True,
+                           text=True)
     assert check.returncode == 0 and "in sync" in check.stdout
 
 

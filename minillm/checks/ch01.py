@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import lm, sampling
-from ..grading import expect_close, expect_equal, exercise
+from ..grading import as_number, expect_close, expect_equal, expect_unchanged, exercise, snapshot
 from ..tokenizers import BPETokenizer, train_bpe_by_recount
 
 
@@ -18,7 +18,10 @@ def _small_ids(seed: int, length: int, vocab_size: int) -> torch.Tensor:
 @exercise("ex01.1", "bigram counts", points=2)
 def check_bigram_counts(bigram_counts) -> str:
     # [0, 1, 1, 2]: 0->1, 1->1, 1->2 once each; a transposed table has 1 at [1, 0] instead of [0, 1].
-    got = bigram_counts(torch.tensor([0, 1, 1, 2]), 3)
+    ids = torch.tensor([0, 1, 1, 2])
+    saved = snapshot(ids=ids)
+    got = bigram_counts(ids, 3)
+    expect_unchanged(saved, "bigram_counts([0, 1, 1, 2], 3)")
     if not isinstance(got, torch.Tensor):
         raise AssertionError(f"bigram_counts returned {type(got).__name__}; return a torch.Tensor of shape "
                              "(vocab_size, vocab_size). Hint: start from torch.zeros(vocab_size, vocab_size)")
@@ -31,12 +34,28 @@ def check_bigram_counts(bigram_counts) -> str:
                  hint="count each (ids[t], ids[t+1]) pair once, for t = 0 .. len(ids)-2")
     for seed, length, vocab_size in [(1, 500, 7), (2, 2000, 30), (3, 2, 4)]:
         ids = _small_ids(seed, length, vocab_size)
+        expected = lm.bigram_counts(ids, vocab_size).double()
+        saved = snapshot(ids=ids)
         got = bigram_counts(ids, vocab_size)
-        expect_close(got.double(), lm.bigram_counts(ids, vocab_size).double(),
+        expect_unchanged(saved, f"bigram_counts of {length} random ids")
+        if not isinstance(got, torch.Tensor):
+            raise AssertionError(f"bigram_counts returned {type(got).__name__}; return a torch.Tensor of shape "
+                                 "(vocab_size, vocab_size)")
+        expect_close(got.double(), expected,
                      f"bigram_counts of {length} random ids, vocab_size={vocab_size}",
                      hint=f"the table must sum to len(ids) - 1 = {length - 1} pairs and be "
                           "(vocab_size, vocab_size) even when some tokens never occur")
     return "matches the reference on 4 sequences"
+
+
+def _nll_pair(answer, what: str) -> tuple[float, float]:
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        shown = repr(answer) if len(repr(answer)) <= 80 else repr(answer)[:77] + "..."
+        raise AssertionError(f"nll_and_perplexity returned {shown}; return a pair (nll, perplexity). "
+                             "Hint: end with `return nll, math.exp(nll)`")
+    hint = ("average over the pairs: the NLL is one number, the mean of -ln P[ids[t], ids[t+1]], "
+            "and the perplexity is exp of it")
+    return as_number(answer[0], what, hint), as_number(answer[1], what.replace("NLL", "perplexity", 1), hint)
 
 
 @exercise("ex01.2", "average NLL and perplexity", points=2)
@@ -45,12 +64,11 @@ def check_nll_and_perplexity(nll_and_perplexity) -> str:
     for vocab_size, length in [(5, 40), (12, 300)]:
         probabilities = torch.softmax(torch.randn(vocab_size, vocab_size, generator=generator, dtype=torch.float64), 1)
         ids = torch.randint(0, vocab_size, (length,), generator=generator)
+        expected = lm.bigram_nll(probabilities, ids)  # before the student's function can touch the inputs
+        saved = snapshot(probabilities=probabilities, ids=ids)
         answer = nll_and_perplexity(probabilities, ids)
-        if not isinstance(answer, (tuple, list)) or len(answer) != 2:
-            raise AssertionError(f"nll_and_perplexity returned {answer!r}; return a pair (nll, perplexity). "
-                                 "Hint: end with `return nll, math.exp(nll)`")
-        nll, ppl = (float(value) for value in answer)
-        expected = lm.bigram_nll(probabilities, ids)
+        expect_unchanged(saved, f"nll_and_perplexity on {length} random ids")
+        nll, ppl = _nll_pair(answer, f"NLL of {length} random ids (vocab {vocab_size})")
         hint = "the mean of -ln P[ids[t], ids[t+1]] over the len(ids)-1 pairs (natural log, row = previous token)"
         if math.isclose(nll, expected / math.log(2), rel_tol=1e-6):
             hint = "use the natural log (torch.log), not log2: losses are in nats"
@@ -61,8 +79,10 @@ def check_nll_and_perplexity(nll_and_perplexity) -> str:
         expect_close(nll, expected, f"NLL of {length} random ids (vocab {vocab_size})", rtol=1e-6, hint=hint)
         expect_close(ppl, lm.perplexity(expected), f"perplexity of {length} random ids", rtol=1e-6,
                      hint="perplexity is exp(NLL), with NLL in nats")
-    uniform = torch.full((8, 8), 1 / 8, dtype=torch.float64)
-    nll, ppl = (float(value) for value in nll_and_perplexity(uniform, torch.arange(8)))
+    uniform, ids = torch.full((8, 8), 1 / 8, dtype=torch.float64), torch.arange(8)
+    saved = snapshot(probabilities=uniform, ids=ids)
+    nll, ppl = _nll_pair(nll_and_perplexity(uniform, ids), "NLL of a uniform model over 8 tokens")
+    expect_unchanged(saved, "nll_and_perplexity on a uniform model")
     expect_close(ppl, 8.0, "perplexity of a uniform model over 8 tokens", rtol=1e-6,
                  hint="a model that spreads its bet evenly over V tokens has perplexity V")
     return "matches the reference; a uniform model over 8 tokens has perplexity 8"
@@ -117,17 +137,18 @@ def check_bits_per_byte(bits_per_byte) -> str:
 def check_sample_with_temperature(sample_with_temperature) -> str:
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
     rows = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0], [-1.0, -2.0, -0.5]])
-    greedy = sample_with_temperature(rows.clone(), 0.0, torch.Generator().manual_seed(0))
+    saved = snapshot(logits=rows)
+    greedy = sample_with_temperature(rows, 0.0, torch.Generator().manual_seed(0))
+    expect_unchanged(saved, "sample_with_temperature(rows, temperature=0)")
     expect_equal(torch.as_tensor(greedy).tolist(), [1, 0, 2], "sample_with_temperature(rows, temperature=0)",
                  hint="temperature 0 means greedy: return logits.argmax(dim=-1) without drawing")
     draws = 20000
     for temperature in (0.5, 1.0, 2.0):
         batch = logits.repeat(draws, 1)
-        before = batch.clone()
+        saved = snapshot(logits=batch)
         got = torch.as_tensor(sample_with_temperature(batch, temperature, torch.Generator().manual_seed(1)))
-        if not torch.equal(batch, before):
-            raise AssertionError("sample_with_temperature changed the logits it was given. Hint: compute "
-                                 "logits / temperature into a new tensor instead of dividing in place")
+        expect_unchanged(saved, f"sample_with_temperature at temperature {temperature}",
+                         hint="compute logits / temperature into a new tensor instead of dividing in place")
         expect_equal(tuple(got.shape), (draws,), f"shape of the ids for {draws} rows of logits",
                      hint="draw one id per row: torch.multinomial(probabilities, 1) gives (rows, 1); drop the last dim")
         frequencies = torch.bincount(got.long().flatten(), minlength=len(logits)).double() / draws

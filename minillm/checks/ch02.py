@@ -1,14 +1,17 @@
 """Checks for chapter 02 (GPU linear algebra): arithmetic intensity and three Triton kernels.
 
 The kernel checks launch the student's `@triton.jit` function on small ragged shapes (sizes that are not
-multiples of the block) and compare with torch. On a CPU the notebook sets TRITON_INTERPRET=1 before
-defining its kernels, so they run in Triton's interpreter on CPU tensors; on a GPU they are compiled.
+multiples of the block) and compare with torch. Matrices are strided views (rows padded, some transposed) so
+that a kernel using the wrong stride, or assuming rows are packed, gets wrong numbers; outputs sit in guarded
+buffers, so that stray writes are caught rather than corrupting memory. On a CPU the notebook sets
+TRITON_INTERPRET=1 before defining its kernels, so they run in Triton's interpreter on CPU tensors; on a GPU
+they are compiled.
 """
 from __future__ import annotations
 
 import torch
 
-from ..grading import expect_close, exercise
+from ..grading import expect_close, expect_unchanged, exercise, snapshot
 
 
 def _kernel_device(kernel) -> torch.device:
@@ -46,6 +49,28 @@ def _guarded(n: int, dtype, device, fill) -> tuple[torch.Tensor, torch.Tensor]:
     return buffer, buffer[:n]
 
 
+def _strided(rows: int, cols: int, layout: str, generator, dtype, device) -> torch.Tensor:
+    """A rows×cols view that is not packed: 'padded' rows (row stride cols + 5) or 'transposed' (column-major),
+    at the start of a buffer three times its size, so that a kernel striding too far still reads owned memory."""
+    if layout == "transposed":
+        return torch.randn(3 * cols + 16, rows, generator=generator).to(dtype).to(device)[:cols].T
+    return torch.randn(3 * rows + 16, cols + 5, generator=generator).to(dtype).to(device)[:rows, :cols]
+
+
+def _guarded_matrix(rows: int, cols: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN-filled rows×cols output (row stride cols + 3) in a larger buffer of 12345s: writes that miss the
+    output land in the buffer, where _guard_intact sees them."""
+    buffer = torch.full((3 * rows + 16, cols + 3), 12345.0, dtype=dtype, device=device)
+    buffer[:rows, :cols] = float("nan")
+    return buffer, buffer[:rows, :cols]
+
+
+def _guard_intact(buffer: torch.Tensor, rows: int, cols: int) -> bool:
+    guard = torch.ones(buffer.shape, dtype=torch.bool, device=buffer.device)
+    guard[:rows, :cols] = False
+    return bool(torch.all(buffer[guard] == 12345.0))
+
+
 @exercise("ex02.1", "arithmetic intensity of a matmul", points=1)
 def check_matmul_intensity(matmul_arithmetic_intensity) -> str:
     for m, k, n, size in [(1, 1, 1, 4), (4096, 4096, 4096, 2), (8, 4096, 4096, 2), (7, 13, 5, 4)]:
@@ -66,11 +91,13 @@ def check_add_kernel(add_kernel) -> str:
             x = torch.randn(n, generator=generator).to(dtype).to(device)
             y = torch.randn(n, generator=generator).to(dtype).to(device)
             buffer, out = _guarded(n, dtype, device, 12345.0)
+            expected, saved = x + y, snapshot(x=x, y=y)
             _launch(add_kernel, ((n + block - 1) // block,), x, y, out, n, BLOCK_SIZE=block)
+            expect_unchanged(saved, f"add_kernel on n={n}", hint="store the sum through out_ptr only")
             if not torch.all(buffer[n:] == 12345.0):
                 raise AssertionError(f"n={n}, BLOCK_SIZE={block}: the kernel wrote past the end of the output. "
                                      "Hint: pass mask=offsets < n_elements to tl.store (and tl.load)")
-            expect_close(out, x + y, f"add_kernel on n={n} {str(dtype)[6:]} (BLOCK_SIZE={block})",
+            expect_close(out, expected, f"add_kernel on n={n} {str(dtype)[6:]} (BLOCK_SIZE={block})",
                          hint="offsets = program_id * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE); load x and y at "
                               "those offsets with the mask, add, store with the same mask")
     return "matches x + y on 8 ragged sizes, no writes past the end"
@@ -87,41 +114,63 @@ def check_softmax_kernel(softmax_kernel) -> str:
         for dtype in (torch.float32, torch.float16):
             if dtype == torch.float16 and x.abs().max() > 6e4:
                 continue
-            x = x.to(dtype).to(device)
             n_rows, n_cols = x.shape
+            # Rows padded differently in the input (+7) and the output (+3): swapping the two strides, or
+            # assuming row * n_cols, reads or writes the wrong rows. The output's padding must stay untouched.
+            # Both live in buffers with spare rows, so that a mixed-up stride reads or writes inside memory the
+            # check owns (and can inspect) instead of corrupting the process.
+            x_buffer = torch.zeros(2 * n_rows + 8, n_cols + 7)
+            x_buffer[:n_rows, :n_cols] = x
+            x = x_buffer.to(dtype).to(device)[:n_rows, :n_cols]
+            out_buffer, out = _guarded_matrix(n_rows, n_cols, dtype, device)
             block = 1 << max(n_cols - 1, 0).bit_length()
-            out = torch.full_like(x, float("nan"))
+            expected = torch.softmax(x.float(), dim=-1).to(dtype)
+            saved = snapshot(x=x)
             programs = min(n_rows, 3)  # fewer programs than rows: each must loop over several rows
             _launch(softmax_kernel, (programs,), out, x, x.stride(0), out.stride(0), n_rows, n_cols, BLOCK_SIZE=block)
+            expect_unchanged(saved, f"softmax_kernel on {n_rows}×{n_cols}", hint="store the result through out_ptr")
+            if not _guard_intact(out_buffer, n_rows, n_cols):
+                raise AssertionError(f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]}) wrote outside the rows "
+                                     "of the output. Hint: store at out_ptr + row * out_row_stride + columns with "
+                                     "mask=columns < n_cols (the output's row stride is not n_cols)")
             if torch.isnan(out).any() and not torch.isnan(x).any():
                 raise AssertionError(f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]}) left NaN in the output. "
                                      "Hint: loop `for row in range(first_row, n_rows, row_step)` so that every row is "
                                      "written, load padding lanes as -inf, and subtract the row max before tl.exp")
-            expected = torch.softmax(x.float(), dim=-1).to(dtype)
-            expect_close(out, expected, f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]})", rtol=1e-3, atol=1e-3,
-                         hint="per row: x - max(x), exp, divide by the sum; padding lanes load other=-inf")
-    return "matches torch.softmax on ragged and extreme rows"
+            expect_close(out, expected, f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]})",
+                         rtol=1e-3, atol=1e-3,
+                         hint="per row: x - max(x), exp, divide by the sum; padding lanes load other=-inf; "
+                              "read row r at in_ptr + r * in_row_stride and write it at out_ptr + r * out_row_stride")
+    return "matches torch.softmax on ragged and extreme rows with padded strides"
 
 
 @exercise("ex02.4", "tiled matmul K loop", points=3)
 def check_matmul_kernel(matmul_kernel) -> str:
     device = _kernel_device(matmul_kernel)
     generator = torch.Generator().manual_seed(4)
-    for (m, k, n) in [(1, 1, 1), (7, 13, 5), (33, 40, 17), (40, 70, 65)]:
+    # (m, k, n) and the layouts of A and B: "padded" rows (a view of a wider matrix) or "transposed" (a .T view,
+    # so the K stride is not 1). C is always a padded view, so stride_cm differs from stride_am and from n.
+    cases = [(1, 1, 1, "padded", "padded"), (7, 13, 5, "padded", "transposed"),
+             (33, 40, 17, "transposed", "padded"), (40, 70, 65, "transposed", "transposed")]
+    for (m, k, n, a_layout, b_layout) in cases:
         for dtype in (torch.float32, torch.float16):
-            a = torch.randn(m, k, generator=generator).to(dtype).to(device)
-            b = torch.randn(k, n, generator=generator).to(dtype).to(device)
-            c = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+            a = _strided(m, k, a_layout, generator, dtype, device)
+            b = _strided(k, n, b_layout, generator, dtype, device)
+            c_buffer, c = _guarded_matrix(m, n, dtype, device)
             meta = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
             grid = (((m + 15) // 16) * ((n + 15) // 16),)
+            expected, saved = (a.float() @ b.float()).to(dtype), snapshot(a=a, b=b)
             _launch(matmul_kernel, grid, a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                     c.stride(0), c.stride(1), **meta)
-            expected = (a.float() @ b.float()).to(dtype)
+            what = f"matmul_kernel on ({m}×{k}, {a_layout}) @ ({k}×{n}, {b_layout}) {str(dtype)[6:]}"
+            expect_unchanged(saved, what, hint="only the final tl.store writes, through c_ptr")
+            if not _guard_intact(c_buffer, m, n):
+                raise AssertionError(f"{what}: the kernel wrote outside C. Hint: keep the given tl.store, with "
+                                     "stride_cm, stride_cn and its mask")
             # fp16 results are rounded once at the end; fp32 on a GPU may use TF32 (10-bit mantissa)
             tolerance = 2e-2 if dtype == torch.float16 or device.type == "cuda" else 1e-4
-            expect_close(c, expected, f"matmul_kernel on ({m}×{k}) @ ({k}×{n}) {str(dtype)[6:]}", rtol=tolerance,
-                         atol=tolerance * max(k, 1) ** 0.5,
+            expect_close(c, expected, what, rtol=tolerance, atol=tolerance * max(k, 1) ** 0.5,
                          hint="for each K block: load A and B with a mask on the K index (other=0), "
                               "accumulator = tl.dot(a, b, accumulator), then advance both pointers by BLOCK_K "
-                              "times their K stride")
-    return "matches a @ b on ragged shapes (K not a multiple of BLOCK_K)"
+                              "times their K stride (stride_ak for A, stride_bk for B; never assume 1 or N)")
+    return "matches a @ b on ragged shapes (K not a multiple of BLOCK_K), padded and transposed layouts"

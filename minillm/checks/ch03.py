@@ -1,12 +1,14 @@
 """Checks for chapter 03 (pretraining): causal attention, the multi-head reshape, the parameter count, MFU."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..grading import expect_close, exercise
+from ..grading import expect_close, expect_unchanged, exercise, snapshot
 from ..model import GPT, CausalSelfAttention, GPTConfig, apply_rope
 
 
@@ -16,7 +18,10 @@ def check_causal_attention(causal_attention) -> str:
     for batch, heads, time, head_dim in [(1, 1, 1, 4), (2, 3, 5, 8), (1, 2, 17, 16)]:
         q, k, v = (torch.randn(batch, heads, time, head_dim, generator=generator) for _ in range(3))
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        saved = snapshot(q=q, k=k, v=v)
         got = causal_attention(q, k, v)
+        expect_unchanged(saved, f"causal_attention on shape {(batch, heads, time, head_dim)}",
+                         hint="scale the scores (q @ k.transpose(-2, -1) / sqrt(head_dim)), not q in place")
         expect_close(got, expected, f"causal_attention on shape {(batch, heads, time, head_dim)}", rtol=1e-4, atol=1e-5,
                      hint="scores = q @ k.transpose(-2, -1) / sqrt(head_dim); set scores above the diagonal "
                           "(future positions) to -inf before softmax over the last dimension; then weights @ v")
@@ -25,7 +30,9 @@ def check_causal_attention(causal_attention) -> str:
     k2, v2 = k.clone(), v.clone()
     k2[..., 4:, :] += 5.0
     v2[..., 4:, :] -= 5.0
-    expect_close(causal_attention(q, k2, v2)[..., :4, :], causal_attention(q, k, v)[..., :4, :],
+    # Clones: the loop above already refuses in-place changes, so these calls see exactly these values.
+    past = causal_attention(q.clone(), k.clone(), v.clone())[..., :4, :]
+    expect_close(causal_attention(q.clone(), k2, v2)[..., :4, :], past,
                  "outputs at positions 0-3 after changing keys/values at positions 4-5", rtol=1e-4, atol=1e-5,
                  hint="position t may only attend to positions <= t: mask with torch.ones(T, T).triu(1).bool()")
     return "matches scaled_dot_product_attention(is_causal=True) on 3 shapes and never looks ahead"
@@ -41,20 +48,43 @@ def _attention_with(split_heads, merge_heads, attention: CausalSelfAttention, x:
     return attention.proj(merge_heads(y))
 
 
+@contextlib.contextmanager
+def _view_hint(what: str):
+    """torch's 'view size is not compatible' error, turned into a failure that says which .view to fix."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "view size is not compatible" not in str(error):
+            raise
+        raise AssertionError(f"{what}: .view() failed on a transposed, non-contiguous tensor. Hint: after "
+                             ".transpose(1, 2) call .contiguous() before .view(B, T, C), or use .reshape(B, T, C)"
+                             ) from None
+
+
 @exercise("ex03.2", "multi-head reshape", points=2)
 def check_heads(split_heads, merge_heads) -> str:
     x = torch.arange(2 * 3 * 8, dtype=torch.float32).view(2, 3, 8)
+    expected_split, saved = x.clone().view(2, 3, 2, 4).transpose(1, 2), snapshot(x=x)
     split = split_heads(x, 2)
-    expect_close(split, x.view(2, 3, 2, 4).transpose(1, 2), "split_heads(x of shape (2, 3, 8), n_head=2)",
+    expect_unchanged(saved, "split_heads(x of shape (2, 3, 8), n_head=2)")
+    expect_close(split, expected_split, "split_heads(x of shape (2, 3, 8), n_head=2)",
                  hint="view (B, T, C) as (B, T, n_head, C // n_head), then swap the T and head axes: (B, n_head, T, D)")
-    expect_close(merge_heads(split), x, "merge_heads(split_heads(x, 2))",
+    split_input = expected_split.contiguous()  # what attention hands merge_heads: a packed (B, n_head, T, D)
+    saved = snapshot(y=split_input)
+    with _view_hint("merge_heads(y of shape (2, 2, 3, 4))"):
+        merged = merge_heads(split_input)
+    expect_unchanged(saved, "merge_heads(y of shape (2, 2, 3, 4))")
+    expect_close(merged, x.clone(), "merge_heads(split_heads(x, 2))",
                  hint="undo split_heads: transpose back to (B, T, n_head, D), then .contiguous().view(B, T, C)")
     torch.manual_seed(0)
     for config in [GPTConfig(n_embd=32, n_head=4, block_size=16), GPTConfig(n_embd=24, n_head=2, block_size=8)]:
         attention = CausalSelfAttention(config).eval()
         x = torch.randn(2, config.block_size, config.n_embd)
         with torch.no_grad():
-            expect_close(_attention_with(split_heads, merge_heads, attention, x), attention(x),
+            expected = attention(x)
+            with _view_hint(f"attention built from your functions (n_embd={config.n_embd})"):
+                got = _attention_with(split_heads, merge_heads, attention, x.clone())
+            expect_close(got, expected,
                          f"attention built from your functions (n_embd={config.n_embd}, n_head={config.n_head})",
                          rtol=1e-4, atol=1e-5, hint="each head must get a contiguous slice of D channels of every "
                                                      "position; check which axis you split and which you transpose")
@@ -67,8 +97,12 @@ def check_parameter_count(gpt_parameter_count) -> str:
                GPTConfig(vocab_size=300, n_layer=1, n_head=1, n_embd=16, tie_weights=False),
                GPTConfig(vocab_size=50, n_layer=6, n_head=6, n_embd=48, block_size=32)]
     for config in configs:
-        expected = GPT(config).num_parameters()
+        expected, before = GPT(config).num_parameters(), copy.deepcopy(config)
         got = gpt_parameter_count(config)
+        if config != before:
+            raise AssertionError("gpt_parameter_count: your function changed its input config in place; read "
+                                 "its fields (config.n_embd, ...) without assigning to them, or work on a copy "
+                                 "(dataclasses.replace(config))")
         expect_close(got, expected, f"gpt_parameter_count(n_layer={config.n_layer}, n_embd={config.n_embd}, "
                                     f"vocab={config.vocab_size}, mlp_ratio={config.mlp_ratio}, "
                                     f"tie_weights={config.tie_weights})", rtol=0, atol=0.5,

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from ..grading import expect_close, exercise
+from ..grading import expect_close, expect_unchanged, exercise, snapshot
 from ..moe import MoE, MoEConfig, reference_moe_loop, route, update_bias
 
 
 def _as_pair(answer, what: str):
-    if not (isinstance(answer, tuple) and len(answer) == 2):
-        raise AssertionError(f"{what}: expected a tuple (expert_index, gate_weight), got {type(answer).__name__}. "
+    if not (isinstance(answer, (tuple, list)) and len(answer) == 2):
+        got = f"{type(answer).__name__} of length {len(answer)}" if isinstance(answer, (tuple, list)) \
+            else type(answer).__name__
+        raise AssertionError(f"{what}: expected a pair (expert_index, gate_weight), got {got}. "
                              "Hint: return expert_index, gate_weight")
-    return answer
+    return tuple(answer)
 
 
 @exercise("ex04.1", "sigmoid router", points=2)
@@ -20,12 +22,21 @@ def check_router(route_tokens) -> str:
     for tokens, experts, top_k, scale in [(5, 4, 1, 1.0), (12, 8, 2, 1.0), (30, 16, 4, 2.5)]:
         logits = torch.randn(tokens, experts, generator=generator) * 2
         bias = torch.randn(experts, generator=generator)
-        index, weight = _as_pair(route_tokens(logits, bias, top_k, scale), f"route(..., top_k={top_k})")
-        expected = route(logits, bias, top_k, scale)
+        expected = route(logits, bias, top_k, scale)  # before the student's function can touch the inputs
         what = f"route(logits {tokens}x{experts}, top_k={top_k}, route_scale={scale})"
+        saved = snapshot(logits=logits, bias=bias)
+        answer = route_tokens(logits, bias, top_k, scale)
+        expect_unchanged(saved, what, hint="torch.sigmoid(logits) and affinity + bias make new tensors; "
+                                           "logits.sigmoid_() and bias.add_() overwrite the router's")
+        index, weight = _as_pair(answer, f"route(..., top_k={top_k})")
         if not isinstance(index, torch.Tensor) or index.shape != (tokens, top_k):
             raise AssertionError(f"{what}: expert_index must be a tensor of shape {(tokens, top_k)}. "
                                  "Hint: torch.topk(..., top_k, dim=-1).indices")
+        if not isinstance(weight, torch.Tensor) or weight.shape != (tokens, top_k):
+            shape = f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""
+            raise AssertionError(f"{what}: gate_weight must be a tensor of shape {(tokens, top_k)}, got "
+                                 f"{type(weight).__name__}{shape}. Hint: gather the chosen experts' affinities "
+                                 "with affinity.gather(1, expert_index) and keep them as a tensor (no .tolist())")
         # Compare as sets per token: any order of the chosen experts is right.
         got_order, expected_order = index.long().argsort(dim=1), expected.expert_index.argsort(dim=1)
         if not torch.equal(index.long().gather(1, got_order), expected.expert_index.gather(1, expected_order)):
@@ -42,10 +53,18 @@ def check_router(route_tokens) -> str:
 def check_bias_update(update_expert_bias) -> str:
     cases = [(torch.zeros(4), torch.tensor([10, 2, 4, 4]), 0.1),
              (torch.tensor([0.5, -0.2, 0.0]), torch.tensor([3, 3, 3]), 0.01),
-             (torch.randn(8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 4, 5, 6, 30]), 0.001)]
+             (torch.randn(8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 4, 5, 6, 30]),
+              0.001)]
     for bias, load, rate in cases:
         expected = update_bias(bias.clone(), load, rate)
+        # The bias may be updated in place and returned (it is a copy); the load must not change.
+        saved = snapshot(tokens_per_expert=load)
         got = update_expert_bias(bias.clone(), load, rate)
+        expect_unchanged(saved, f"update_expert_bias(bias, tokens_per_expert={load.tolist()}, gamma={rate})",
+                         hint="load = tokens_per_expert.float() makes a new tensor to compute with")
+        if got is None:
+            raise AssertionError("update_expert_bias returned None. Hint: return the new bias "
+                                 "(bias + gamma * torch.sign(mean_load - load))")
         expect_close(got, expected, f"update_expert_bias(bias, tokens_per_expert={load.tolist()}, gamma={rate})",
                      rtol=0, atol=1e-7, hint="above the mean load: bias - gamma; below: bias + gamma; exactly at "
                                              "the mean: unchanged (torch.sign does all three)")
@@ -66,16 +85,27 @@ def check_dispatch(dispatch) -> str:
         weight = routing.gate_weight.detach().requires_grad_()
         expected = reference_moe_loop(x, routing.expert_index, weight, experts)
         expected_grads = torch.autograd.grad(expected.square().sum(), (x, weight, layer.w_down))
+        saved = snapshot(x=x, expert_index=routing.expert_index, gate_weight=weight,
+                         w_gate_up=layer.w_gate_up, w_down=layer.w_down)
         got = dispatch(x, routing.expert_index, weight, experts)
-        expect_close(got, expected, f"dispatch on {tokens} tokens", rtol=1e-6, atol=1e-9,
+        expect_unchanged(saved, f"dispatch on {tokens} tokens")
+        what = f"dispatch on {tokens} tokens"
+        if isinstance(got, torch.Tensor) and got.dtype != expected.dtype:
+            raise AssertionError(f"{what}: returned {str(got.dtype)[6:]} but x is {str(expected.dtype)[6:]}. Hint: "
+                                 "keep x's dtype (torch.zeros_like(x) for the output; no .float() or .to(...))")
+        expect_close(got, expected, what, rtol=1e-6, atol=1e-9,
                      hint="sort the flattened expert_index, gather x once in that order (token = pair // top_k), run "
                           "expert e on its contiguous slice, multiply by the gate weights in the same order, then "
                           "index_add_ the rows back onto their tokens")
+        no_grad_hint = ("avoid torch.no_grad, .detach() and in-place writes into tensors that need gradients "
+                        "(index_add_ on a fresh torch.zeros_like(x) is fine)")
+        if not got.requires_grad:
+            raise AssertionError(f"{what}: the output does not track gradients. Hint: {no_grad_hint}")
         got_grads = torch.autograd.grad(got.square().sum(), (x, weight, layer.w_down), allow_unused=True)
         for name, g, e in zip(("x", "gate_weight", "expert weights"), got_grads, expected_grads):
             if g is None:
-                raise AssertionError(f"dispatch: no gradient reaches {name}. Hint: avoid torch.no_grad, .detach() "
-                                     "and in-place writes into tensors that need gradients (index_add_ on a fresh "
-                                     "torch.zeros_like(x) is fine)")
-            expect_close(g, e, f"gradient of {name} through dispatch ({tokens} tokens)", rtol=1e-6, atol=1e-9)
+                raise AssertionError(f"dispatch: no gradient reaches {name}. Hint: {no_grad_hint}")
+            expect_close(g, e, f"gradient of {name} through dispatch ({tokens} tokens)", rtol=1e-6, atol=1e-9,
+                         hint="the output matches, so something between x, the gate weights and the experts "
+                              "breaks the gradient: multiply by gate_weight (not a detached copy) and keep x's dtype")
     return "equals the per-token loop, outputs and gradients, on 3 batch sizes"
