@@ -144,6 +144,13 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts every floating buffer; RoPE's tables stay float32 (in bf16 the angles
+        # of positions a few dozen apart blur), and apply_rope rotates in float32 anyway.
+        super()._apply(fn, recurse)
+        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, channels = x.shape
         q, k, v = self.qkv(x).split(self.n_embd, dim=2)

@@ -463,6 +463,13 @@ class MoE(nn.Module):
         self.last_routing: Routing | None = None
         self.aux_loss: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        # layer.to(torch.bfloat16) casts every floating buffer; the balancing bias stays float32: in bf16 a
+        # step of 0.001 vanishes once the bias nears 0.5 (its spacing there is 0.002), and balancing stalls.
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        return self
+
     def reset_output_projections(self, std: float) -> None:
         nn.init.normal_(self.w_down, mean=0.0, std=std)
         if self.config.n_shared:

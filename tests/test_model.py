@@ -280,3 +280,16 @@ def test_generate_passes_top_p_through():
     assert torch.equal(tiny_p, model.generate(prompt, 10, temperature=0))  # only the best token is left
     with pytest.raises(ValueError, match="top_p"):
         model.generate(prompt, 2, top_p=1.5)
+
+
+def test_a_bf16_model_keeps_rope_tables_in_float32_and_stays_close_to_float32():
+    model = tiny_model(block_size=64)
+    idx = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    reference, _ = model(idx)
+    half = tiny_model(block_size=64).to(torch.bfloat16)
+    attention = [m for m in half.modules() if hasattr(m, "rope_cos")]
+    assert attention and all(m.rope_cos.dtype == m.rope_sin.dtype == torch.float32 for m in attention)
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    logits, _ = half(idx)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert (logits.float() - reference).abs().max() < 0.1

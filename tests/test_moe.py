@@ -238,6 +238,18 @@ def test_sequence_balance_loss_of_empty_sequences_is_zero_not_nan():
     assert out.shape == (2, 0, 8) and layer.aux_loss.detach().item() == 0.0
 
 
+def test_a_bf16_layer_keeps_its_balancing_bias_in_float32():
+    layer = MoE(8, MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=4, bias_update_rate=0.001))
+    with torch.no_grad():
+        layer.expert_bias.fill_(0.5)
+    layer = layer.to(torch.bfloat16)
+    assert layer.w_gate_up.dtype == torch.bfloat16 and layer.expert_bias.dtype == torch.float32
+    layer(torch.randn(2, 16, 8, dtype=torch.bfloat16))
+    layer.after_optimizer_step()
+    assert (layer.expert_bias - 0.5).abs().max() == pytest.approx(0.001, rel=1e-3)   # bf16 would round it away
+    assert layer.half().expert_bias.dtype == torch.float32 and layer.w_down.dtype == torch.float16
+
+
 def test_group_limited_routing_stays_within_the_best_groups():
     torch.manual_seed(3)
     logits = torch.randn(200, 16)
