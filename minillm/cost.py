@@ -1231,7 +1231,7 @@ def _plot(savings: list[tuple[str, dict]], timed: list[tuple[str, dict]], png_pa
         axes.tick_params(axis="x", which="minor", labelsize=7)
     if savings:
         axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xlim(low / 2.5, high * 2.5)  # room for the annotations on both sides
+    axes.set_xlim(low / 2.5, high * 5)  # room for the annotations on both sides ("×11587" right of its bar)
     axes.set_xlabel(xlabel)
     axes.set_title(title)
     figure.tight_layout()
