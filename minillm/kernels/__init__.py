@@ -25,7 +25,7 @@ import os
 import torch
 
 from . import reference
-from ._inputs import KERNEL_DTYPES, LastSeen
+from ._inputs import KERNEL_DTYPES, LastSeen, require_same_device
 
 __all__ = ["KERNELS", "BACKENDS", "add", "softmax", "matmul", "rmsnorm", "cross_entropy", "grouped_matmul",
            "grouped_weight_grad", "triton_available",
@@ -206,8 +206,8 @@ def _same_dtype_and_device(name: str, first: torch.Tensor, *others) -> None:
     """The checks every backend makes (the Triton kernels add their own dtype limits)."""
     for other in others:
         _device_of(name, other)
-        if other.device != first.device:
-            raise ValueError(f"{name}: inputs are on {first.device} and {other.device}; move them to one device")
+    require_same_device(name, first, *others)
+    for other in others:
         if other.dtype != first.dtype:
             raise TypeError(f"{name}: inputs are {str(first.dtype).removeprefix('torch.')} and "
                             f"{str(other.dtype).removeprefix('torch.')}; convert one so they match")
