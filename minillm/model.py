@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         # numpy scalars (np.int64, np.float64) are accepted but stored as Python numbers: a checkpoint holding
         # numpy objects cannot be read back by a safe (weights-only) torch.load.
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "n_dense_layers",
-                     "dropout", "rope_base"):
-            setattr(self, name, plain_number(getattr(self, name)))
+        for field_ in dataclasses.fields(self):   # plain_number leaves strings, bools and the MoE config alone
+            setattr(self, field_.name, plain_number(getattr(self, field_.name)))
         if isinstance(self.moe, dict):  # a config saved with dataclasses.asdict (checkpoints)
             self.moe = MoEConfig(**self.moe)
         if self.moe is not None and not isinstance(self.moe, MoEConfig):

@@ -79,9 +79,8 @@ class TrainConfig:
 
         # numpy scalars (np.int64, np.float64) are accepted but stored as Python numbers: the config goes into
         # checkpoints, and a safe (weights-only) torch.load refuses numpy objects.
-        for name in ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                     "grad_clip", "eval_interval", "eval_batches", "seed", "checkpoint_interval"):
-            setattr(self, name, plain_number(getattr(self, name)))
+        for field_ in dataclasses.fields(self):   # plain_number leaves strings, bools, paths and tuples alone
+            setattr(self, field_.name, plain_number(getattr(self, field_.name)))
         if isinstance(self.betas, (tuple, list)):
             self.betas = type(self.betas)(plain_number(b) for b in self.betas)
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
