@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("submissions", nargs="+", help="notebooks, or folders with one notebook or sub-folder per student")
     p.add_argument("--chapter", help="the chapter being graded, e.g. 01 (default: read from the notebooks)")
     p.add_argument("--extra-tests", help="folder of private tests, <grade_id>.py, run after each official check")
-    p.add_argument("--cell-timeout", type=int, default=120, help="seconds per cell (default 120)")
-    p.add_argument("--notebook-timeout", type=int, default=900, help="seconds per notebook (default 900)")
+    p.add_argument("--cell-timeout", type=float, default=120, help="seconds per cell (default 120)")
+    p.add_argument("--notebook-timeout", type=float, default=900, help="seconds per notebook (default 900)")
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="notebooks graded at once (default: up to 4, one per core)")
     p.add_argument("--out", default="grades", help="folder for grades.csv and grades.json (default ./grades)")

@@ -6,10 +6,14 @@ For each submission the grader
    re-inserted after its exercise) and appends the instructor's private tests (`--extra-tests DIR`, one
    file `<grade_id>.py` each) to the check cell they belong to,
 3. clears outputs and runs it with `pytest --nbval-lax --nbval-current-env` in fast mode, in its own
-   process, with a per-cell timeout and a per-notebook time limit; the pytest plugin in this module
-   records how each check cell ended,
+   process, with a per-cell timeout and a per-notebook time limit; the pytest plugin (grader_plugin.py)
+   records how each cell ended, after every cell, so the checks that ran before a stop still count,
 4. turns that into a status per exercise: passed, failed (a wrong answer: AssertionError), error (any
-   other exception, e.g. an unfinished stub), timeout, or missing (no result, e.g. the notebook stopped).
+   other exception, e.g. an unfinished stub), timeout (a cell timed out, or the notebook reached its limit
+   before the check), or missing (no result).
+
+A submission that cannot be read or prepared (not JSON, malformed cells, another chapter) gets a grader
+error of its own; the other submissions are graded.
 
 Student code runs with the grader's rights: grade in a throwaway container or user account.
 """
@@ -19,7 +23,9 @@ import copy
 import csv
 import io
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +38,7 @@ from .paths import atomic_write_text
 
 STATUSES = ("passed", "failed", "error", "timeout", "missing")
 RESULTS_ENV = "MINILLM_GRADER_RESULTS"  # read by minillm.grader_plugin
+KERNEL_STOPPED = "KernelStopped"  # the ename grader_plugin records for cells that found the kernel stopped
 
 
 class GraderError(Exception):
@@ -68,12 +75,55 @@ class Submission:
 
 # --- finding the official notebook and the submissions ---------------------------------------------
 
+def _nbgrader(cell) -> dict:
+    """The cell's nbgrader metadata; {} when it has none or it is malformed (see _shape_problem)."""
+    meta = cell.get("metadata") if isinstance(cell, dict) else None
+    nbgrader = meta.get("nbgrader") if isinstance(meta, dict) else None
+    return nbgrader if isinstance(nbgrader, dict) else {}
+
+
 def _grade_id(cell) -> str | None:
-    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+    gid = _nbgrader(cell).get("grade_id")
+    return gid if isinstance(gid, str) else None
 
 
 def _is_check(cell) -> bool:
-    return bool(cell.get("metadata", {}).get("nbgrader", {}).get("grade"))
+    return bool(_nbgrader(cell).get("grade"))
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _shape_problem(nb) -> str | None:
+    """Why `nb` (parsed JSON) cannot be graded as a notebook, or None when its cells are well formed."""
+    if not isinstance(nb, dict):
+        return f"it holds {_json_type(nb)}, not a notebook (a JSON object with a list of cells)"
+    if not isinstance(nb.get("cells"), list):
+        return "it has no list of cells"
+    for number, cell in enumerate(nb["cells"], 1):
+        if not isinstance(cell, dict):
+            return f"cell {number} is {_json_type(cell)}, not a cell (a JSON object)"
+        if cell.get("cell_type") not in ("code", "markdown", "raw"):
+            kind = f"cell_type {cell['cell_type']!r}" if "cell_type" in cell else "no cell_type"
+            return f"cell {number} has {kind}; a cell is 'code', 'markdown' or 'raw'"
+        source = cell.get("source", "")
+        if not (isinstance(source, str) or isinstance(source, list) and all(isinstance(s, str) for s in source)):
+            return f"cell {number}'s source is {_json_type(source)}, not text"
+        meta = cell.get("metadata", {})
+        if not isinstance(meta, dict):
+            return f"cell {number}'s metadata is {_json_type(meta)}, not an object"
+        nbgrader = meta.get("nbgrader", {})
+        if not isinstance(nbgrader, dict):
+            return f"cell {number}'s nbgrader metadata is {_json_type(nbgrader)}, not an object"
+        gid = nbgrader.get("grade_id")
+        if gid is not None and not isinstance(gid, str):
+            return f"cell {number}'s grade_id is {gid!r}, not a string such as 'ex01.3'"
+        if "id" in cell and not isinstance(cell["id"], str):
+            return f"cell {number}'s id is {cell['id']!r}, not a string"
+    return None
 
 
 def official_notebook(chapter: str) -> tuple[Path, dict]:
@@ -84,27 +134,79 @@ def official_notebook(chapter: str) -> tuple[Path, dict]:
 def identify_chapter(nb: dict) -> str | None:
     """The chapter a notebook belongs to, from its exercise ids (robust to renamed files)."""
     chapters = {}
-    for cell in nb.get("cells", []):
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    for cell in cells if isinstance(cells, list) else []:
         gid = _grade_id(cell)
         if gid and gid.startswith("ex") and len(gid) >= 4 and gid[2:4].isdigit():
             chapters[gid[2:4]] = chapters.get(gid[2:4], 0) + 1
     return max(chapters, key=chapters.get) if chapters else None
 
 
-def find_submissions(inputs: list[str | Path]) -> list[Submission]:
-    """Notebook files, or folders holding one notebook (or one sub-folder) per student."""
-    found = []
+def _ignored(path: Path) -> bool:
+    """Not a submission: hidden files and folders (.ipynb_checkpoints, macOS's ._x.ipynb) and __MACOSX."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
+
+
+def _chapter_of_file(path: Path) -> str | None:
+    try:
+        return identify_chapter(load(path))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _pick_notebook(folder: Path, notebooks: list[Path], chapter: str | None) -> tuple[Path, str]:
+    """The student's notebook among those in their folder, and a grader error ('' when there is none).
+
+    One notebook: that one. Several: the one of `chapter` (by its exercise ids, else by its file name);
+    without a chapter, the one whose exercises say it is a course notebook, when exactly one does.
+    """
+    if len(notebooks) == 1:
+        return notebooks[0], ""
+    names = ", ".join(str(p.relative_to(folder)) for p in notebooks)
+    chapters = {p: _chapter_of_file(p) for p in notebooks}
+    if chapter:
+        wanted = chapter.zfill(2)
+        matches = [p for p in notebooks if chapters[p] == wanted]
+        if len(matches) > 1:  # 01_next_word.ipynb and 01_next_word-Copy1.ipynb: prefer the course's name
+            matches = [p for p in matches if p.name.startswith(f"{wanted}_")] or matches
+        if not matches:
+            matches = [p for p in notebooks if p.name.startswith(f"{wanted}_") and chapters[p] is None]
+        what = f"chapter {wanted} notebook"
+    else:
+        matches = [p for p in notebooks if chapters[p] is not None]
+        what = "course notebook"
+    if len(matches) == 1:
+        return matches[0], ""
+    if not matches:
+        return folder, f"no {what} in {folder} (it holds {names}): pass the right file, or --chapter"
+    which = ", ".join(str(p.relative_to(folder)) for p in matches)
+    return folder, f"several {what}s in {folder} ({which}): pass the one to grade{'' if chapter else ', or --chapter'}"
+
+
+def find_submissions(inputs: list[str | Path], chapter: str | None = None) -> list[Submission]:
+    """Notebook files, or folders holding one notebook (or one sub-folder) per student.
+
+    Hidden files and folders and __MACOSX folders are skipped. When a student's folder holds several
+    notebooks, the one of `chapter` is taken. Files given one by one are named by their stem, or by their
+    folder when stems clash (`subs/*/01_next_word.ipynb`).
+    """
+    found, files = [], []
     for item in map(Path, inputs):
         if item.is_file():
-            found.append(Submission(student=item.stem, path=item))
+            sub = Submission(student=item.stem, path=item)
+            found.append(sub)
+            files.append(sub)
         elif item.is_dir():
             for entry in sorted(item.iterdir()):
+                if _ignored(Path(entry.name)):
+                    continue
                 if entry.is_file() and entry.suffix == ".ipynb":
                     found.append(Submission(student=entry.stem, path=entry))
-                elif entry.is_dir() and not entry.name.startswith("."):
-                    notebooks = sorted(p for p in entry.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+                elif entry.is_dir():
+                    notebooks = sorted(p for p in entry.rglob("*.ipynb") if not _ignored(p.relative_to(entry)))
                     if notebooks:
-                        found.append(Submission(student=entry.name, path=notebooks[0]))
+                        path, error = _pick_notebook(entry, notebooks, chapter)
+                        found.append(Submission(student=entry.name, path=path, grader_error=error))
                     else:
                         found.append(Submission(student=entry.name, path=entry,
                                                 grader_error=f"no .ipynb file in {entry}"))
@@ -112,6 +214,14 @@ def find_submissions(inputs: list[str | Path]) -> list[Submission]:
             raise GraderError(f"{item} does not exist: give notebook files or folders of submissions")
     if not found:
         raise GraderError(f"no notebooks found in {', '.join(map(str, inputs))}")
+    stems = [sub.student for sub in files]
+    for sub in files:
+        if stems.count(sub.student) > 1 and sub.path.parent.name:
+            sub.student = sub.path.parent.name
+    names = [sub.student for sub in found]
+    for sub in found:  # still the same name twice (alice/ and alice.ipynb): tell them apart by path
+        if names.count(sub.student) > 1:
+            sub.student = str(sub.path.with_suffix("") if sub.path.suffix == ".ipynb" else sub.path)
     return found
 
 
@@ -157,46 +267,82 @@ def _insertion_point(cells: list, official_cells: list, official_index: int) -> 
 
 # --- running it --------------------------------------------------------------------------------------
 
-def run_submission(path: Path, cell_timeout: int, notebook_timeout: int, workdir: Path) -> tuple[dict, str]:
-    """Run a prepared notebook under nbval in its own process; returns {cell id: outcome} and a note."""
+def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, workdir: Path) -> tuple[dict, str]:
+    """Run a prepared notebook under nbval in its own process; returns {cell id: outcome} and a note.
+
+    The note is '' unless the notebook ran past `notebook_timeout`: then pytest (with everything it
+    started) and the notebook's kernel are killed, and the outcomes of the cells that ran until then,
+    which the plugin writes after every cell, are kept.
+    """
     results_file = workdir / "results.json"
     env = {**os.environ, RESULTS_ENV: str(results_file), "MINILLM_FAST": "1", "MINILLM_HEADLESS": "1",
            "MINILLM_RUNS": str(workdir / "runs"), "MPLBACKEND": "Agg"}
     command = [sys.executable, "-m", "pytest", str(path), "--nbval-lax", "--nbval-current-env",
-               f"--nbval-cell-timeout={cell_timeout}", "-p", "minillm.grader_plugin", "-q", "-p", "no:cacheprovider",
-               "--rootdir", str(workdir), "-o", "addopts=", "-o", "testpaths="]
+               f"--nbval-cell-timeout={cell_timeout:g}", "-p", "minillm.grader_plugin", "-q",
+               "-p", "no:cacheprovider", "--rootdir", str(workdir), "-o", "addopts=", "-o", "testpaths="]
     note = ""
+    log_path = workdir / "pytest.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        # A session of its own, so that killing its process group stops whatever pytest started.
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=notebook_timeout)
+        except subprocess.TimeoutExpired:
+            note = f"the notebook ran past the {notebook_timeout:g} s limit"
+        finally:
+            if process.poll() is None:
+                _kill(process.pid, group=True)
+                process.wait()
     try:
-        subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=notebook_timeout)
-    except subprocess.TimeoutExpired:
-        note = f"the notebook ran past the {notebook_timeout} s limit"
-    outcomes = json.loads(results_file.read_text()) if results_file.exists() else {}
+        results = json.loads(results_file.read_text())
+    except (OSError, ValueError):
+        results = {}
+    if note and results.get("kernel_pid"):
+        # jupyter_client starts the kernel in a session of its own, out of reach of the kill above; it
+        # would notice its parent is gone within a second or so, but a busy one may not: stop it now.
+        _kill(results["kernel_pid"], group=False)
+    outcomes = results.get("cells", {})
+    if not outcomes and not note:
+        # No cell ran (pytest could not collect the notebook, or nbval could not start a kernel): not the
+        # student's doing, so not a score of 0.
+        lines = [line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        raise GraderError(f"nbval could not run the notebook (pytest exit status {process.returncode}): "
+                          f"{' | '.join(lines[-3:]) or 'no output'}")
     return outcomes, note
+
+
+def _kill(pid: int, group: bool) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def score(official: dict, outcomes: dict, note: str) -> list[ExerciseResult]:
     results = []
-    timed_out_since_last_check = False
+    timeout_message = None  # set when a cell since the last check ran past its timeout
     for cell in official["cells"]:
         outcome = outcomes.get(cell.get("id"))
         if outcome and outcome["status"] == "timeout":
-            timed_out_since_last_check = True
+            timeout_message = outcome.get("message") or "a cell of this exercise ran past the per-cell timeout"
         if not _is_check(cell):
             continue
         meta = cell["metadata"]["nbgrader"]
         result = ExerciseResult(meta["grade_id"], int(meta.get("points", 1)))
         if outcome is None:
             result.status, result.message = ("timeout", note) if note else ("missing", "the check cell did not run")
-        elif timed_out_since_last_check or outcome["status"] == "timeout":
+        elif timeout_message is not None:
             # Code that never finishes earns nothing, even when the check after the interrupt passes.
-            result.status = "timeout"
-            result.message = outcome.get("message") or "a cell of this exercise ran past the per-cell timeout"
+            result.status, result.message = "timeout", timeout_message
+        elif outcome.get("ename") == KERNEL_STOPPED:
+            result.status, result.message = "missing", outcome.get("message", "")
         elif outcome["status"] == "passed":
             result.status, result.points = "passed", result.points_possible
         else:
             result.status, result.message = outcome["status"], outcome.get("message", "")
         results.append(result)
-        timed_out_since_last_check = False
+        timeout_message = None
     return results
 
 
@@ -210,12 +356,15 @@ def grade(inputs: list[str | Path], chapter: str | None = None, extra_tests: str
 
     if importlib.util.find_spec("nbval") is None:
         raise GraderError("grading needs pytest and nbval: pip install -e '.[dev]' (or make test once)")
-    if jobs < 1:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise GraderError(f"--jobs {jobs}: give 1 or more notebooks to run at once")
-    submissions = find_submissions(inputs)
+    for option, seconds in (("--cell-timeout", cell_timeout), ("--notebook-timeout", notebook_timeout)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+            raise GraderError(f"{option} {seconds}: give a number of seconds above 0")
     extra = Path(extra_tests) if extra_tests else None
-    if extra is not None and not extra.is_dir():
-        raise GraderError(f"--extra-tests {extra} is not a folder of <grade_id>.py files")
+    if extra is not None:
+        _check_extra_tests(extra, chapter)
+    submissions = find_submissions(inputs, chapter)
     officials: dict[str, dict] = {}
     done, lock = [0], Lock()
 
@@ -238,13 +387,49 @@ def grade(inputs: list[str | Path], chapter: str | None = None, extra_tests: str
     return submissions
 
 
+def _check_extra_tests(extra: Path, chapter: str | None) -> None:
+    """Every DIR/<grade_id>.py must name a check of the chapter (of any chapter without --chapter)."""
+    if not extra.is_dir():
+        raise GraderError(f"--extra-tests {extra} is not a folder of <grade_id>.py files")
+    try:
+        officials = chapter_paths([chapter] if chapter else None)
+    except ValueError as error:
+        raise GraderError(str(error)) from None
+    ids = [_grade_id(c) for path in officials for c in load(path)["cells"] if _is_check(c)]
+    unknown = sorted(p.name for p in extra.glob("*.py") if not p.name.startswith(".") and p.stem not in ids)
+    if unknown:
+        which = f"chapter {chapter.zfill(2)}" if chapter else "any chapter"
+        raise GraderError(f"--extra-tests {extra}: no check of {which} has the id of {', '.join(unknown)}, so "
+                          f"{'it' if len(unknown) == 1 else 'they'} would never run; name each file "
+                          f"<grade_id>.py, with one of: {', '.join(ids)}")
+
+
 def _grade_one(sub: Submission, chapter, extra, cell_timeout, notebook_timeout, officials) -> None:
     try:
         nb = load(sub.path)
-        if not isinstance(nb.get("cells"), list):
-            raise ValueError("it has no list of cells")
     except (OSError, ValueError, UnicodeDecodeError) as error:
         raise GraderError(f"cannot read {sub.path}: {error}") from None
+    problem = _shape_problem(nb)
+    if problem:
+        raise GraderError(f"cannot read {sub.path}: {problem}; open and save it in Jupyter, or ask for a new copy")
+    try:
+        official, prepared = _prepare_one(sub, nb, chapter, extra, officials)
+    except GraderError:
+        raise
+    except Exception as error:  # a submission shaped in a way the grader did not foresee: this student only
+        raise GraderError(f"cannot prepare {sub.path} for grading: {type(error).__name__}: {error} "
+                          "(please report it to the course with the notebook)") from error
+    with tempfile.TemporaryDirectory(prefix="minillm-grade-") as tmp:
+        workdir = Path(tmp)
+        path = workdir / f"{sub.chapter}_submission.ipynb"
+        path.write_text(prepared, encoding="utf-8")
+        outcomes, note = run_submission(path, cell_timeout, notebook_timeout, workdir)
+    sub.cell_outcomes = outcomes
+    sub.exercises = score(official, outcomes, note)
+
+
+def _prepare_one(sub: Submission, nb: dict, chapter, extra, officials) -> tuple[dict, str]:
+    """The official notebook of the submission's chapter, and the text of the notebook to run."""
     found = identify_chapter(nb)
     wanted = chapter.zfill(2) if chapter else found
     if wanted is None:
@@ -258,13 +443,7 @@ def _grade_one(sub: Submission, chapter, extra, cell_timeout, notebook_timeout, 
         except ValueError as error:
             raise GraderError(str(error)) from None
     official = officials[wanted]
-    with tempfile.TemporaryDirectory(prefix="minillm-grade-") as tmp:
-        workdir = Path(tmp)
-        prepared = workdir / f"{wanted}_submission.ipynb"
-        prepared.write_text(dumps(prepare(nb, official, extra)), encoding="utf-8")
-        outcomes, note = run_submission(prepared, cell_timeout, notebook_timeout, workdir)
-    sub.cell_outcomes = outcomes
-    sub.exercises = score(official, outcomes, note)
+    return official, dumps(prepare(nb, official, extra))
 
 
 # --- reports -----------------------------------------------------------------------------------------

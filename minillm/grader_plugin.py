@@ -1,19 +1,49 @@
 """The pytest plugin `minillm grade` loads (`-p minillm.grader_plugin`) into each grading process.
 
-It records how every notebook cell that nbval ran ended, keyed by the cell's id, and writes them as JSON
-to the file named by MINILLM_GRADER_RESULTS when the session ends: passed; failed (AssertionError, a
-wrong answer); error (any other exception); timeout (nbval's per-cell timeout).
+It records how every notebook cell that nbval ran ended, keyed by the cell's id: passed; failed
+(AssertionError, a wrong answer); error (any other exception); timeout (nbval's per-cell timeout). The
+record is rewritten after every cell (atomically: a temporary file, then a rename) to the JSON file named
+by MINILLM_GRADER_RESULTS, with the kernel's process id, so that when the grader stops a notebook at its
+time limit the checks that ran before still count and the kernel can be stopped too.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from .grader import RESULTS_ENV
+from .grader import KERNEL_STOPPED, RESULTS_ENV
+
 _outcomes: dict[str, dict] = {}
+_kernel_pid: list[int | None] = [None]
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _save() -> None:
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    temporary = Path(f"{path}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"kernel_pid": _kernel_pid[0], "cells": _outcomes}))
+    os.replace(temporary, path)
+
+
+def _kernel_process_id(item) -> int | None:
+    """The pid of the kernel nbval started for this notebook (jupyter_client 7 and 8), or None."""
+    manager = getattr(getattr(getattr(item, "parent", None), "kernel", None), "km", None)
+    process = getattr(getattr(manager, "provisioner", None), "process", None) or getattr(manager, "kernel", None)
+    pid = getattr(process, "pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+def _first_line(text: str) -> str:
+    """The informative line of nbval's report: colour codes removed, its generic headline skipped."""
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    lines = [line for line in lines if line != "Notebook cell execution failed"] or lines
+    return lines[0] if lines else ""
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -23,26 +53,34 @@ def pytest_runtest_makereport(item, call):
     cell = getattr(item, "cell", None)
     if report.when != "call" or cell is None:
         return
+    if _kernel_pid[0] is None:
+        _kernel_pid[0] = _kernel_process_id(item)
+    cell_id = cell.get("id", f"cell-{item.cell_num}")
     error = next((o for o in getattr(item, "test_outputs", None) or [] if o.get("output_type") == "error"), None)
-    if report.passed:
-        _outcomes[cell.get("id", f"cell-{item.cell_num}")] = {"status": "passed"}
-        return
     text = str(report.longrepr or "")
     ename = error.get("ename") if error else None
-    if "Timeout of" in text:
-        status = "timeout"
-    elif ename == "AssertionError":
-        status = "failed"
+    if report.passed:
+        record = {"status": "passed"}
+    elif "Kernel dead on test start" in text:
+        # nbval stops the kernel after a cell it could not interrupt (a kernel that died, or code that
+        # ignores Ctrl-C); the cells after that one do not run.
+        record = {"status": "error", "ename": KERNEL_STOPPED,
+                  "message": "the kernel had stopped before this cell (it died, or an earlier cell could not be "
+                             "interrupted at its timeout), so the cell did not run"}
     else:
-        status = "error"
-    if error:
-        message = f"{ename}: {error.get('evalue')}"
-    else:
-        message = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    _outcomes[cell.get("id", f"cell-{item.cell_num}")] = {"status": status, "ename": ename, "message": message[:500]}
+        if "Timeout of" in text:
+            status = "timeout"
+        elif ename == "AssertionError":
+            status = "failed"
+        else:
+            status = "error"
+        message = f"{ename}: {error.get('evalue')}" if error and status != "timeout" else _first_line(text)
+        if "Failed to interrupt kernel" in text:
+            message += " (the kernel did not answer: it may have died, e.g. os._exit() or out of memory)"
+        record = {"status": status, "ename": ename, "message": message[:500]}
+    _outcomes[cell_id] = record
+    _save()
 
 
 def pytest_sessionfinish(session):
-    path = os.environ.get(RESULTS_ENV)
-    if path:
-        Path(path).write_text(json.dumps(_outcomes))
+    _save()

@@ -5,8 +5,10 @@ submission runs in its own process under nbval, which takes seconds).
 """
 import copy
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,179 @@ def test_wrong_chapter_and_unreadable_files_are_grader_errors(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "minillm", "grade", str(tmp_path), "--chapter", "00",
                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert cli.returncode == 2 and "grader error" in cli.stdout
+
+
+def test_malformed_submissions_are_grader_errors_and_the_rest_are_graded(tmp_path, monkeypatch):
+    from minillm import grader
+
+    monkeypatch.setattr(grader, "run_submission", lambda path, cell_timeout, notebook_timeout, workdir: ({}, ""))
+    check = cell(SOLUTION, "check-ex00-1")
+    malformed = {
+        "top_level_array": ([], "holds an array"),
+        "null": (None, "holds null"),
+        "cell_is_a_string": ({**SOLUTION, "cells": ["print(1)"] + SOLUTION["cells"]}, "cell 1 is a string"),
+        "cell_without_type": ({**SOLUTION, "cells": [{"source": "x", "metadata": {}}] + SOLUTION["cells"]},
+                              "cell 1 has no cell_type"),
+        "metadata_null": ({**SOLUTION, "cells": [{**check, "metadata": None}] + SOLUTION["cells"]},
+                          "cell 1's metadata is null"),
+        "nbgrader_null": ({**SOLUTION, "cells": [{**check, "metadata": {"nbgrader": None}}] + SOLUTION["cells"]},
+                          "cell 1's nbgrader metadata is null"),
+        "grade_id_int": ({**SOLUTION, "cells": [{**check, "metadata": {"nbgrader": {"grade_id": 5}}}]
+                          + SOLUTION["cells"]}, "cell 1's grade_id is 5"),
+        "source_number": ({**SOLUTION, "cells": [{**check, "source": 3}] + SOLUTION["cells"]},
+                          "cell 1's source is a number"),
+    }
+    for student, (nb, _) in malformed.items():
+        (tmp_path / f"{student}.ipynb").write_text(json.dumps(nb))
+    (tmp_path / "fine.ipynb").write_text(json.dumps(SOLUTION))
+    subs = {s.student: s for s in grade([tmp_path], chapter="00", progress=False)}
+    for student, (_, reason) in malformed.items():
+        assert subs[student].grader_error.startswith("cannot read") and reason in subs[student].grader_error, student
+    assert not subs["fine"].grader_error and [e.grade_id for e in subs["fine"].exercises] == ["ex00.1", "ex00.2"]
+    rows = write_reports(list(subs.values()), tmp_path / "out")[0].read_text().splitlines()
+    assert sum("grader-error" in row for row in rows) == len(malformed)
+
+
+def tiny_notebook(path: Path, sources: dict) -> Path:
+    """A notebook of code cells {id: source}, the cells that run_submission's tests need and no more."""
+    cells = [{"id": cid, "cell_type": "code", "source": src, "metadata": {}, "outputs": [], "execution_count": None}
+             for cid, src in sources.items()]
+    path.write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "cells": cells, "metadata": {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}}))
+    return path
+
+
+def stopped(pid: int) -> bool:
+    """True when process `pid` has ended (a zombie no one has reaped yet counts as ended)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc/self/stat").exists():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_results_are_written_after_every_cell_and_a_dead_kernel_is_reported(tmp_path):
+    from minillm.grader import KERNEL_STOPPED, run_submission
+
+    nb = tiny_notebook(tmp_path / "nb.ipynb", {
+        "first": "x = 1",
+        # Runs while the notebook is still going: the first cell's outcome must already be on disk.
+        "reads_results": "import json, os\nresults = json.load(open(os.environ['MINILLM_GRADER_RESULTS']))\n"
+                         "assert results['cells']['first'] == {'status': 'passed'}, results\n"
+                         "assert results['kernel_pid'] == os.getpid(), results",
+        "dies": "import os\nos._exit(1)",
+        "after": "assert x == 1",
+    })
+    outcomes, note = run_submission(nb, cell_timeout=10, notebook_timeout=300, workdir=tmp_path)
+    assert note == ""
+    assert outcomes["first"] == {"status": "passed"} and outcomes["reads_results"] == {"status": "passed"}, outcomes
+    assert outcomes["dies"]["status"] == "timeout" and "may have died" in outcomes["dies"]["message"]
+    assert "\x1b[" not in outcomes["dies"]["message"]
+    assert outcomes["after"]["status"] == "error" and outcomes["after"]["ename"] == KERNEL_STOPPED
+
+
+def test_the_notebook_time_limit_keeps_what_ran_and_stops_the_kernel(tmp_path):
+    from minillm.grader import run_submission
+
+    # The limit must leave time for the first cell, which a busy machine may not: retry with a longer one
+    # until the hanging cell was reached, so the test does not depend on how fast the machine is today.
+    for limit in (20, 60, 180):
+        workdir = tmp_path / f"limit{limit}"
+        workdir.mkdir()
+        nb = tiny_notebook(workdir / "nb.ipynb", {
+            "first": "x = 1",
+            "hangs": "import os, pathlib\npathlib.Path('reached').write_text(str(os.getpid()))\nwhile True:\n    pass",
+        })
+        start = time.monotonic()
+        outcomes, note = run_submission(nb, cell_timeout=600, notebook_timeout=limit, workdir=workdir)
+        if (workdir / "reached").exists():
+            break
+    assert (workdir / "reached").exists(), "the hanging cell never started, even with a 180 s limit"
+    assert time.monotonic() - start < limit + 30
+    assert note == f"the notebook ran past the {limit} s limit"
+    assert outcomes == {"first": {"status": "passed"}}
+    kernel = int((workdir / "reached").read_text())
+    deadline = time.monotonic() + 10
+    while not stopped(kernel) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stopped(kernel), f"the kernel (pid {kernel}) still runs after the time limit"
+
+
+def test_a_notebook_nbval_cannot_run_is_a_grader_error_not_a_zero(tmp_path):
+    from minillm.grader import run_submission
+
+    (tmp_path / "nb.ipynb").write_text("{not a notebook")
+    with pytest.raises(GraderError, match="nbval could not run the notebook"):
+        run_submission(tmp_path / "nb.ipynb", cell_timeout=10, notebook_timeout=120, workdir=tmp_path)
+
+
+def test_score_keeps_passed_checks_before_a_stop():
+    from minillm.grader import KERNEL_STOPPED, score
+
+    stopped_cell = {"status": "error", "ename": KERNEL_STOPPED, "message": "the kernel had stopped before this cell"}
+    limit = {"check-ex00-1": {"status": "passed"}}
+    assert [(e.grade_id, e.status, e.points) for e in score(SOLUTION, limit, "the notebook ran past the 9 s limit")] \
+        == [("ex00.1", "passed", 1), ("ex00.2", "timeout", 0)]
+    died_in_exercise = {"check-ex00-1": {"status": "passed"},
+                        "ex00-2": {"status": "timeout", "message": "Timeout of 9 seconds (it may have died)"},
+                        "check-ex00-2": stopped_cell}
+    results = score(SOLUTION, died_in_exercise, "")
+    assert [(e.status, e.points) for e in results] == [("passed", 1), ("timeout", 0)]
+    assert "may have died" in results[1].message
+    died_in_check = {"check-ex00-1": {"status": "passed"}, "check-ex00-2": stopped_cell}
+    results = score(SOLUTION, died_in_check, "")
+    assert [(e.status, e.points) for e in results] == [("passed", 1), ("missing", 0)]
+    assert results[1].message == stopped_cell["message"]
+
+
+def test_find_submissions_skips_junk_picks_the_chapter_and_names_clashing_files(tmp_path):
+    chapter01 = copy.deepcopy(SOLUTION)
+    for c in chapter01["cells"]:
+        if c["metadata"].get("nbgrader"):
+            c["metadata"]["nbgrader"]["grade_id"] = c["metadata"]["nbgrader"]["grade_id"].replace("ex00.", "ex01.")
+    junk = b"\x00\x05\x16\x07\xff"
+    write(tmp_path / "class", "alice", SOLUTION)
+    (tmp_path / "class" / "alice" / "renamed.ipynb").write_text(json.dumps(chapter01))  # chapter 01 by its ids
+    (tmp_path / "class" / "bob" / "__MACOSX").mkdir(parents=True)
+    (tmp_path / "class" / "bob" / "__MACOSX" / "._00_setup.ipynb").write_bytes(junk)
+    write(tmp_path / "class" / "bob", "work", SOLUTION)
+    (tmp_path / "class" / "bob" / "scratch.ipynb").write_text(json.dumps({"cells": [], "metadata": {}}))
+    (tmp_path / "class" / "__MACOSX").mkdir()
+    (tmp_path / "class" / "__MACOSX" / "._carol.ipynb").write_bytes(junk)
+    (tmp_path / "class" / "._carol.ipynb").write_bytes(junk)
+    (tmp_path / "class" / "carol.ipynb").write_text(json.dumps(SOLUTION))
+    found = {s.student: (s.path.relative_to(tmp_path / "class"), s.grader_error)
+             for s in find_submissions([tmp_path / "class"], "01")}
+    assert found["alice"] == (Path("alice/renamed.ipynb"), "")
+    assert found["bob"][0] == Path("bob") and "no chapter 01 notebook" in found["bob"][1]
+    assert found["carol"] == (Path("carol.ipynb"), "")
+    assert len(found) == 3
+    by_chapter_00 = {s.student: s for s in find_submissions([tmp_path / "class"], "0")}
+    assert by_chapter_00["alice"].path.name == "00_setup.ipynb"
+    assert by_chapter_00["bob"].path.relative_to(tmp_path / "class") == Path("bob/work/00_setup.ipynb")
+    no_chapter = {s.student: s for s in find_submissions([tmp_path / "class"])}
+    assert "several course notebooks" in no_chapter["alice"].grader_error    # 00 and 01: which one?
+    assert no_chapter["bob"].path.name == "00_setup.ipynb" and not no_chapter["bob"].grader_error  # scratch skipped
+    files = [tmp_path / "class" / "alice" / "00_setup.ipynb", tmp_path / "class" / "bob" / "work" / "00_setup.ipynb",
+             tmp_path / "class" / "carol.ipynb"]
+    assert [s.student for s in find_submissions(files)] == ["alice", "work", "carol"]
+
+
+def test_unknown_extra_tests_and_bad_timeouts_are_refused(tmp_path):
+    write(tmp_path, "alice", SOLUTION)
+    extra = tmp_path / "private"
+    extra.mkdir()
+    (extra / "ex00.1.py").write_text("assert True\n")
+    (extra / "ex00_2.py").write_text("assert False\n")  # a typo: ex00.2
+    with pytest.raises(GraderError, match=r"ex00_2\.py.*would never run.*ex00\.1, ex00\.2"):
+        grade([tmp_path / "alice"], chapter="00", extra_tests=extra, progress=False)
+    for option in ("cell_timeout", "notebook_timeout"):
+        for bad in (0, -5, float("nan"), float("inf"), True, "60"):
+            with pytest.raises(GraderError, match=f"--{option.replace('_', '-')} .*give a number of seconds above 0"):
+                grade([tmp_path / "alice"], chapter="00", progress=False, **{option: bad})
