@@ -191,10 +191,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.norm_mlp = RMSNorm(config.n_embd)
         self.mlp = MoE(config.n_embd, config.moe) if config.is_moe_layer(layer) else MLP(config)
+        # The dense MLP drops its own output; an MoE layer has no dropout of its own, so the block drops the MoE
+        # output the same way: dense and MoE then compare like with like when dropout > 0 (0 changes nothing).
+        self.mlp_dropout = nn.Dropout(config.dropout) if isinstance(self.mlp, MoE) else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm_attn(x))
-        return x + self.mlp(self.norm_mlp(x))
+        return x + self.mlp_dropout(self.mlp(self.norm_mlp(x)))
 
 
 class GPT(nn.Module):

@@ -15,7 +15,9 @@ import math
 import os
 import pickle
 import re
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -245,11 +247,13 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
                 if not math.isfinite(step_loss) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
                     raise _diverged(step, step_loss, model, optimizer, scaler, config, completed,
                                     rng_after_step, last_good_path)
-                scaler.step(optimizer)
-                scaler.update()
-                if hasattr(model, "after_optimizer_step"):  # e.g. MoE load-balancing biases (chapter 04)
-                    model.after_optimizer_step()
-                completed, rng_after_step = step, _rng_state()
+                # A Ctrl-C here waits until the update is done and counted: see _sigint_deferred.
+                with _sigint_deferred():
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if hasattr(model, "after_optimizer_step"):  # e.g. MoE load-balancing biases (chapter 04)
+                        model.after_optimizer_step()
+                    completed, rng_after_step = step, _rng_state()
                 meter.add(tokens=tokens_per_step, flops=flops_per_step)
                 now = time.perf_counter()
                 record = {"step": step, "loss": step_loss, "lr": lr, "tokens": step * tokens_per_step,
@@ -497,6 +501,32 @@ def _maybe_compile(model: torch.nn.Module) -> torch.nn.Module:
     except Exception as error:
         warnings.warn(f"torch.compile is unavailable ({type(error).__name__}: {error}); continuing uncompiled")
         return model
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold back Ctrl-C (SIGINT) until the block has run, then hand it to the handler that was there.
+
+    Why: AdamW updates the parameters one after another, and the step counts as completed only after the
+    update (and the MoE bias update). A KeyboardInterrupt in between would save weights and optimizer state
+    that are partly or fully updated for step N under step N-1: resuming would repeat step N or go on from
+    half-updated weights. Held back, it arrives after the bookkeeping and the checkpoint is consistent.
+    Only in the main thread (the only one where handlers can be set and Ctrl-C is raised) and only over a
+    Python handler (the default raises KeyboardInterrupt); otherwise the block runs as before.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    if not callable(previous):  # SIG_DFL, SIG_IGN, or a handler not set from Python (None): leave it alone
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        previous(*received[0])  # the default handler raises KeyboardInterrupt here
 
 
 def _rng_state() -> dict:

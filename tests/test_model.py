@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minillm import sampling
 from minillm.model import GPT, GPTConfig, apply_rope, rope_cos_sin
+from minillm.moe import MoEConfig
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -293,3 +294,34 @@ def test_a_bf16_model_keeps_rope_tables_in_float32_and_stays_close_to_float32():
     logits, _ = half(idx)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert (logits.float() - reference).abs().max() < 0.1
+
+
+def test_moe_layers_apply_the_same_residual_dropout_as_the_dense_mlp():
+    moe = MoEConfig(n_routed=4, n_shared=1, top_k=2, expert_hidden=16)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(dropout=0.5, moe=moe).train()
+    # Only the MoE branches drop: the embedding and attention dropout are switched off.
+    model.dropout.eval()
+    for block in model.blocks:
+        block.attn.eval()
+    torch.manual_seed(1)
+    first, _ = model(idx)
+    torch.manual_seed(2)
+    second, _ = model(idx)
+    assert not torch.equal(first, second)
+    block = model.blocks[0]
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(3)
+    dropped = block(x)
+    block.eval()
+    with torch.no_grad():
+        residual = x + block.attn(block.norm_attn(x))
+        kept = residual + block.mlp(block.norm_mlp(residual))
+        torch.testing.assert_close(block(x), kept)   # eval mode: no dropout
+    assert not torch.allclose(dropped, kept)
+
+    # dropout=0.0 (the default) changes nothing: train mode gives eval mode's logits exactly.
+    plain = tiny_model(moe=moe)
+    evaluated, _ = plain(idx)
+    trained, _ = plain.train()(idx)
+    assert torch.equal(trained, evaluated)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import warnings
 
 import numpy as np
@@ -167,6 +169,53 @@ def test_ctrl_c_saves_closes_and_returns_then_resumes(byte_tokens, monkeypatch, 
     finished = train(resumed, byte_tokens, config=quick_config(steps=8), resume_from=str(expected_path))
     assert finished.step == 8 and not finished.interrupted
     torch.testing.assert_close(parameters_of(resumed), parameters_of(straight), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGINT goes to the main thread")
+def test_ctrl_c_during_the_optimizer_update_saves_the_finished_step(byte_tokens, tmp_path):
+    # A real SIGINT that arrives while step 2's update is under way (after AdamW has changed the weights):
+    # the checkpoint must hold step 2's weights under step 2, not step 2's weights under step 1.
+    overrides = dict(steps=4, warmup_steps=0, min_lr_ratio=1.0)  # a constant lr: a 2-step run is a prefix
+    path = tmp_path / "ctrl_c.pt"
+    model = byte_model()
+    original = model.configure_optimizer
+
+    def optimizer_that_is_interrupted_in_step_2(*args, **kwargs):
+        optimizer = original(*args, **kwargs)
+        steps = []
+
+        def ctrl_c_after_updating(optimizer, args, kwargs):
+            steps.append(1)
+            if len(steps) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        optimizer.register_step_post_hook(ctrl_c_after_updating)
+        return optimizer
+
+    model.configure_optimizer = optimizer_that_is_interrupted_in_step_2
+    handler = signal.getsignal(signal.SIGINT)
+    result = train(model, byte_tokens, config=quick_config(**overrides, checkpoint_path=str(path)))
+    assert signal.getsignal(signal.SIGINT) is handler   # restored
+    assert result.interrupted and result.step == 2 and result.checkpoint_path == str(path)
+    saved = load_checkpoint(path)
+    assert saved["step"] == 2
+    reference = byte_model()
+    train(reference, byte_tokens, config=quick_config(**dict(overrides, steps=2)))
+    assert all(torch.equal(saved_p, p) for saved_p, p in zip(saved["model"].parameters(), reference.parameters()))
+
+    straight = byte_model()
+    train(straight, byte_tokens, config=quick_config(**overrides))
+    resumed = byte_model(seed=5)
+    train(resumed, byte_tokens, config=quick_config(**overrides), resume_from=str(path))
+    assert all(torch.equal(r, s) for r, s in zip(resumed.parameters(), straight.parameters()))
+
+    # Outside the main thread no handler can be set: training runs as before.
+    results = []
+    worker = threading.Thread(target=lambda: results.append(train(byte_model(), byte_tokens,
+                                                                  config=quick_config(steps=2))))
+    worker.start()
+    worker.join()
+    assert [r.step for r in results] == [2]
 
 
 def test_nan_loss_raises_and_saves_the_last_finite_state(byte_tokens, tmp_path):
