@@ -20,6 +20,7 @@ Taught in chapter 04 (mixture of experts). The layer replaces a GPT block's MLP
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -56,6 +57,9 @@ class MoEConfig:
                                    # very uneven)
 
     def __post_init__(self) -> None:
+        from minillm.model import plain_number   # here, not at the top: minillm.model imports this module
+        for field_ in dataclasses.fields(self):   # numpy numbers (a sweep over np.arange) become Python's
+            setattr(self, field_.name, plain_number(getattr(self, field_.name)))
         for name in ("n_routed", "top_k", "expert_hidden", "n_groups", "top_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

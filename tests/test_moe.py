@@ -537,3 +537,14 @@ def test_moe_gpt_trains_on_a_gpu():
     result = train(model, pattern, pattern, config)
     assert result.final_val_loss < 0.6 * before
     assert len(model.moe_layers()[0].load_history) == 40
+
+
+def test_config_takes_numpy_numbers_as_python_ones():
+    np = pytest.importorskip("numpy")
+    config = MoEConfig(n_routed=np.int64(8), top_k=np.int32(2), expert_hidden=np.int16(4), n_shared=np.uint8(0),
+                       route_scale=np.float32(2.5), bias_update_rate=np.float64(0.001))
+    assert config == MoEConfig(n_routed=8, top_k=2, expert_hidden=4, n_shared=0, route_scale=2.5,
+                               bias_update_rate=0.001)
+    assert all(type(v) in (int, float, str) for v in dataclasses.asdict(config).values())
+    with pytest.raises(ValueError, match="top_k"):
+        MoEConfig(n_routed=8, top_k=np.float64(2.5))
