@@ -270,9 +270,9 @@ def _insertion_point(cells: list, official_cells: list, official_index: int) -> 
 def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, workdir: Path) -> tuple[dict, str]:
     """Run a prepared notebook under nbval in its own process; returns {cell id: outcome} and a note.
 
-    The note is '' unless the notebook ran past `notebook_timeout`: then pytest (with everything it
-    started) and the notebook's kernel are killed, and the outcomes of the cells that ran until then,
-    which the plugin writes after every cell, are kept.
+    The note is '' unless the notebook ran past `notebook_timeout`: then pytest and the notebook's kernel
+    (with whatever it started) are killed, and the outcomes of the cells that ran until then, which the
+    plugin writes after every cell, are kept.
     """
     results_file = workdir / "results.json"
     env = {**os.environ, RESULTS_ENV: str(results_file), "MINILLM_FAST": "1", "MINILLM_HEADLESS": "1",
@@ -283,25 +283,25 @@ def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, wor
     note = ""
     log_path = workdir / "pytest.log"
     with open(log_path, "w", encoding="utf-8") as log:
-        # A session of its own, so that killing its process group stops whatever pytest started.
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        # pytest stays in the grader's process group, so a Ctrl-C at the terminal reaches it too (and nbval
+        # then shuts the kernel down).
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             process.wait(timeout=notebook_timeout)
         except subprocess.TimeoutExpired:
             note = f"the notebook ran past the {notebook_timeout:g} s limit"
         finally:
             if process.poll() is None:
-                _kill(process.pid, group=True)
+                process.kill()
                 process.wait()
     try:
         results = json.loads(results_file.read_text())
     except (OSError, ValueError):
         results = {}
     if note and results.get("kernel_pid"):
-        # jupyter_client starts the kernel in a session of its own, out of reach of the kill above; it
-        # would notice its parent is gone within a second or so, but a busy one may not: stop it now.
-        _kill(results["kernel_pid"], group=False)
+        # jupyter_client starts the kernel in a process group of its own; it would notice that pytest is gone
+        # within a second or so, but not the processes it started (DataLoader workers, say): stop them all.
+        _kill_group(results["kernel_pid"])
     outcomes = results.get("cells", {})
     if not outcomes and not note:
         # No cell ran (pytest could not collect the notebook, or nbval could not start a kernel): not the
@@ -312,11 +312,14 @@ def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, wor
     return outcomes, note
 
 
-def _kill(pid: int, group: bool) -> None:
-    try:
-        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group `pid` leads (the kernel's), or the process alone if it leads none."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
 
 
 def score(official: dict, outcomes: dict, note: str) -> list[ExerciseResult]:

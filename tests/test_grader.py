@@ -211,7 +211,10 @@ def test_the_notebook_time_limit_keeps_what_ran_and_stops_the_kernel(tmp_path):
         workdir.mkdir()
         nb = tiny_notebook(workdir / "nb.ipynb", {
             "first": "x = 1",
-            "hangs": "import os, pathlib\npathlib.Path('reached').write_text(str(os.getpid()))\nwhile True:\n    pass",
+            # The kernel starts a process of its own (a DataLoader worker, say), then never finishes.
+            "hangs": "import os, pathlib, subprocess, sys\n"
+                     "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                     "pathlib.Path('reached').write_text(f'{os.getpid()} {child.pid}')\nwhile True:\n    pass",
         })
         start = time.monotonic()
         outcomes, note = run_submission(nb, cell_timeout=600, notebook_timeout=limit, workdir=workdir)
@@ -221,11 +224,12 @@ def test_the_notebook_time_limit_keeps_what_ran_and_stops_the_kernel(tmp_path):
     assert time.monotonic() - start < limit + 30
     assert note == f"the notebook ran past the {limit} s limit"
     assert outcomes == {"first": {"status": "passed"}}
-    kernel = int((workdir / "reached").read_text())
+    kernel, child = map(int, (workdir / "reached").read_text().split())
     deadline = time.monotonic() + 10
-    while not stopped(kernel) and time.monotonic() < deadline:
+    while not (stopped(kernel) and stopped(child)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert stopped(kernel), f"the kernel (pid {kernel}) still runs after the time limit"
+    assert stopped(child), f"the kernel's child process (pid {child}) still runs after the time limit"
 
 
 def test_a_notebook_nbval_cannot_run_is_a_grader_error_not_a_zero(tmp_path):
