@@ -1,4 +1,5 @@
 """Check cells: right answers print one line, wrong ones raise AssertionError with a hint, stubs raise."""
+import linecache
 import math
 from pathlib import Path
 
@@ -199,7 +200,11 @@ def _solution_kernel(grade_id: str, old: str, new: str):
     cell = next(c for c in load(path)["cells"] if c["metadata"].get("nbgrader", {}).get("grade_id") == grade_id)
     source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
     assert old in source, f"{grade_id}: the solution no longer contains {old!r}; update this test"
-    exec(compile(source.replace(old, new), f"{grade_id}-wrong", "exec"), namespace)
+    source = source.replace(old, new)
+    filename = f"<{grade_id}-wrong>"
+    # Registered as IPython registers a cell's source, so that inspect.getsource finds it.
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), namespace)
     return namespace[source.split("def ", 1)[1].split("(", 1)[0]]
 
 
@@ -211,9 +216,16 @@ def _solution_kernel(grade_id: str, old: str, new: str):
     ("ex02.2-solution", "    tl.store(out_ptr + offsets, x + y, mask=mask)",
      "    tl.store(out_ptr + offsets, x + y, mask=mask)\n    tl.store(x_ptr + offsets, x + y, mask=mask)",
      "changed its input x in place"),
+    ("ex02.2-solution", "x = tl.load(x_ptr + offsets, mask=mask)", "x = tl.load(x_ptr + offsets)", "has no mask"),
+    ("ex02.3-solution", ", mask=in_row, other=-float(\"inf\"))", ")", "has no mask"),
 ])
 def test_kernels_with_wrong_strides_or_writes_fail(grade_id, old, new, message):
     kernel = _solution_kernel(grade_id, old, new)
     with pytest.raises(AssertionError, match="Hint") as failure:
         grading.check(grade_id.removesuffix("-solution"), kernel)
     assert message in str(failure.value)
+
+
+def test_add_kernel_check_takes_a_mask_passed_by_position():
+    kernel = _solution_kernel("ex02.2-solution", "tl.load(y_ptr + offsets, mask=mask)", "tl.load(y_ptr + offsets, mask)")
+    grading.check("ex02.2", kernel)

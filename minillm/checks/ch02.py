@@ -9,6 +9,10 @@ they are compiled.
 """
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
+
 import torch
 
 from ..grading import expect_close, expect_unchanged, exercise, snapshot
@@ -41,6 +45,37 @@ def _launch(kernel, grid, *args, **meta) -> None:
         raise AssertionError(f"the kernel failed to run: {type(error).__name__}: {str(error)[:400]}. Hint: inside a "
                              "kernel use tl.* operations on blocks, and check each tl.load/tl.store's pointer "
                              "arithmetic and mask") from error
+
+
+def _memory_ops_without_mask(kernel) -> list[str]:
+    """The tl.load / tl.store calls in the kernel's source that pass no mask (nor boundary_check).
+
+    An unmasked load in the last block reads past the end of the vectors; the masked store then throws
+    those values away, so no output shows it (and neither the interpreter nor a GPU faults on a small
+    overrun): only the source tells. [] when the source cannot be read; the numeric checks still run.
+    """
+    try:
+        source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
+        tree = ast.parse(textwrap.dedent(source))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    missing = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "store"):
+            keywords = {keyword.arg for keyword in node.keywords}
+            # The mask is load's second argument and store's third: load(pointer, mask), store(pointer, value, mask).
+            positional_mask = len(node.args) >= (2 if node.func.attr == "load" else 3)
+            if not positional_mask and not keywords & {"mask", "boundary_check", None}:   # None: **options
+                missing.append(ast.unparse(node))
+    return missing
+
+
+def _require_masks(kernel, lanes: str, masks: str) -> None:
+    unmasked = _memory_ops_without_mask(kernel)
+    if unmasked:
+        raise AssertionError(f"`{unmasked[0][:100]}` has no mask: {lanes} read or write past the end of the "
+                             f"data (memory that is not yours; on a GPU it may hold anything, or fault). Hint: pass "
+                             f"{masks} to every tl.load and tl.store")
 
 
 def _guarded(n: int, dtype, device, fill) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +120,8 @@ def check_matmul_intensity(matmul_arithmetic_intensity) -> str:
 @exercise("ex02.2", "masked vector add kernel", points=2)
 def check_add_kernel(add_kernel) -> str:
     device = _kernel_device(add_kernel)
+    _require_masks(add_kernel, "when n is not a multiple of BLOCK_SIZE, the last block's extra lanes",
+                   "mask=offsets < n_elements")
     generator = torch.Generator().manual_seed(2)
     for n, block in [(1, 16), (13, 16), (100, 32), (65, 64)]:
         for dtype in (torch.float32, torch.float16):
@@ -106,6 +143,8 @@ def check_add_kernel(add_kernel) -> str:
 @exercise("ex02.3", "fused softmax row loop", points=2)
 def check_softmax_kernel(softmax_kernel) -> str:
     device = _kernel_device(softmax_kernel)
+    _require_masks(softmax_kernel, "when n_cols is not a power of two, the lanes past the last column",
+                   "mask=columns < n_cols (and other=-float('inf') on the load)")
     generator = torch.Generator().manual_seed(3)
     cases = [torch.randn(1, 1, generator=generator), torch.randn(7, 13, generator=generator),
              torch.randn(9, 33, generator=generator) * 30,
@@ -147,6 +186,9 @@ def check_softmax_kernel(softmax_kernel) -> str:
 @exercise("ex02.4", "tiled matmul K loop", points=3)
 def check_matmul_kernel(matmul_kernel) -> str:
     device = _kernel_device(matmul_kernel)
+    _require_masks(matmul_kernel, "when M, N or K is not a multiple of its block, the lanes past the edge",
+                   "masks such as ks[None, :] < k_left (with other=0.0) on the loads and rows < M & cols < N on "
+                   "the store")
     generator = torch.Generator().manual_seed(4)
     # (m, k, n) and the layouts of A and B: "padded" rows (a view of a wider matrix) or "transposed" (a .T view,
     # so the K stride is not 1). C is always a padded view, so stride_cm differs from stride_am and from n.
