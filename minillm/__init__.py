@@ -1,7 +1,7 @@
 """minillm: the companion library of the minillm course.
 
 Each module is one idea, taught by one chapter: tokenizers and data (01), kernels (02), model and train
-(03), cost (00, used everywhere), grading and notebooks (the course machinery). Import what you need:
+(03), moe (04), cost (00, used everywhere), grading and notebooks (the course machinery). Import what you need:
 
     from minillm.model import GPT, GPTConfig
     from minillm.train import train, TrainConfig
