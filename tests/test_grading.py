@@ -227,5 +227,6 @@ def test_kernels_with_wrong_strides_or_writes_fail(grade_id, old, new, message):
 
 
 def test_add_kernel_check_takes_a_mask_passed_by_position():
-    kernel = _solution_kernel("ex02.2-solution", "tl.load(y_ptr + offsets, mask=mask)", "tl.load(y_ptr + offsets, mask)")
+    kernel = _solution_kernel("ex02.2-solution", "tl.load(y_ptr + offsets, mask=mask)",
+                              "tl.load(y_ptr + offsets, mask)")
     grading.check("ex02.2", kernel)
