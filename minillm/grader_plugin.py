@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 
 from .grader import KERNEL_STOPPED, RESULTS_ENV
+from .paths import atomic_write_text
 
 _outcomes: dict[str, dict] = {}
 _kernel_pid: list[int | None] = [None]
@@ -26,9 +26,7 @@ def _save() -> None:
     path = os.environ.get(RESULTS_ENV)
     if not path:
         return
-    temporary = Path(f"{path}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"kernel_pid": _kernel_pid[0], "cells": _outcomes}))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps({"kernel_pid": _kernel_pid[0], "cells": _outcomes}))
 
 
 def _kernel_process_id(item) -> int | None:
