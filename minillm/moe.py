@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -113,9 +114,12 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
         raise ValueError(f"route: top_k={top_k} must be between 1 and the {top_groups * (n_routed // n_groups)} "
                          f"experts a token may use ({n_routed} experts, top_groups={top_groups} of "
                          f"n_groups={n_groups})")
-    affinity = torch.sigmoid(router_logits.float())
+    if bias is not None and bias.numel() != n_routed:
+        raise ValueError(f"route: bias has shape {tuple(bias.shape)}; pass one bias per expert ({n_routed})")
+    # At least float32 (as DeepSeek does), float64 kept: a float64 router must stay exact (gradcheck).
+    affinity = torch.sigmoid(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)))
     # The bias only steers the choice: it never enters the weights, so balancing does not distort outputs.
-    choice = affinity.detach() if bias is None else affinity.detach() + bias.float()
+    choice = affinity.detach() if bias is None else affinity.detach() + bias.reshape(n_routed).to(affinity.dtype)
     if n_groups > 1:
         grouped = choice.view(-1, n_groups, n_routed // n_groups)
         # A group's score is the sum of its two best experts (one when groups hold a single expert).
@@ -134,6 +138,7 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
 @torch.no_grad()
 def update_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
     """The auxiliary-loss-free update: overloaded experts (above the mean load) -rate, underloaded +rate."""
+    tokens_per_expert = torch.as_tensor(tokens_per_expert, device=bias.device)   # a list of counts works too
     if tokens_per_expert.shape != bias.shape:
         raise ValueError(f"update_bias: tokens_per_expert has shape {tuple(tokens_per_expert.shape)} but bias has "
                          f"{tuple(bias.shape)}; pass one count per expert")
@@ -143,7 +148,7 @@ def update_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float
 
 def load_imbalance(tokens_per_expert: torch.Tensor) -> float:
     """max / mean tokens per expert: 1.0 is perfectly balanced, n_routed/top_k means total collapse."""
-    load = tokens_per_expert.float()
+    load = torch.as_tensor(tokens_per_expert).float()
     mean = load.mean()
     return float(load.max() / mean) if mean > 0 else float("nan")
 
@@ -154,6 +159,8 @@ def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, ba
     f_e = n_routed / (top_k * T) * (tokens of the sequence routed to e); P_e = mean over the sequence of the
     affinities normalised per token. Perfect balance gives alpha * 1 (with uniform affinities).
     """
+    if affinity.dim() != 2:
+        raise ValueError(f"sequence_balance_loss: affinity must be (tokens, n_routed), got {tuple(affinity.shape)}")
     tokens, n_routed = affinity.shape
     if expert_index.dim() != 2 or expert_index.shape[0] != tokens:
         raise ValueError(f"sequence_balance_loss: expert_index must be (tokens, top_k) with tokens={tokens}, got "
@@ -165,7 +172,7 @@ def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, ba
     length = tokens // batch
     if length == 0:   # empty sequences: nothing to balance (and no 0 / 0)
         return affinity.sum() * 0.0
-    chosen = torch.zeros_like(affinity).scatter_(1, expert_index, 1.0).view(batch, length, n_routed)
+    chosen = torch.zeros_like(affinity).scatter_(1, expert_index.long(), 1.0).view(batch, length, n_routed)
     fraction = chosen.sum(dim=1) * n_routed / (top_k * length)
     normalised = affinity / (affinity.sum(dim=-1, keepdim=True) + 1e-20)   # as in route: no 0 / 0
     probability = normalised.view(batch, length, n_routed).mean(dim=1)
@@ -176,10 +183,20 @@ def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, ba
 
 def sort_by_expert(expert_index: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order of the flattened (token, slot) pairs sorted by expert, each pair's token, tokens per expert."""
+    if expert_index.dim() != 2:   # (tokens,) would make every pair token 0's: pair // top_k needs the top_k
+        raise ValueError(f"sort_by_expert: expert_index must have shape (tokens, top_k), got "
+                         f"{tuple(expert_index.shape)}; for one expert per token use expert_index.unsqueeze(1)")
     flat = expert_index.reshape(-1)
     order = flat.argsort(stable=True)
     token_of_pair = order // expert_index.shape[-1]
-    counts = torch.bincount(flat, minlength=n_experts)
+    try:
+        counts = torch.bincount(flat, minlength=n_experts)
+    except RuntimeError as error:   # a negative or non-integer id
+        raise ValueError(f"sort_by_expert: expert_index must hold integer expert ids 0 to {n_experts - 1} "
+                         f"({error})") from error
+    if counts.numel() != n_experts:
+        raise ValueError(f"sort_by_expert: expert_index holds ids up to {counts.numel() - 1}, but there are "
+                         f"{n_experts} experts (ids 0 to {n_experts - 1})")
     return order, token_of_pair, counts
 
 
@@ -190,6 +207,10 @@ def sorted_dispatch(x: torch.Tensor, expert_index: torch.Tensor, gate_weight: to
     run_experts(x_sorted, counts) gets the tokens sorted by expert (counts[e] rows for expert e, in
     order) and returns each row's expert output in the same order.
     """
+    if x.dim() != 2 or expert_index.dim() != 2 or gate_weight.shape != expert_index.shape \
+            or x.shape[0] != expert_index.shape[0]:
+        raise ValueError(f"sorted_dispatch: expected x (tokens, d), expert_index and gate_weight (tokens, top_k); "
+                         f"got {tuple(x.shape)}, {tuple(expert_index.shape)}, {tuple(gate_weight.shape)}")
     order, token_of_pair, counts = sort_by_expert(expert_index, n_experts)
     outputs = run_experts(x.index_select(0, token_of_pair), counts)
     weighted = outputs * gate_weight.reshape(-1).index_select(0, order).unsqueeze(-1).to(outputs.dtype)
@@ -325,8 +346,9 @@ class _FusedExperts(torch.autograd.Function):
         tokens, top_k = expert_index.shape
         n_experts, hidden = w_gate_up.shape[0], w_down.shape[1]
         device_type = x.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else torch.promote_types(x.dtype, w_gate_up.dtype))
+        dtype = torch.promote_types(x.dtype, w_gate_up.dtype)
+        if torch.is_autocast_enabled(device_type) and dtype != torch.float64:   # autocast leaves float64 alone
+            dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             order, token_of_pair, counts = sort_by_expert(expert_index, n_experts)
             sizes = counts.tolist()
@@ -450,6 +472,9 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoE: expected a MoEConfig, got {type(config).__name__}")
+        if isinstance(n_embd, bool) or not isinstance(n_embd, numbers.Integral) or n_embd < 1:
+            raise ValueError(f"MoE: n_embd={n_embd!r} must be a positive integer (the model width)")
+        n_embd = int(n_embd)
         self.config, self.n_embd = config, n_embd
         hidden, experts = config.expert_hidden, config.n_routed
         self.router = nn.Linear(n_embd, experts, bias=False)
@@ -466,6 +491,13 @@ class MoE(nn.Module):
         self.load_history: list[list[int]] = []   # tokens per expert, one list per optimizer step
         self.last_routing: Routing | None = None
         self.aux_loss: torch.Tensor | None = None
+
+    def __getstate__(self):
+        # aux_loss belongs to the last forward's autograd graph: copy.deepcopy refuses such tensors, and a copy
+        # (or a pickled layer) has no use for it.
+        state = super().__getstate__()
+        state["aux_loss"] = None
+        return state
 
     def _apply(self, fn, recurse=True):
         # layer.to(torch.bfloat16) casts every floating buffer; the balancing bias stays float32: in bf16 a
@@ -494,6 +526,8 @@ class MoE(nn.Module):
                 counts = torch.bincount(routing.expert_index.reshape(-1), minlength=self.config.n_routed)
                 padded_rows = int(counts.max()) * self.config.n_routed
                 kind = "grouped" if padded_rows <= 2 * routing.expert_index.numel() else "fused"
+        elif kind not in DISPATCH_KINDS:   # config.dispatch changed after the config checked it
+            raise ValueError(f"MoE: dispatch={kind!r} is unknown; choose one of {', '.join(map(repr, DISPATCH_KINDS))}")
         if kind in ("fused", "triton"):
             return fused_dispatch(x, routing.expert_index, routing.gate_weight, self.w_gate_up, self.w_down,
                                   "triton" if kind == "triton" else None)
@@ -503,22 +537,32 @@ class MoE(nn.Module):
                                self.config.n_routed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE: expected a tensor (batch, time, n_embd), got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"MoE: input is a 0-d tensor; expected (batch, time, n_embd={self.n_embd})")
         if x.shape[-1] != self.n_embd:
             raise ValueError(f"MoE: input has {x.shape[-1]} channels, the layer was built for n_embd={self.n_embd}")
         weights = self.router.weight
         if x.device != weights.device:
             raise ValueError(f"MoE: input is on {x.device} but the layer's weights are on {weights.device}; "
                              f"move one with .to(...)")
+        if x.device.type == "meta":
+            raise ValueError("MoE: cannot run on the meta device: choosing experts needs the router's values, and "
+                             "meta tensors have none; move the layer and input to a real device (cpu, cuda)")
         if x.dtype != weights.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"MoE: input is {str(x.dtype).removeprefix('torch.')} but the layer's weights are "
                             f"{str(weights.dtype).removeprefix('torch.')}; convert one (layer.to(dtype) or "
                             f"x.to(dtype)) or run under torch.autocast")
         shape = x.shape
-        batch = shape[0] if x.dim() == 3 else 1
+        # Sequences for the balance loss: (batch, time, d) holds batch of them, (..., time, d) all leading dims;
+        # one (a single empty one when there are no tokens) for (time, d) or (d,).
+        batch = max(math.prod(shape[:-2]), 1)
         tokens = x.reshape(-1, self.n_embd)
         config = self.config
-        routing = route(self.router(tokens), self.expert_bias if config.bias_update_rate > 0 else None,
-                        config.top_k, config.route_scale, config.n_groups, config.top_groups)
+        # The bias always steers (a loaded or hand-set bias counts even with the update switched off).
+        routing = route(self.router(tokens), self.expert_bias, config.top_k, config.route_scale, config.n_groups,
+                        config.top_groups)
         self.last_routing = Routing(routing.expert_index.detach(), routing.gate_weight.detach(),
                                     routing.affinity.detach())
         output = self.routed(tokens, routing)

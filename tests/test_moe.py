@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minillm.model import GPT, GPTConfig
 from minillm.moe import (MoE, MoEConfig, fused_dispatch, load_imbalance, per_expert_mask_loop, reference_moe_loop,
-                         route, run_experts_grouped, run_experts_on_slices, sequence_balance_loss, sorted_dispatch,
-                         update_bias)
+                         route, run_experts_grouped, run_experts_on_slices, sequence_balance_loss, sort_by_expert,
+                         sorted_dispatch, update_bias)
 from minillm.train import TrainConfig, estimate_loss, load_checkpoint, train
 
 
@@ -181,7 +181,8 @@ def test_mask_loop_and_layer_dispatch_kinds_agree():
     shared_free = make_layer(n_shared=0)
     tokens = x.reshape(-1, 16)
     torch.testing.assert_close(
-        per_expert_mask_loop(tokens, routing.expert_index, routing.gate_weight, shared_free.w_gate_up, shared_free.w_down),
+        per_expert_mask_loop(tokens, routing.expert_index, routing.gate_weight, shared_free.w_gate_up,
+                             shared_free.w_down),
         sorted_dispatch(tokens, routing.expert_index, routing.gate_weight,
                         lambda xs, c: run_experts_on_slices(xs, c, shared_free.w_gate_up, shared_free.w_down), 8))
 
@@ -446,7 +447,8 @@ def test_bench_moe_reports_ratios_against_the_naive_loop(tmp_path):
         assert row["autograd_slices_tokens_per_second"] > 0 and row["matmul_floor_tokens_per_second"] > 0
         assert row["floor_vs_naive_loop"] == pytest.approx(row["matmul_floor_tokens_per_second"]
                                                            / row["naive_loop_tokens_per_second"])
-        assert row["vs_naive_loop"] == pytest.approx(row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"])
+        assert row["vs_naive_loop"] == pytest.approx(row["sorted_tokens_per_second"]
+                                                     / row["naive_loop_tokens_per_second"])
 
 
 @pytest.mark.parametrize("dispatch", ["fused", "grouped", "slices"])
@@ -489,6 +491,177 @@ def test_layer_matches_transformers_deepseek_v3_moe_block(dispatch):
     torch.testing.assert_close(layer.w_gate_up.grad, peer.experts.gate_up_proj.grad.transpose(1, 2), **close)
     torch.testing.assert_close(layer.w_down.grad, peer.experts.down_proj.grad.transpose(1, 2), **close)
     torch.testing.assert_close(layer.router.weight.grad, peer.gate.weight.grad, **close)
+
+
+def _deepseek_v3_peer(layer: MoE):
+    """transformers' DeepseekV3MoE holding `layer`'s weights and bias (shared experts zeroed when n_shared=0)."""
+    pytest.importorskip("transformers", reason="transformers (the `bench` extra) is the reference here")
+    try:
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    except ImportError:
+        pytest.skip("this transformers has no DeepSeek-V3 model")
+    c = layer.config
+    config = DeepseekV3Config(hidden_size=layer.n_embd, moe_intermediate_size=c.expert_hidden,
+                              n_routed_experts=c.n_routed, n_shared_experts=max(c.n_shared, 1),
+                              num_experts_per_tok=c.top_k, n_group=c.n_groups, topk_group=c.top_groups,
+                              routed_scaling_factor=c.route_scale, norm_topk_prob=True, hidden_act="silu")
+    peer = DeepseekV3MoE(config).to(layer.w_down.dtype)
+    shared = c.n_shared * c.expert_hidden
+    with torch.no_grad():
+        peer.gate.weight.copy_(layer.router.weight)
+        peer.gate.e_score_correction_bias.copy_(layer.expert_bias)
+        peer.experts.gate_up_proj.copy_(layer.w_gate_up.transpose(1, 2))
+        peer.experts.down_proj.copy_(layer.w_down.transpose(1, 2))
+        if c.n_shared:
+            peer.shared_experts.gate_proj.weight.copy_(layer.shared_gate_up.weight[:shared])
+            peer.shared_experts.up_proj.weight.copy_(layer.shared_gate_up.weight[shared:])
+            peer.shared_experts.down_proj.weight.copy_(layer.shared_down.weight)
+        else:
+            for p in peer.shared_experts.parameters():
+                p.zero_()
+    return peer
+
+
+@pytest.mark.parametrize("overrides, shape", [
+    (dict(n_routed=16, n_shared=2, top_k=4), (2, 7)),                                   # no groups
+    (dict(n_routed=16, n_shared=0, top_k=6, n_groups=8, top_groups=3), (2, 7)),         # no shared expert
+    (dict(n_routed=8, n_shared=1, top_k=8), (1, 5)),                                    # every expert chosen
+    (dict(n_routed=8, n_shared=1, top_k=2, n_groups=2, top_groups=1, route_scale=2.5), (13,)),  # (time, d) input
+    (dict(n_routed=8, n_shared=1, top_k=3, n_groups=4, top_groups=2, bias_update_rate=0.0), (2, 6)),  # bias, no update
+])
+def test_layer_matches_transformers_deepseek_v3_on_more_configs(overrides, shape):
+    layer = make_layer(**{"expert_hidden": 8, "bias_update_rate": 0.01, **overrides}).double()
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.linspace(-0.2, 0.3, layer.config.n_routed))
+    peer = _deepseek_v3_peer(layer)
+    torch.manual_seed(9)
+    x = torch.randn(*shape, 16, dtype=torch.float64)
+    ours = layer(x)
+    theirs = peer(x.reshape(-1, *x.shape[-2:])).reshape(ours.shape)
+    assert torch.equal(layer.last_routing.expert_index.sort(1).values, peer.gate(x.reshape(-1, 16))[2].sort(1).values)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)   # transformers routes in float32
+
+
+def test_a_float64_router_stays_float64_so_the_layer_passes_gradcheck():
+    logits = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert route(logits, None, 3).affinity.dtype == torch.float64
+    assert route(logits.float(), None, 3).affinity.dtype == torch.float32
+    assert route(logits.bfloat16(), None, 3).affinity.dtype == torch.float32   # at least float32, as DeepSeek
+    assert torch.autograd.gradcheck(lambda t: route(t, torch.zeros(8), 3, 2.5, 4, 2).gate_weight, (logits,))
+    layer = make_layer(n_embd=6, n_routed=4, top_k=2, expert_hidden=3, n_groups=2, top_groups=1,
+                       aux_loss_weight=0.1).double().train()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    names = ("router.weight", "w_gate_up", "w_down")
+    params = tuple(dict(layer.named_parameters())[n].detach().clone().requires_grad_() for n in names)
+
+    def forward(*weights):
+        out = torch.func.functional_call(layer, dict(zip(names, weights)), (x,))
+        return out, layer.aux_loss
+    assert torch.autograd.gradcheck(forward, params)
+
+
+def test_fused_dispatch_of_float64_under_autocast_stays_float64_like_the_other_dispatches():
+    layer = make_layer().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    expected = layer(x)
+    for kind in ("fused", "grouped", "slices"):   # autocast leaves float64 matmuls alone: so must the fused one
+        layer.config.dispatch = kind
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_expert_bias_steers_the_choice_even_with_bias_updates_switched_off():
+    layer = make_layer(n_routed=4, top_k=1, bias_update_rate=0.0)     # e.g. a loaded, trained bias, frozen
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))
+    layer(torch.randn(2, 6, 16))
+    assert (layer.last_routing.expert_index == 2).all()
+    layer.train()
+    layer(torch.randn(2, 6, 16))
+    layer.after_optimizer_step()                                      # ... and it does not move
+    assert torch.equal(layer.expert_bias, torch.tensor([0.0, 0.0, 10.0, 0.0]))
+
+
+def test_balance_loss_counts_sequences_of_empty_batches_and_of_4d_inputs():
+    layer = make_layer(aux_loss_weight=0.01).train()
+    assert layer(torch.randn(0, 5, 16)).shape == (0, 5, 16)           # no sequences at all: zero loss, no error
+    assert layer.aux_loss.item() == 0.0
+    x = torch.randn(2, 3, 4, 16)                                      # 6 sequences of 4 tokens
+    layer(x)
+    four_d = layer.aux_loss
+    layer(x.reshape(6, 4, 16))
+    torch.testing.assert_close(four_d, layer.aux_loss)
+
+
+def test_a_layer_with_an_aux_loss_can_be_deep_copied_and_pickled_after_a_training_forward():
+    import copy
+    import pickle
+
+    layer = make_layer(aux_loss_weight=0.01).train()
+    layer(torch.randn(2, 5, 16))
+    assert layer.aux_loss.grad_fn is not None
+    clone = copy.deepcopy(layer)
+    assert clone.aux_loss is None and layer.aux_loss is not None     # the original keeps its loss to backward
+    restored = pickle.loads(pickle.dumps(layer))
+    x = torch.randn(1, 4, 16)
+    for other in (clone, restored):
+        torch.testing.assert_close(other.eval()(x), layer.eval()(x))
+        assert torch.equal(other.expert_bias, layer.expert_bias)
+
+
+def test_dispatch_refuses_expert_ids_and_shapes_it_cannot_take_instead_of_misrouting():
+    layer = make_layer(n_shared=0, n_routed=4)
+    x, gate = torch.randn(5, 16), torch.rand(5, 1)
+    for runner in (run_experts_on_slices, run_experts_grouped):
+        def run(xs, counts, runner=runner):
+            return runner(xs, counts, layer.w_gate_up, layer.w_down)
+        index = torch.tensor([[0], [3], [1], [3], [2]])
+        with pytest.raises(ValueError, match=r"gate_weight \(tokens, top_k\)"):   # (tokens,): all onto token 0
+            sorted_dispatch(x, index[:, 0], gate[:, 0], run, 4)
+        with pytest.raises(ValueError, match="ids up to 5, but there are 4 experts"):
+            sorted_dispatch(x, index + 2, gate, run, 4)
+        with pytest.raises(ValueError, match="ids 0 to 3"):
+            sorted_dispatch(x, index - 1, gate, run, 4)
+        with pytest.raises(ValueError, match="expert_index and gate_weight"):
+            sorted_dispatch(x, index, gate[:3], run, 4)
+        torch.testing.assert_close(sorted_dispatch(x, index.int(), gate, run, 4),
+                                   per_expert_mask_loop(x, index, gate, layer.w_gate_up, layer.w_down))
+    with pytest.raises(ValueError, match=r"shape \(tokens, top_k\).*unsqueeze\(1\)"):
+        sort_by_expert(torch.tensor([0, 1, 1]), 4)
+
+
+def test_layer_and_route_refuse_bad_arguments_with_errors_that_say_what_to_do():
+    with pytest.raises(ValueError, match="one bias per expert"):
+        route(torch.randn(5, 8), torch.zeros(7), 2)
+    for n_embd in (0, -1, 16.0, True):
+        with pytest.raises(ValueError, match="n_embd"):
+            MoE(n_embd, MoEConfig(n_routed=4, top_k=2))
+    np = pytest.importorskip("numpy")
+    assert MoE(np.int64(8), MoEConfig(n_routed=4, top_k=2)).n_embd == 8
+    layer = make_layer()
+    with pytest.raises(ValueError, match="0-d"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="expected a tensor"):
+        layer([[0.0] * 16])
+    layer.config = dataclasses.replace(layer.config)
+    layer.config.dispatch = "sorted"                                  # set after the config checked it
+    with pytest.raises(ValueError, match="dispatch='sorted' is unknown"):
+        layer(torch.randn(1, 3, 16))
+    meta = make_layer().to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        meta(torch.randn(1, 3, 16, device="meta"))
+
+
+def test_balancing_helpers_take_lists_and_small_integer_indices():
+    assert load_imbalance([10, 2, 4, 4]) == pytest.approx(2.0)
+    torch.testing.assert_close(update_bias(torch.zeros(4), [10, 2, 4, 4], 0.1), torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    affinity, index = torch.rand(6, 8), torch.randint(0, 8, (6, 2))
+    expected = sequence_balance_loss(affinity, index, 2, 0.1)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        torch.testing.assert_close(sequence_balance_loss(affinity, index.to(dtype), 2, 0.1), expected)
+    with pytest.raises(ValueError, match=r"affinity must be \(tokens, n_routed\)"):
+        sequence_balance_loss(affinity[0], index[:1], 1, 0.1)
 
 
 # --- GPU only (run by benchmarks/gpu_check.sh on a lent GPU; skipped on CPU-only machines such as CI) ------
