@@ -481,3 +481,82 @@ def test_integer_inputs_to_softmax_family_are_a_clear_error(backend):
         kernels.rmsnorm(ints, torch.ones(3), backend=backend)
     with pytest.raises(TypeError, match="floating-point"):
         kernels.cross_entropy(ints, torch.tensor([0, 1]), backend=backend)
+
+
+def test_add_refuses_bf16_in_the_interpreter():
+    # The add kernel adds in the inputs' dtype, and the interpreter's bf16 arithmetic is garbage (~1e38 for
+    # numbers near 1): backend="triton" used to return it; "auto" hands bf16 to torch.
+    if GPU:
+        pytest.skip("compiled on a GPU, bf16 adds correctly")
+    x, y = randn(3, 5, dtype=torch.bfloat16, seed=1), randn(3, 5, dtype=torch.bfloat16, seed=2)
+    with pytest.raises(TypeError, match="bf16"):
+        kernels.add(x, y, backend="triton")
+    assert torch.equal(kernels.add(x, y), x + y) and kernels.last_backend("add") == "torch"
+
+
+def test_float64_keeps_its_precision():
+    # The torch path (what "auto" runs for float64) computed softmax, rmsnorm and cross_entropy in fp32:
+    # errors of ~1e-7 and a failing gradcheck, where torch itself is exact in float64.
+    x, weight = randn(4, 6, dtype=torch.float64, seed=1), randn(6, dtype=torch.float64, seed=2)
+    targets = torch.tensor([0, 5, 2, 1], device=DEVICE)
+    torch.testing.assert_close(kernels.softmax(x), torch.softmax(x, dim=-1))
+    torch.testing.assert_close(kernels.rmsnorm(x, weight), torch.nn.functional.rms_norm(x, (6,), weight, 1e-6))
+    torch.testing.assert_close(kernels.cross_entropy(x, targets), torch.nn.functional.cross_entropy(x, targets))
+    x.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(kernels.softmax, (x,))
+    assert torch.autograd.gradcheck(kernels.rmsnorm, (x, weight))
+    assert torch.autograd.gradcheck(lambda logits: kernels.cross_entropy(logits, targets), (x,))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_and_0d_inputs_behave_as_in_torch(backend):
+    # Rows of no columns and a 0-d softmax were refused by the kernels but not by torch; no rows of logits
+    # was refused where torch gives nan (the mean of no losses, as when every target is ignored).
+    for shape in [(5, 0), (0,), (2, 0, 3), (0, 4), ()]:
+        x = randn(*shape, seed=1) if shape else randn(1, seed=1).reshape(())
+        x.requires_grad_()
+        got = kernels.softmax(x, backend=backend)
+        torch.testing.assert_close(got, torch.softmax(x, dim=-1))
+        got.sum().backward()
+        assert x.grad.shape == x.shape
+        if shape:
+            weight = randn(shape[-1], seed=2)
+            got = kernels.rmsnorm(x, weight, backend=backend)
+            assert got.shape == x.shape and got.dtype == x.dtype
+    logits = randn(0, 5, seed=3).requires_grad_()
+    loss = kernels.cross_entropy(logits, torch.zeros(0, dtype=torch.long, device=DEVICE), backend=backend)
+    assert loss.isnan() and loss.dtype == torch.float32
+    loss.backward()
+    assert logits.grad.shape == (0, 5)
+    with pytest.raises(ValueError, match="0-dimensional"):
+        kernels.rmsnorm(randn(1, seed=4).reshape(()), randn(1, seed=5).reshape(()), backend=backend)
+    with pytest.raises(ValueError, match="no classes"):
+        kernels.cross_entropy(randn(3, 0), torch.zeros(3, dtype=torch.long, device=DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_add_rmsnorm_cross_entropy_check_alike_on_every_backend(backend):
+    # backend="torch" (what "auto" runs on a CPU without the interpreter) used to broadcast and promote in
+    # add, broadcast a (rows, n) rmsnorm weight, read (batch, time, vocab) logits with the classes in
+    # dim 1 (a silent wrong loss), take float targets as probabilities, and refuse int32 targets.
+    x = randn(3, 4, seed=1)
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.add(x, randn(4, seed=2), backend=backend)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        kernels.add(x, x.double(), backend=backend)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.rmsnorm(x, randn(3, 4, seed=3), backend=backend)
+    with pytest.raises(TypeError, match="eps"):
+        kernels.rmsnorm(x, randn(4, seed=3), eps="1e-6", backend=backend)
+    with pytest.raises(ValueError, match="eps"):
+        kernels.rmsnorm(x, randn(4, seed=3), eps=0.0, backend=backend)
+    logits = randn(2, 3, 3, seed=4)
+    with pytest.raises(ValueError, match="rows, vocab"):
+        kernels.cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long, device=DEVICE), backend=backend)
+    with pytest.raises(TypeError, match="class indices"):
+        kernels.cross_entropy(x, torch.softmax(x, dim=-1)[:, 0], backend=backend)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\)"):
+        kernels.cross_entropy(x, torch.tensor([0, 4, 1], device=DEVICE), backend=backend)
+    targets = torch.tensor([0, -100, 3], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(kernels.cross_entropy(x, targets, backend=backend),
+                               torch.nn.functional.cross_entropy(x, targets.long()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import numbers
 import os
 
 import torch
@@ -194,7 +195,12 @@ def _floating(name: str, what: str, tensor: torch.Tensor) -> torch.Tensor:
 
 def add(x: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """x + y (same shape and dtype; differentiable on every backend)."""
-    return _run("add", backend, _device_of("add", x), x, y)
+    device = _device_of("add", x)
+    _same_dtype_and_device("add", x, y)   # every backend: torch's x + y would broadcast and promote silently
+    if x.shape != y.shape:
+        raise ValueError(f"add: x is {tuple(x.shape)} but y is {tuple(y.shape)}; the kernel adds tensors of one "
+                         "shape and dtype (broadcast first, e.g. y.expand_as(x), or use torch's x + y)")
+    return _run("add", backend, device, x, y)
 
 
 def softmax(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -225,14 +231,44 @@ def matmul(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Ten
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension (differentiable)."""
-    return _run("rmsnorm", backend, _device_of("rmsnorm", x), _floating("rmsnorm", "x", x), weight, eps)
+    device = _device_of("rmsnorm", x)
+    _device_of("rmsnorm", weight)
+    _floating("rmsnorm", "x", x)
+    _floating("rmsnorm", "weight", weight)
+    require_same_device("rmsnorm", x, weight)
+    if x.dim() == 0:
+        raise ValueError("rmsnorm: x is 0-dimensional; it normalises over the last dimension (reshape to (1,))")
+    if weight.shape != x.shape[-1:]:   # checked for every backend: torch would broadcast a (rows, n) weight
+        raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} must have shape (x.shape[-1],) = "
+                         f"{tuple(x.shape[-1:])}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"rmsnorm: eps={eps!r} must be a number, e.g. 1e-6")
+    if not eps > 0:
+        raise ValueError(f"rmsnorm: eps={eps!r} must be > 0 (it keeps an all-zero row finite)")
+    return _run("rmsnorm", backend, device, x, weight, eps)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   backend: str = "auto") -> torch.Tensor:
     """Mean cross-entropy of (rows × vocab) logits, softmax fused (differentiable in logits)."""
-    return _run("cross_entropy", backend, _device_of("cross_entropy", logits),
-                _floating("cross_entropy", "logits", logits), targets, ignore_index)
+    device = _device_of("cross_entropy", logits)
+    _floating("cross_entropy", "logits", logits)
+    _device_of("cross_entropy", targets)
+    require_same_device("cross_entropy", logits, targets)
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"cross_entropy: targets have dtype {str(targets.dtype).removeprefix('torch.')}; they must be "
+                        "int64 (or int32) class indices (convert with .long())")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"cross_entropy: ignore_index={ignore_index!r} must be an int")
+    # Checked for every backend: torch's F.cross_entropy reads (N, C, d...) logits with class dim 1, a silent
+    # different meaning for (batch, time, vocab) logits.
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected "
+                         "(rows, vocab) logits and (rows,) targets; flatten with logits.view(-1, vocab)")
+    if logits.shape[1] == 0:
+        raise ValueError(f"cross_entropy: logits of shape {tuple(logits.shape)} have no classes")
+    # the range of the targets is checked by each backend (once: on a GPU reading the answer waits for it)
+    return _run("cross_entropy", backend, device, logits, targets, ignore_index)
 
 
 # The last `ends` that passed the check below: checking copies it to the host (on a GPU, a wait), and an

@@ -1,6 +1,7 @@
 """Input checks shared by the Triton wrappers (chapter 02): clear errors before a kernel reads memory."""
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -24,13 +25,20 @@ def require_same_device(name: str, *tensors: torch.Tensor) -> None:
                          "move them to one device first")
 
 
+def require_targets_in_range(name: str, targets: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
+    if bool(out_of_range.any()):
+        raise ValueError(f"{name}: targets must lie in [0, {n_classes}) or equal ignore_index={ignore_index}; "
+                         f"found {targets[out_of_range][:5].tolist()}")
+
+
 def require_rows(name: str, x: torch.Tensor) -> torch.Tensor:
-    """A (rows × columns) view of x with unit column stride (copies only when it must)."""
-    if x.dim() == 0:
-        raise ValueError(f"{name}: got a 0-dimensional tensor; the kernel works along the last dimension")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name}: the last dimension is empty (shape {tuple(x.shape)})")
-    rows = x.reshape(-1, x.shape[-1])
+    """A (rows × columns) view of x with unit column stride (copies only when it must).
+
+    A 0-d tensor is one row of one column (as torch.softmax sees it); empty tensors give empty views, which
+    the callers return without a launch (torch returns them empty too)."""
+    columns = x.shape[-1] if x.dim() else 1
+    rows = x.reshape(math.prod(x.shape[:-1]), columns)   # not (-1, columns): that fails for 0 columns
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 

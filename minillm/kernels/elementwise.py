@@ -27,6 +27,8 @@ def add(x: torch.Tensor, y: torch.Tensor, block_size: int = 1024) -> torch.Tenso
     if x.shape != y.shape or x.dtype != y.dtype:
         raise ValueError(f"add: x is {tuple(x.shape)} {x.dtype} but y is {tuple(y.shape)} {y.dtype}; the kernel "
                          "adds tensors of one shape and dtype (broadcast or convert first, or backend='torch')")
+    if x.device.type != "cuda" and x.dtype == torch.bfloat16:   # the kernel adds in bf16, which the interpreter garbles
+        raise TypeError("add: the Triton interpreter computes bf16 wrongly; use fp16/fp32 or backend='torch'")
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     n_elements = x.numel()

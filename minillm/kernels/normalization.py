@@ -59,7 +59,7 @@ class _RMSNorm(torch.autograd.Function):
         block = triton.next_power_of_2(n_cols)
         out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         inverse_rms = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        if n_rows:
+        if rows.numel():
             rmsnorm_forward_kernel[(n_rows,)](rows, weight, out, inverse_rms, rows.stride(0), out.stride(0), n_cols,
                                               eps, BLOCK_SIZE=block, num_warps=_num_warps(block))
         ctx.save_for_backward(rows, weight, inverse_rms)
@@ -73,7 +73,7 @@ class _RMSNorm(torch.autograd.Function):
         grad_out_rows = require_rows("rmsnorm backward", grad_output)
         grad_x = torch.empty((n_rows, n_cols), dtype=rows.dtype, device=rows.device)
         grad_weight_rows = torch.empty((n_rows, n_cols), dtype=torch.float32, device=rows.device)
-        if n_rows:
+        if rows.numel():
             rmsnorm_backward_kernel[(n_rows,)](rows, weight, grad_out_rows, inverse_rms, grad_x, grad_weight_rows,
                                                rows.stride(0), grad_out_rows.stride(0), n_cols, BLOCK_SIZE=ctx.block,
                                                num_warps=_num_warps(ctx.block))

@@ -1,13 +1,20 @@
 """PyTorch references for minillm's Triton kernels (chapter 02): same signatures, plain torch ops.
 
 They define what each kernel must compute and are the fallback everywhere Triton cannot run (a CPU
-without the interpreter, Apple's mps). Reductions run in fp32 and the result is cast back to the input's
-dtype, as the kernels do.
+without the interpreter, Apple's mps). Reductions run in fp32 (float64 in float64) and the result is cast back
+to the input's dtype, as the kernels do.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._inputs import require_targets_in_range
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32: half precisions are widened, float64 keeps its precision (and gradcheck passes)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -16,7 +23,7 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension."""
-    return torch.softmax(x.float(), dim=-1).to(x.dtype)
+    return torch.softmax(_wide(x), dim=-1).to(x.dtype)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,14 +35,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) * weight over the last dimension (minillm.model.RMSNorm's formula)."""
-    x32 = x.float()
+    x32 = _wide(x)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(x.dtype)
+    return (normed * weight.to(x32.dtype)).to(x.dtype)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of (rows × vocab) logits against integer targets, in fp32."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    """Mean cross-entropy of (rows × vocab) logits against integer targets, in fp32 (float64 logits: in float64)."""
+    require_targets_in_range("cross_entropy", targets, logits.shape[-1], ignore_index)   # torch: an IndexError
+    return F.cross_entropy(_wide(logits), targets.long(), ignore_index=ignore_index)
 
 
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

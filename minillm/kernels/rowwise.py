@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._inputs import require_rows, require_same_device, require_tensor
+from ._inputs import require_rows, require_same_device, require_targets_in_range, require_tensor
 
 # Rows up to this many columns are held whole in one block (one read, one write); longer rows are streamed
 # in blocks of LONG_ROW_BLOCK, reading the row three times (max, sum, write).
@@ -81,7 +81,7 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
                          "split the tensor or use backend='torch'")
     n_rows, n_cols = rows.shape
     out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    if n_rows == 0:
+    if out.numel() == 0:   # no rows, or rows of no columns (a 0-d x is one row of one column)
         return out.reshape(x.shape)
     grid = (_num_programs(n_rows, x.device),)
     if n_cols <= MAX_SINGLE_BLOCK_COLUMNS:
@@ -171,12 +171,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected "
                          "(rows, vocab) logits and (rows,) targets; flatten with logits.view(-1, vocab)")
-    if logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"cross_entropy: empty logits of shape {tuple(logits.shape)}")
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= logits.shape[1]))
-    if bool(out_of_range.any()):
-        raise ValueError(f"cross_entropy: targets must lie in [0, {logits.shape[1]}) or equal ignore_index="
-                         f"{ignore_index}; found {targets[out_of_range][:5].tolist()}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"cross_entropy: logits of shape {tuple(logits.shape)} have no classes")
+    if logits.shape[0] == 0:   # the mean of no losses: nan, as in torch (and differentiable, with an empty gradient)
+        return logits.float().sum() / 0.0
+    require_targets_in_range("cross_entropy", targets, logits.shape[1], ignore_index)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     return _CrossEntropy.apply(logits, targets.contiguous(), int(ignore_index))
 
