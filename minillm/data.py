@@ -17,6 +17,7 @@ import functools
 import hashlib
 import http.client
 import json
+import numbers
 import operator
 import os
 import socket
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .paths import data_dir, datasets_dir
+from .paths import atomic_write_text, data_dir, datasets_dir
 
 PYDOCS = "pydocs"
 MANIFEST_FIELDS = ("url", "filename", "size", "sha256", "licence", "source", "description")
@@ -85,13 +86,16 @@ def read_manifest(manifest: str | os.PathLike | None = None) -> dict[str, dict[s
     if not isinstance(corpora, dict):
         raise ValueError(f'manifest {path} must be a JSON object {{"corpora": {{name: entry}}}}')
     for name, entry in corpora.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"manifest {path}: corpus {name!r} must be a JSON object with the fields "
+                             f"{list(MANIFEST_FIELDS)}, got {type(entry).__name__}")
         missing = [field for field in MANIFEST_FIELDS if field not in entry]
         if missing:
             raise ValueError(f"manifest {path}: corpus {name!r} lacks {missing}; every entry needs "
                              f"{list(MANIFEST_FIELDS)} (sha256 may be null)")
         filename = entry["filename"]
         # The filename becomes a path in the cache; a separator would let an entry write elsewhere.
-        if not filename or Path(filename).name != filename or filename in (".", ".."):
+        if not isinstance(filename, str) or not filename or Path(filename).name != filename or filename in (".", ".."):
             raise ValueError(f"manifest {path}: corpus {name!r} has filename {filename!r}; "
                              "it must be a plain file name without folders")
         if name == PYDOCS:
@@ -162,7 +166,8 @@ def _verify_cached(path: Path, expected: str | None, size: int | None) -> None:
     digest recorded when it was downloaded, which at least catches later corruption."""
     record = _digest_record(path)
     if expected is None and record.exists():
-        expected = record.read_text(encoding="utf-8").split()[0]
+        # an empty record (e.g. from an interrupted write by an older version) records nothing
+        expected = (record.read_text(encoding="utf-8").split() or [None])[0]
     found_size = path.stat().st_size
     if expected is None and (size is None or found_size == size):
         return
@@ -243,7 +248,7 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str | None, size: i
             temp.unlink()
     if sha256 is None:
         record = _digest_record(dest)
-        record.write_text(f"{actual}  {dest.name}\n", encoding="utf-8")
+        atomic_write_text(record, f"{actual}  {dest.name}\n")
         warnings.warn(f"{dest} could not be verified: its manifest entry has no sha256. Its digest "
                       f"{actual} is recorded in {record}; add it to the manifest once you trust the file.",
                       UserWarning, stacklevel=2)
@@ -268,10 +273,10 @@ def split(data, val_fraction: float = 0.1) -> tuple:
     Contiguous rather than shuffled so that validation text is text the model has never seen a window
     of. Works on anything sliceable with a length: str, list, 1-D tensor or array.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"split: val_fraction={val_fraction} must be between 0 and 1 (exclusive), "
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"split: val_fraction={val_fraction!r} must be between 0 and 1 (exclusive), "
                          "e.g. 0.1 for 10% validation")
-    if isinstance(data, torch.Tensor) and data.dim() != 1:
+    if getattr(data, "ndim", 1) != 1:  # tensors and numpy arrays
         raise ValueError(f"split: expected a 1-D tensor of token ids, got shape {tuple(data.shape)}")
     length = len(data)
     val_length = round(length * val_fraction)
@@ -291,12 +296,25 @@ def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
         raise TypeError(f"tokenize_corpus: {type(tokenizer).__name__} has no .encode(text) method; "
                         "pass a minillm tokenizer or a function from str to a list of ids")
     ids = encode(text)
-    ids = ids.detach().to("cpu") if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids))
+    if isinstance(ids, (str, bytes)) or not (isinstance(ids, torch.Tensor) or hasattr(ids, "__iter__")):
+        raise TypeError(f"tokenize_corpus: the tokenizer returned {type(ids).__name__}, expected a list of "
+                        "integer token ids")
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().to("cpu")
+    else:
+        array = np.asarray(ids if hasattr(ids, "__len__") else list(ids))
+        if array.dtype.kind not in "iubf" and array.size:
+            raise ValueError(f"tokenize_corpus: the tokenizer returned ids that are not all integers of at most "
+                             f"64 bits (numpy makes them {array.dtype})")
+        ids = torch.as_tensor(array.astype(np.int64) if array.dtype.kind == "u" else array)
     if ids.dim() != 1:
         raise ValueError(f"tokenize_corpus: the tokenizer returned shape {tuple(ids.shape)}, expected a "
                          "flat sequence of ids")
-    if ids.numel() and (ids.is_floating_point() or ids.is_complex()):
+    if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
         raise ValueError(f"tokenize_corpus: the tokenizer returned {ids.dtype} values, expected integer ids")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"tokenize_corpus: the tokenizer returned the negative id {int(ids.min())}; token ids "
+                         "are >= 0")
     return ids.to(torch.long)
 
 
@@ -328,6 +346,9 @@ def get_batch(tokens: torch.Tensor, block_size: int, batch_size: int,
         tokens = _ids_from_array_like(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"get_batch: tokens must be a 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"get_batch: tokens must be integer token ids, got a {tokens.dtype} tensor; "
+                        "encode the text with a tokenizer (see tokenize_corpus)")
     block_size = _check_int(block_size, "block_size", "get_batch", 1)
     batch_size = _check_int(batch_size, "batch_size", "get_batch", 1)
     if len(tokens) < block_size + 1:
@@ -379,6 +400,8 @@ class BatchSampler:
     def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int = 0,
                  device: str | torch.device = "cpu"):
         seed = _check_int(seed, "seed", "BatchSampler", 0)
+        block_size = _check_int(block_size, "block_size", "BatchSampler", 1)
+        batch_size = _check_int(batch_size, "batch_size", "BatchSampler", 1)
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.device = seed, device
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,9 @@ def bigram_probabilities(counts: torch.Tensor, smoothing: float = 1.0) -> torch.
             or not math.isfinite(smoothing)):
         raise ValueError(f"bigram_probabilities: smoothing={smoothing!r} must be a finite number >= 0 "
                          "(0: no smoothing, 1: add-one)")
+    if counts.numel() and (counts.is_complex() or not bool((counts.double() >= 0).all())):
+        raise ValueError("bigram_probabilities: counts must be numbers >= 0 (no negatives, NaN or complex); "
+                         "build them with bigram_counts(ids, vocab_size)")
     table = counts.double() + smoothing
     totals = table.sum(dim=1, keepdim=True)
     uniform = torch.full_like(table, 1.0 / table.shape[1])
@@ -85,7 +89,8 @@ def bigram_probabilities(counts: torch.Tensor, smoothing: float = 1.0) -> torch.
 
 def bigram_nll(probabilities: torch.Tensor, ids) -> float:
     """Mean negative log-likelihood (nats per token) of each next token of `ids` under a bigram table."""
-    if not isinstance(probabilities, torch.Tensor) or probabilities.dim() != 2:
+    if not isinstance(probabilities, torch.Tensor) or probabilities.dim() != 2 \
+            or probabilities.shape[0] != probabilities.shape[1]:
         raise ValueError("bigram_nll: probabilities must be a (vocab, vocab) tensor from bigram_probabilities")
     ids = _as_ids(ids, "bigram_nll", probabilities.shape[0])
     if len(ids) < 2:
@@ -107,6 +112,17 @@ def bits_per_byte(mean_nll: float, n_tokens: int, n_bytes: int) -> float:
     The text's total loss is mean_nll * n_tokens nats; divided by ln 2 it is in bits, divided by the
     bytes it covers it no longer depends on how the text was cut into tokens.
     """
+    counts = []
+    for name, value in (("n_tokens", n_tokens), ("n_bytes", n_bytes)):
+        # counts are whole numbers: a float (or a bool) here is a mix-up of arguments, not a count
+        try:
+            if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+                raise TypeError
+            counts.append(operator.index(value))
+        except TypeError:
+            raise TypeError(f"bits_per_byte: {name}={value!r} must be an integer count, e.g. len(ids) or "
+                            "len(text.encode('utf-8'))") from None
+    n_tokens, n_bytes = counts
     if n_tokens < 1 or n_bytes < 1:
         raise ValueError(f"bits_per_byte: n_tokens={n_tokens} and n_bytes={n_bytes} must both be >= 1")
     return mean_nll * n_tokens / (n_bytes * math.log(2))
@@ -154,10 +170,19 @@ class _LanguageModel(nn.Module):
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"{name}.forward: idx must be a (batch, time) tensor of token ids, got {shape}; "
                              "for a single sequence pass idx.unsqueeze(0)")
+        vocab_size = self.config.vocab_size
+        if idx.numel() and not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
+            low, high = torch.stack([idx.min(), idx.max()]).tolist()
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"{name}.forward: token ids range over [{low}, {high}] but vocab_size is "
+                                 f"{vocab_size}; were they made by another tokenizer?")
 
     def _with_loss(self, logits: torch.Tensor, targets: torch.Tensor | None):
         if targets is None:
             return logits, None
+        if not isinstance(targets, torch.Tensor):
+            raise ValueError(f"{type(self).__name__}.forward: targets must be a tensor of token ids like idx, "
+                             f"got {type(targets).__name__}")
         if targets.shape != logits.shape[:2]:
             raise ValueError(f"{type(self).__name__}.forward: targets shape {tuple(targets.shape)} must equal idx "
                              f"shape {tuple(logits.shape[:2])}")
@@ -249,6 +274,8 @@ class MLPLanguageModel(_LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         self._check_input(idx)
         context = self.config.context
+        if idx.shape[1] == 0:  # nothing to predict; unfold below needs at least one position
+            return self._with_loss(self.output.bias.new_zeros(idx.shape[0], 0, self.config.vocab_size), targets)
         padded = F.pad(idx, (context - 1, 0), value=self.start_token)
         windows = padded.unfold(1, context, 1)                      # (batch, time, context)
         vectors = self.token_embedding(windows).flatten(2)           # (batch, time, context * n_embd)

@@ -11,6 +11,7 @@ same functions. Everything works on logits of shape (..., vocab) and never chang
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +25,30 @@ def _check_logits(logits, where: str) -> None:
         raise ValueError(f"{where}: logits must be a tensor of shape (..., vocab), got {shape}")
 
 
+def _check_scores(logits: torch.Tensor, where: str) -> None:
+    """Refuse scores no distribution can come from: NaN or +inf anywhere, or a row that is all -inf."""
+    if not logits.is_floating_point() or logits.numel() == 0:
+        return
+    not_finite_above = ~(logits < math.inf)  # NaN or +inf
+    all_minus_inf = (logits == -math.inf).all(dim=-1)
+    has_nan_or_inf, has_empty_row = torch.stack([not_finite_above.any(), all_minus_inf.any()]).tolist()
+    if has_nan_or_inf:
+        raise ValueError(f"{where}: logits contain NaN or +inf, so they give no probabilities; the model's "
+                         "output has overflowed or diverged (check the loss, the learning rate or the precision)")
+    if has_empty_row:
+        raise ValueError(f"{where}: a row of logits is -inf for every token, so no token can be drawn; "
+                         "keep at least one token's score finite (e.g. fewer masks)")
+
+
+# numbers.Real / numbers.Integral also cover numpy scalars (np.float32(0.7), np.int64(5)), as from sliders
+# or arrays of settings; bools are refused although Python counts them as numbers.
 def _check_options(temperature, top_k, top_p, where: str) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0 \
             or not math.isfinite(temperature):
         raise ValueError(f"{where}: temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"{where}: top_k={top_k!r} must be an integer >= 1, or None to keep every token")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
                               or not 0 < top_p <= 1):
         raise ValueError(f"{where}: top_p={top_p!r} must be a number in (0, 1], or None to keep every token")
 
@@ -39,6 +57,9 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """A copy of `logits` where all but the k largest scores per row are -inf (ties at the k-th all stay)."""
     _check_logits(logits, "top_k_filter")
     _check_options(1.0, k, None, "top_k_filter")
+    k = int(k)
+    if not logits.is_floating_point():
+        logits = logits.float()  # -inf has no integer form
     if k >= logits.shape[-1]:
         return logits.clone()
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -49,6 +70,9 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """A copy of `logits` keeping the fewest most-likely tokens whose probabilities sum to >= p."""
     _check_logits(logits, "top_p_filter")
     _check_options(1.0, None, p, "top_p_filter")
+    p = float(p)
+    if not logits.is_floating_point():
+        logits = logits.float()  # -inf has no integer form
     if p >= 1:
         # Every token is needed to reach a mass of 1. Rounding in the running sum can reach 1.0 before the
         # last token, which would drop the least likely tokens, so keep them all without summing.
@@ -72,6 +96,8 @@ def next_token_probabilities(logits: torch.Tensor, temperature: float = 1.0, top
     _check_logits(logits, "next_token_probabilities")
     _check_options(temperature, top_k, top_p, "next_token_probabilities")
     logits = logits.float()
+    temperature = float(temperature)
+    _check_scores(logits, "next_token_probabilities")
     if temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     scaled = logits / temperature
@@ -99,6 +125,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     """
     _check_logits(logits, "sample_next_token")
     _check_options(temperature, top_k, top_p, "sample_next_token")
+    _check_scores(logits, "sample_next_token")
     if temperature == 0:
         return logits.argmax(dim=-1)
     probabilities = next_token_probabilities(logits, temperature, top_k, top_p)
@@ -131,13 +158,17 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     last `model.context_window` tokens (else `config.block_size`) and samples from the last position.
     """
     _check_options(temperature, top_k, top_p, "generate")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    max_new_tokens = int(max_new_tokens)
     if not isinstance(idx, torch.Tensor) or idx.dim() not in (1, 2):
         shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise ValueError(f"generate: idx must have shape (time,) or (batch, time), got {shape}")
     if idx.shape[-1] == 0:
         raise ValueError("generate: the prompt is empty; give at least one token to start from")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"generate: idx must hold integer token ids, got dtype {idx.dtype}; "
+                         "e.g. torch.tensor(tokenizer.encode(text))")
     window = _context_window(model)
     squeeze = idx.dim() == 1
     sequence = idx.unsqueeze(0) if squeeze else idx

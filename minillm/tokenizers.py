@@ -78,6 +78,9 @@ def _check_ids(ids, vocab_size: int, where: str) -> list[int]:
                         f"({type(ids).__name__}); wrap it in a list, e.g. decode([token_id])")
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
+    if not hasattr(ids, "__iter__"):
+        raise TypeError(f"{where}: expected a sequence of token ids (a list, array or 1-D tensor), "
+                        f"got {type(ids).__name__}")
     checked = []
     for token_id in ids:
         index = _as_index(token_id)
@@ -148,16 +151,16 @@ def _read_json(path, expected_type: str | None) -> dict:
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist; save one with tokenizer.save(path)")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # deep nesting: not ours
         raise ValueError(f"tokenizer file {str(path)!r} is not valid JSON ({err}); expected a file written by "
                          "CharTokenizer.save or BPETokenizer.save, retrain and save it again") from err
-    if not isinstance(state, dict) or "type" not in state:
-        raise ValueError(f"tokenizer file {str(path)!r} has no 'type' field; expected a JSON object written by "
-                         "CharTokenizer.save or BPETokenizer.save")
+    if not isinstance(state, dict) or not isinstance(state.get("type"), str):
+        raise ValueError(f"tokenizer file {str(path)!r} has no 'type' field naming its class; expected a JSON "
+                         "object written by CharTokenizer.save or BPETokenizer.save")
     if expected_type is not None and state["type"] != expected_type:
         raise ValueError(f"tokenizer file {str(path)!r} holds a {state['type']!r}, expected {expected_type!r}; "
                          "open it with minillm.tokenizers.load_tokenizer(path), which picks the right class")
-    if state.get("version") != _FORMAT_VERSION:
+    if isinstance(state.get("version"), bool) or state.get("version") != _FORMAT_VERSION:
         raise ValueError(f"tokenizer file {str(path)!r} has format version {state.get('version')!r}, this minillm "
                          f"reads version {_FORMAT_VERSION}; retrain and save it again")
     return state
@@ -209,10 +212,12 @@ class CharTokenizer:
         `vocab_size` counts characters only: with byte_fallback the 256 byte ids come on top of it.
         """
         _check_text(text, "CharTokenizer.train")
-        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
-                                       or vocab_size < 1):
-            raise ValueError(f"CharTokenizer.train: vocab_size={vocab_size!r} must be a positive int "
-                             "(the number of characters to keep) or None to keep every character")
+        if vocab_size is not None:
+            index = _as_index(vocab_size)
+            if index is None or index < 1:
+                raise ValueError(f"CharTokenizer.train: vocab_size={vocab_size!r} must be a positive int "
+                                 "(the number of characters to keep) or None to keep every character")
+            vocab_size = index
         counts = Counter(text)
         chars = sorted(counts, key=lambda c: (-counts[c], ord(c)))
         if vocab_size is not None:
@@ -367,8 +372,9 @@ class BPETokenizer:
         _check_text(text, "BPETokenizer.train")
         n_special = len(self.special_tokens)
         smallest = 256 + n_special
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        if _as_index(vocab_size) is None:
             raise TypeError(f"BPETokenizer.train: vocab_size must be an int, got {vocab_size!r}")
+        vocab_size = _as_index(vocab_size)
         if vocab_size < smallest:
             extra = f" plus {n_special} for special tokens" if n_special else ""
             raise ValueError(f"BPETokenizer.train: vocab_size={vocab_size} is too small; byte-level BPE needs "

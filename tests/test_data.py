@@ -424,3 +424,75 @@ def test_get_batch_accepts_lists_and_numpy_arrays_of_ids():
 def test_get_batch_sizes_must_be_positive_ints(block_size, batch_size, error, message):
     with pytest.raises(error, match=message):
         get_batch(torch.arange(100), block_size, batch_size)
+
+
+# ---- review: adversarial inputs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens", [torch.tensor([0.5, 1.7, 2.2, 3.9]), torch.tensor([True, False, True, True])])
+def test_get_batch_refuses_tensors_that_are_not_integer_ids(tokens):
+    # before: the float ids were truncated (1.7 -> 1) and the bools became 0/1, silently
+    with pytest.raises(TypeError, match="tokens must be integer token ids"):
+        get_batch(tokens, 2, 1)
+
+
+@pytest.mark.parametrize("returned, error, message", [
+    ([True, False], ValueError, "bool"),
+    ([-1, 2], ValueError, "negative id -1"),
+    (None, TypeError, "returned NoneType"),
+    ("ab", TypeError, "returned str"),
+    ([2 ** 70], ValueError, "not all integers"),
+])
+def test_tokenize_corpus_refuses_what_cannot_be_token_ids(returned, error, message):
+    with pytest.raises(error, match=message):
+        tokenize_corpus("ab", lambda text: returned)
+
+
+def test_tokenize_corpus_takes_numpy_arrays_and_generators():
+    np = pytest.importorskip("numpy")
+    assert tokenize_corpus("ab", lambda text: np.array([1, 2], dtype=np.uint64)).tolist() == [1, 2]
+    assert tokenize_corpus("ab", lambda text: (i for i in [3, 4])).tolist() == [3, 4]
+
+
+def test_an_empty_digest_record_is_ignored_and_records_are_written_atomically(server, cache, tmp_path,
+                                                                              monkeypatch):
+    text = make_text(60)
+    url, payload = serve(server, "corpus.txt", text)
+    manifest = write_manifest(tmp_path / "manifest.json", loose={
+        "url": url, "filename": "loose.txt", "size": len(payload), "sha256": None})
+    written = []
+    real = data.atomic_write_text
+    monkeypatch.setattr(data, "atomic_write_text", lambda path, content: (written.append(Path(path)),
+                                                                         real(path, content)))
+    with pytest.warns(UserWarning, match="could not be verified"):
+        load_corpus("loose", manifest=manifest)
+    assert written == [cache / "loose.txt.sha256"]
+    # an empty record (a write cut short) used to crash the next load with IndexError
+    (cache / "loose.txt.sha256").write_text("", encoding="utf-8")
+    assert load_corpus("loose", manifest=manifest) == text
+
+
+@pytest.mark.parametrize("entry, message", [("url filename size sha256 licence source description", "JSON object"),
+                                            ({"filename": 5}, "has filename 5")])
+def test_manifest_entries_of_the_wrong_kind_are_clear_errors(tmp_path, entry, message):
+    fields = {"url": "http://x", "size": 1, "sha256": None, "licence": "", "source": "", "description": ""}
+    entry = {**fields, **entry} if isinstance(entry, dict) else entry
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"corpora": {"odd": entry}}), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        data.read_manifest(path)
+
+
+def test_split_refuses_fractions_that_are_not_numbers_and_arrays_that_are_not_1d():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="val_fraction='0.1'"):
+        split("abcdefghij", "0.1")
+    with pytest.raises(ValueError, match="1-D"):
+        split(np.zeros((10, 2)), 0.2)
+    assert split(np.arange(10), np.float32(0.2))[1].tolist() == [8, 9]
+
+
+def test_batch_sampler_checks_its_sizes_when_made():
+    with pytest.raises(ValueError, match="BatchSampler: block_size=0"):
+        BatchSampler(torch.arange(10), 0, 2)
+    with pytest.raises(TypeError, match="BatchSampler: batch_size=2.0"):
+        BatchSampler(torch.arange(10), 3, 2.0)

@@ -217,3 +217,46 @@ def test_configs_accept_numpy_integers_and_store_python_ints():
 def test_non_finite_smoothing_is_refused(smoothing):
     with pytest.raises(ValueError, match="finite number >= 0"):
         lm.bigram_probabilities(lm.bigram_counts([0, 1, 1], 2), smoothing=smoothing)
+
+
+# ---- review: adversarial inputs -------------------------------------------------------------------------
+
+def test_bits_per_byte_matches_a_hand_computation_and_refuses_non_integer_counts():
+    assert lm.bits_per_byte(math.log(2), 10, 10) == pytest.approx(1.0)
+    assert lm.bits_per_byte(1.5, 300, 1000) == pytest.approx(1.5 * 300 / 1000 / math.log(2))
+    assert lm.bits_per_byte(1.5, torch.tensor(300), 1000) == pytest.approx(1.5 * 300 / 1000 / math.log(2))
+    # before: 2.5 tokens, True tokens and NaN tokens gave a number (or NaN) without complaint
+    for n_tokens in (2.5, True, float("nan")):
+        with pytest.raises(TypeError, match="n_tokens=.* must be an integer count"):
+            lm.bits_per_byte(1.0, n_tokens, 10)
+    with pytest.raises(TypeError, match="n_bytes=10.0"):
+        lm.bits_per_byte(1.0, 3, 10.0)
+
+
+@pytest.mark.parametrize("counts", [torch.tensor([[-1, 2], [0, 0]]), torch.tensor([[float("nan"), 2.0], [0, 0]])])
+def test_bigram_probabilities_refuses_counts_no_text_could_give(counts):
+    # before: a negative count became a negative "probability", a NaN row silently became uniform
+    with pytest.raises(ValueError, match="counts must be numbers >= 0"):
+        lm.bigram_probabilities(counts, 0)
+
+
+def test_bigram_nll_refuses_a_table_that_is_not_square():
+    # before: IndexError from deep inside the indexing
+    with pytest.raises(ValueError, match=r"\(vocab, vocab\) tensor"):
+        lm.bigram_nll(torch.full((3, 2), 0.5), [0, 2])
+
+
+@pytest.mark.parametrize("make", [lambda: lm.CountingBigram.from_tokens([0, 1, 2, 1], 3),
+                                  lambda: lm.NeuralBigram(lm.BigramConfig(3)),
+                                  lambda: lm.MLPLanguageModel(lm.MLPConfig(3, context=2))])
+def test_models_refuse_token_ids_outside_the_vocabulary(make):
+    model = make()
+    # before: the MLP silently read id 3 (== vocab_size) as its "before the start" token; the bigrams raised
+    # a bare IndexError (on a GPU, a device-side assert that breaks the whole session)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="token ids range over .* but vocab_size is 3"):
+            model(torch.tensor([[0, bad]]))
+    with pytest.raises(ValueError, match="targets must be a tensor"):
+        model(torch.tensor([[0, 1]]), [[1, 2]])
+    logits, _ = model(torch.zeros(2, 0, dtype=torch.long))
+    assert logits.shape == (2, 0, 3)

@@ -144,3 +144,52 @@ def test_a_tiny_temperature_is_greedy_not_a_nan_error():
     # Ordinary temperatures divide as they always did.
     torch.testing.assert_close(sampling.next_token_probabilities(LOGITS, 0.5), torch.softmax(LOGITS / 0.5, -1),
                                rtol=0, atol=0)
+
+
+# ---- review: adversarial inputs -------------------------------------------------------------------------
+
+NAN_ROW = torch.tensor([1.0, float("nan"), 0.0])
+PLUS_INF_ROW = torch.tensor([float("inf"), 0.0, 1.0])
+MASKED_ROW = torch.tensor([[0.0, 1.0, 2.0], [float("-inf")] * 3])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("logits, message", [(NAN_ROW, "NaN or \\+inf"), (PLUS_INF_ROW, "NaN or \\+inf"),
+                                             (MASKED_ROW, "-inf for every token")])
+def test_logits_without_a_distribution_are_clear_errors_not_a_silent_pick(logits, message, temperature):
+    # before: temperature 0 silently returned the NaN's index (or 0 for an all -inf row), temperature 1 failed
+    # inside torch.multinomial with "probability tensor contains either inf, nan or element < 0"
+    with pytest.raises(ValueError, match=message):
+        sampling.sample_next_token(logits, temperature=temperature)
+    with pytest.raises(ValueError, match=message):
+        sampling.next_token_probabilities(logits, temperature=temperature)
+
+
+def test_some_minus_inf_scores_are_fine():
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0], [2.0, float("-inf"), float("-inf")]])
+    probabilities = sampling.next_token_probabilities(logits, top_p=0.9)
+    assert probabilities[:, 0].tolist() == [0.0, 1.0] and probabilities[0, 1] > 0
+    assert sampling.sample_next_token(logits, generator=torch.Generator().manual_seed(0)).tolist()[1] == 0
+
+
+def test_numpy_settings_work_like_python_numbers():
+    np = pytest.importorskip("numpy")
+    row = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    assert torch.equal(sampling.next_token_probabilities(row, np.float32(0.5), np.int64(2), np.float64(0.9)),
+                       sampling.next_token_probabilities(row, 0.5, 2, 0.9))
+    with pytest.raises(ValueError, match="top_k=2.0"):
+        sampling.next_token_probabilities(row, top_k=2.0)
+
+
+def test_filters_accept_integer_logits():
+    ints = torch.tensor([[1, 3, 2], [5, 4, 4]])
+    assert sampling.top_k_filter(ints, 1).tolist() == [[-math.inf, 3.0, -math.inf], [5.0, -math.inf, -math.inf]]
+    assert sampling.top_p_filter(ints, 0.01).tolist() == [[-math.inf, 3.0, -math.inf], [5.0, -math.inf, -math.inf]]
+
+
+def test_generate_takes_numpy_counts_and_refuses_float_prompts():
+    np = pytest.importorskip("numpy")
+    model = lm.CountingBigram(torch.tensor([[0.1, 0.9], [0.8, 0.2]]))
+    assert sampling.generate(model, torch.tensor([0]), np.int64(3), temperature=0).tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="integer token ids"):
+        sampling.generate(model, torch.tensor([0.0]), 1)

@@ -324,3 +324,48 @@ def test_loading_keeps_a_custom_pattern_that_covers_all_text(tmp_path):
     text = "the end, thé 東京!\n"
     assert tokenizer.decode(tokenizer.encode(text)) == text
     assert BPETokenizer.load(_bpe_file(tmp_path)).merges == [(104, 101), (116, 104)]
+
+
+# ---- review: adversarial inputs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", ['{"type": [], "version": 1}', '{"type": {"a": 1}, "version": 1}',
+                                     '{"type": null, "version": 1}'])
+def test_load_tokenizer_with_a_type_that_is_not_a_name_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "odd.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"odd\.json.*'type' field"):
+        load_tokenizer(path)
+
+
+def test_a_version_of_true_is_not_version_1(tmp_path):
+    path = tmp_path / "tok.json"
+    BPETokenizer().train("abab abab", 258).save(path)
+    state = json.loads(path.read_text(encoding="utf-8"))
+    state["version"] = True
+    path.write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(ValueError, match="format version True"):
+        load_tokenizer(path)
+
+
+def test_vocab_sizes_may_be_numpy_integers_but_not_floats():
+    np = pytest.importorskip("numpy")
+    text = "abab abab cdcd"
+    assert BPETokenizer().train(text, np.int64(258)).merges == BPETokenizer().train(text, 258).merges
+    assert CharTokenizer().train(text, np.int32(2)).chars == CharTokenizer().train(text, 2).chars
+    with pytest.raises(TypeError, match="vocab_size must be an int"):
+        BPETokenizer().train(text, 258.0)
+    with pytest.raises(ValueError, match="vocab_size=2.0 must be a positive int"):
+        CharTokenizer().train(text, 2.0)
+
+
+@pytest.mark.parametrize("tokenizer", [CharTokenizer().train("ab"), BPETokenizer()])
+def test_decode_of_something_that_is_not_a_sequence_says_what_it_expected(tokenizer):
+    with pytest.raises(TypeError, match="expected a sequence of token ids.*got NoneType"):
+        tokenizer.decode(None)
+
+
+def test_a_deeply_nested_file_is_a_clear_error_not_a_recursion_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"deep\.json.*not valid JSON"):
+        load_tokenizer(path)
