@@ -89,6 +89,11 @@ def unigram_loss(train_tokens, val_tokens, vocab_size: int) -> float:
     train_tokens, val_tokens = torch.as_tensor(train_tokens), torch.as_tensor(val_tokens)
     if len(val_tokens) == 0:
         raise ValueError("unigram_loss: val_tokens is empty; give some validation tokens")
+    if (len(train_tokens) and int(train_tokens.min()) < 0) or int(val_tokens.min()) < 0 \
+            or int(val_tokens.max()) >= vocab_size:
+        # A negative validation id would silently index from the end of the table.
+        raise ValueError(f"unigram_loss: token ids must lie in 0..{vocab_size - 1} (vocab_size={vocab_size}); "
+                         "encode both texts with the tokenizer of that vocabulary")
     counts = torch.bincount(train_tokens.long(), minlength=vocab_size).double() + 1.0
     if counts.numel() != vocab_size:
         raise ValueError(f"unigram_loss: token ids reach {counts.numel() - 1} but vocab_size={vocab_size}")
@@ -121,11 +126,17 @@ def load_base(fast: bool | None = None, device: str | torch.device | None = None
         if (folder / "model.pt").is_file() and (folder / "tokenizer.json").is_file():
             checkpoint = load_checkpoint(folder / "model.pt")
             model = checkpoint["model"]
+            tokenizer = load_tokenizer(folder / "tokenizer.json")
+            if tokenizer.vocab_size > model.config.vocab_size:
+                # The two files come from different runs: some token ids would be outside the model's vocabulary.
+                raise ValueError(f"load_base: {folder} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
+                                 f"of vocab_size={model.config.vocab_size}; the files come from different runs, so "
+                                 "delete the folder and run load_or_train_base() again")
             if device is not None:
                 model.to(device)
             model.eval()
             info = dict(checkpoint.get("extra") or {}, path=str(folder), trained_now=False)
-            return model, load_tokenizer(folder / "tokenizer.json"), info
+            return model, tokenizer, info
     raise FileNotFoundError(f"no base model in {' or '.join(map(str, candidates))}; run chapter 03 "
                             "(solutions/03_pretraining.ipynb) or call minillm.pretrained.load_or_train_base()")
 

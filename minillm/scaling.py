@@ -146,6 +146,9 @@ def loss_at_compute(compute, loss, budget: float) -> float:
                          "loss per compute value, at least one point")
     if np.any(np.isnan(compute)):
         raise ValueError("loss_at_compute: a compute value is NaN; drop that point first")
+    if not np.all((compute > 0) & (compute < math.inf)):
+        # The interpolation is in log(compute): 0, negative or infinite compute has no place on that axis.
+        raise ValueError("loss_at_compute: every compute value must be a finite number > 0 (FLOPs)")
     order = np.argsort(compute)
     compute, loss = compute[order], loss[order]
     if budget < compute[0] or budget > compute[-1]:

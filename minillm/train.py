@@ -114,7 +114,7 @@ class TrainConfig:
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             fail("device", "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         if self.checkpoint_path is not None:
-            if not isinstance(self.checkpoint_path, (str, os.PathLike)):
+            if not isinstance(self.checkpoint_path, (str, os.PathLike)) or not os.fspath(self.checkpoint_path):
                 fail("checkpoint_path", "must be a file path or None")
             self.checkpoint_path = os.fspath(self.checkpoint_path)
         if self.checkpoint_interval is not None:
@@ -144,7 +144,10 @@ def lr_at(step: int, config: TrainConfig) -> float:
         return config.lr * step / config.warmup_steps
     min_lr = config.lr * config.min_lr_ratio
     decay_steps = config.steps - config.warmup_steps
-    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - config.warmup_steps) / decay_steps)
+    if decay_steps <= 0:  # no cosine phase: the warmup ends at lr (at step == warmup_steps), later steps get min_lr
+        progress = 0.0 if step <= config.warmup_steps else 1.0
+    else:
+        progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
 
 
@@ -155,6 +158,9 @@ def estimate_loss(model: torch.nn.Module, tokens, block_size: int, batch_size: i
 
     device defaults to the model's device. Runs in eval mode (no dropout) and restores the mode after.
     """
+    batches = plain_number(batches)
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"estimate_loss: batches={batches!r} must be a positive integer")
     device = next(model.parameters()).device if device is None else torch.device(device)
     sampler = BatchSampler(_as_token_tensor(tokens, "estimate_loss"), block_size, batch_size, seed, device)
     was_training = model.training
@@ -174,6 +180,13 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
     there, a warning when batch_size, grad_accum or seed differ from the saved run's (other batches follow).
     """
     config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}; "
+                        "build one with TrainConfig(steps=..., ...)")
+    if config.checkpoint_path is not None and os.path.isdir(config.checkpoint_path):
+        # Found now, not when the first checkpoint is written (possibly after the whole run).
+        raise ValueError(f"train: checkpoint_path={config.checkpoint_path!r} is a folder; give a file path "
+                         f"inside it, e.g. {os.path.join(config.checkpoint_path, 'checkpoint.pt')!r}")
     device = _resolve_device(config.device)
     precision = _resolve_precision(config.precision, device)
     model.to(device)

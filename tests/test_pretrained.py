@@ -66,3 +66,20 @@ def test_save_base_with_numpy_numbers_and_paths_loads_back(tmp_path):
     with pytest.raises(TypeError, match=r"save_base: info\['bad'\]"):
         pretrained.save_base(model, tokenizer, {"bad": object()}, fast=False)
     assert not (tmp_path / "runs" / "base" / "full").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("train_ids, val_ids", [([0, 1], [-1]), ([0, 1], [2]), ([0, -1], [0])])
+def test_unigram_loss_refuses_ids_outside_the_vocabulary(train_ids, val_ids):
+    # A validation id of -1 used to index the last token's probability silently.
+    with pytest.raises(ValueError, match="vocab_size"):
+        unigram_loss(torch.tensor(train_ids), torch.tensor(val_ids), 2)
+
+
+def test_load_base_refuses_a_tokenizer_larger_than_the_model_vocabulary():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=258, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    text = "def f(x): return x + x\n" * 20
+    folder = pretrained.save_base(model, BPETokenizer().train(text, 258), {"steps": 1}, fast=True)
+    BPETokenizer().train(text, 262).save(folder / "tokenizer.json")   # from another run
+    with pytest.raises(ValueError, match="262 tokens.*vocab_size=258"):
+        load_base(fast=True)

@@ -95,3 +95,10 @@ def test_isoflop_optimum_refuses_bad_sizes(sizes, message):
 def test_loss_at_compute_refuses_bad_curves(compute, loss, message):
     with pytest.raises(ValueError, match=message):
         loss_at_compute(compute, loss, 1e4)
+
+
+@pytest.mark.parametrize("compute", [[0.0, 1e3, 1e5], [-1e3, 1e3, 1e5], [1e3, 1e5, float("inf")]])
+def test_loss_at_compute_refuses_compute_off_the_log_axis(compute):
+    # log(0) and log(-x) used to slip into the interpolation (a warning and a meaningless number).
+    with pytest.raises(ValueError, match="finite number > 0"):
+        loss_at_compute(compute, [4.0, 3.0, 2.0], 5e4)

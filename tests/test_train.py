@@ -471,3 +471,46 @@ def test_resume_with_other_batches_warns_naming_the_fields(byte_tokens, tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same batches (only steps differ): no warning
         train(byte_model(), byte_tokens, config=quick_config(steps=3), resume_from=path)
+
+
+@pytest.mark.parametrize("steps, warmup", [(3, 3), (1, 1), (5, 5)])
+def test_lr_reaches_its_peak_at_the_end_of_a_warmup_that_fills_the_run(steps, warmup):
+    # With warmup_steps == steps there is no cosine phase: the last step ends the warmup at lr (it used to
+    # drop to lr * min_lr_ratio there, after a rising warmup).
+    config = TrainConfig(steps=steps, warmup_steps=warmup, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(step, config) for step in range(1, steps + 1)]
+    assert lrs == pytest.approx([1e-3 * step / warmup for step in range(1, steps + 1)])
+    assert lr_at(warmup, config) == pytest.approx(1e-3)
+    assert lr_at(steps + 1, config) == pytest.approx(1e-4)  # past the run: the floor
+
+
+def test_grad_accumulation_equals_one_bigger_batch():
+    # block_size + 1 tokens hold a single window, so every batch is the same whatever the sampler draws.
+    tokens = torch.randint(0, 256, (33,), generator=torch.Generator().manual_seed(0))
+    big, accumulated = byte_model(), byte_model()
+    train(big, tokens, config=quick_config(steps=3, batch_size=4))
+    train(accumulated, tokens, config=quick_config(steps=3, batch_size=2, grad_accum=2))
+    for name, value in parameters_of(big).items():
+        torch.testing.assert_close(parameters_of(accumulated)[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_config_that_is_not_a_train_config_is_a_clear_error(byte_tokens):
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train(byte_model(), byte_tokens, config={"steps": 2})
+
+
+def test_a_folder_or_empty_checkpoint_path_is_refused_before_training(byte_tokens, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        TrainConfig(checkpoint_path="")
+    steps = []
+    monkeypatch.setattr(train_module, "lr_at", lambda step, config: steps.append(step) or 1e-3)
+    with pytest.raises(ValueError, match="is a folder"):
+        train(byte_model(), byte_tokens, config=quick_config(steps=2, checkpoint_path=tmp_path))
+    assert steps == []  # refused up front, not after the run when the checkpoint is written
+
+
+@pytest.mark.parametrize("batches", [0, -1, 1.5, True])
+def test_estimate_loss_refuses_a_bad_number_of_batches(byte_tokens, batches):
+    with pytest.raises(ValueError, match="batches"):
+        estimate_loss(byte_model(), byte_tokens[:1000], 32, 2, batches)
+    assert estimate_loss(byte_model(), byte_tokens[:1000], 32, 2, np.int64(1)) > 0
