@@ -29,6 +29,8 @@ def bench_bpe(vocab_size: int = 512, corpus: str = "pydocs", baseline_merges: in
     """Train byte-level BPE on one core; compare its token count and encode speed with characters."""
     text = load_corpus(corpus)
     n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
+    if n_bytes == 0:  # nothing to train on, and every per-byte and per-token figure would divide by zero
+        raise ValueError(f"bench bpe: corpus {corpus!r} is empty; give a corpus with some text")
 
     with Meter("bench bpe: train") as train_meter:
         bpe = BPETokenizer().train(text, vocab_size)

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 REQUIRED = [("torch", "2.4"), ("numpy", None), ("matplotlib", None), ("tqdm", None), ("ipywidgets", "7.7"),
             ("jupyterlab", None), ("nbclient", None), ("nbformat", None), ("ipykernel", None)]
@@ -29,6 +30,17 @@ def _check_module(name: str, minimum: str | None) -> tuple[bool, str]:
     if minimum and version != "?" and _version_tuple(version) < _version_tuple(minimum):
         return False, f"{version} is older than the {minimum} the course needs"
     return True, version
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for a count of seconds: nbclient takes 0 or less as "no limit", which no one means by it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 second")
+    return value
 
 
 def check_environment() -> int:
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p = course.add_parser("run", help="execute chapters with nbclient into runs/course/ and print the report")
     p.add_argument("chapters", nargs="*", help="chapter numbers (default: all), e.g. 00 01")
     p.add_argument("--fast", action="store_true", help="the quick pass (MINILLM_FAST=1): tiny sizes")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default 1800)")
+    p.add_argument("--timeout", type=_positive_int, default=1800, help="seconds allowed per cell (default 1800)")
     p.set_defaults(func=cmd_course)
     p = sub.add_parser("report", help="print the ledger as tables and write a plot")
     p.add_argument("--ledger", help="ledger file (default runs/ledger.jsonl)")
@@ -161,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="grades", help="folder for grades.csv and grades.json (default ./grades)")
     p.set_defaults(func=cmd_grade)
     args = parser.parse_args(argv)
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        # one plain line ("minillm report: warning: Ledger ...: skipped 1 corrupt line(s) (line 2)..."), not
+        # Python's file:line and source code, which read like a crash to a learner
+        return f"minillm {args.command}: warning: {message}\n"
+    formatwarning, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:
@@ -176,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minillm {args.command}: {what}{where}; check that path (and its permissions) and run the "
               "command again", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

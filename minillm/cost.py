@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .paths import PACKAGE_DIR, atomic_write_bytes, atomic_write_text, fast_mode, runs_dir
+from .paths import PACKAGE_DIR, _expand_user, atomic_write_bytes, atomic_write_text, fast_mode, runs_dir
 
 __all__ = [
     "synchronize", "Meter", "best_seconds", "best_seconds_interleaved", "keep_freed_memory", "freed_memory_kept",
@@ -62,21 +62,21 @@ class Meter:
     def __init__(self, label: str, chapter: str | None = None, device: str | torch.device | None = None,
                  tokens: int = 0, flops: float = 0.0, price_per_hour: float | None = None):
         # bool is an int to Python, but price_per_hour=True is a mistake, not a price of $1 per hour
-        if price_per_hour is not None and not (isinstance(price_per_hour, numbers.Real)
-                                               and not isinstance(price_per_hour, bool)
-                                               and math.isfinite(price_per_hour) and price_per_hour >= 0):
+        if price_per_hour is not None and not (_finite_number(price_per_hour) and price_per_hour >= 0):
             raise ValueError(f"Meter: price_per_hour={price_per_hour!r} must be a finite number >= 0 "
                              f"(dollars per hour{', not a bool' if isinstance(price_per_hour, bool) else ''}); "
                              "leave it None to use the price table")
         self.label = label
         self.chapter = chapter
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # a device this machine lacks fails here, clearly, not inside torch when the meter starts
+        self.device = resolve_device(device, f"Meter {label!r}") if device is not None else torch.device("cpu")
         self.tokens = int(tokens)
         self.flops = float(flops)
         self._price_per_hour = price_per_hour
         self.seconds = 0.0
         self.peak_memory_bytes: int | None = None
         self._start: float | None = None
+        self._cuda_peak = 0  # this meter's CUDA peak before another meter reset torch's peak counter
 
     def add(self, tokens: int = 0, flops: float = 0.0) -> None:
         self.tokens += int(tokens)
@@ -87,7 +87,15 @@ class Meter:
             raise RuntimeError(f"Meter {self.label!r} is already running; nest two different meters instead")
         synchronize(self.device)
         if self.device.type == "cuda":
+            # torch keeps one peak counter per GPU: before resetting it, save the peak so far of every meter
+            # running around this one (nested meters), so that each still reports its own true peak
+            current = int(torch.cuda.max_memory_allocated(self.device))
+            for meter in _RUNNING_CUDA_METERS:
+                if _cuda_index(meter.device) == _cuda_index(self.device):
+                    meter._cuda_peak = max(meter._cuda_peak, current)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_peak = 0
+            _RUNNING_CUDA_METERS.append(self)
         self._start = time.perf_counter()
         return self
 
@@ -96,7 +104,11 @@ class Meter:
         self.seconds += time.perf_counter() - self._start
         self._start = None
         if self.device.type == "cuda":
-            self.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            if self in _RUNNING_CUDA_METERS:
+                _RUNNING_CUDA_METERS.remove(self)
+            peak = max(self._cuda_peak, int(torch.cuda.max_memory_allocated(self.device)))
+            # a meter entered again keeps the highest peak of all its stretches, as it adds up their time
+            self.peak_memory_bytes = max(peak, self.peak_memory_bytes or 0)
         else:
             self.peak_memory_bytes = _process_peak_rss_bytes()
         return False
@@ -138,6 +150,13 @@ class Meter:
     def __repr__(self) -> str:
         return (f"Meter({self.label!r}: {self.seconds:.3f} s, {self.tokens} tokens, "
                 f"{self.flops:.3g} FLOPs, ${self.dollars:.6f})")
+
+
+_RUNNING_CUDA_METERS: list[Meter] = []
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _process_peak_rss_bytes() -> int | None:
@@ -476,6 +495,13 @@ def _peaks_cache_path(hw_id: str) -> Path:
     return runs_dir() / f"peaks-{hw_id}.json"
 
 
+def _usable_peaks(cached) -> bool:
+    flops = cached.get("matmul_flops_per_second") if isinstance(cached, dict) else None
+    return (isinstance(flops, dict) and bool(flops)
+            and all(_finite_number(value) and value > 0
+                    for value in [*flops.values(), cached.get("memory_bytes_per_second")]))
+
+
 def measure_peaks(device: str | torch.device | None = None, fast: bool | None = None, refresh: bool = False,
                   cache: bool = True) -> dict:
     """Measure this machine's ceilings: matmul FLOP/s per dtype and memory-copy GB/s (best of a few runs).
@@ -496,7 +522,10 @@ def measure_peaks(device: str | torch.device | None = None, fast: bool | None = 
         except (OSError, ValueError):
             warnings.warn(f"measure_peaks: {path} is unreadable; measuring again and replacing it")
         else:
-            if isinstance(cached, dict) and "matmul_flops_per_second" in cached and (fast or not cached.get("fast")):
+            if not _usable_peaks(cached):  # edited by hand, or another tool's file: measure rather than mislead
+                warnings.warn(f"measure_peaks: {path} does not hold positive measured figures; measuring again "
+                              "and replacing it")
+            elif fast or not cached.get("fast"):
                 return cached
 
     kind = "cpu" if device.type == "cpu" else "gpu"
@@ -589,14 +618,14 @@ PRICES_FILE = PACKAGE_DIR / "prices.json"
 
 
 def _user_prices_path() -> Path:
-    env = os.environ.get("MINILLM_PRICES")
-    return Path(env) if env else runs_dir() / "prices.json"
+    env = os.environ.get("MINILLM_PRICES", "").strip()
+    return _expand_user(env) if env else runs_dir() / "prices.json"
 
 
 def _read_prices_file(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except ValueError as error:
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: Notepad's byte-order mark
+    except (ValueError, RecursionError) as error:  # RecursionError: nested thousands of levels deep
         raise ValueError(f"prices file {path} is not valid JSON ({error}); fix it or delete it to use "
                          "the shipped prices") from None
     if not isinstance(data, dict) or not isinstance(data.get("prices", {}), dict):
@@ -607,8 +636,7 @@ def _read_prices_file(path: Path) -> dict:
         if isinstance(entry, numbers.Real) and not isinstance(entry, bool):
             entry = {"per_hour": entry}  # a bare number is the price per hour
         per_hour = entry.get("per_hour") if isinstance(entry, dict) else None
-        if not (isinstance(per_hour, numbers.Real) and not isinstance(per_hour, bool)
-                and math.isfinite(per_hour) and per_hour >= 0):
+        if not (_finite_number(per_hour) and per_hour >= 0):
             raise ValueError(f"prices file {path}: {key!r} needs \"per_hour\": a number of dollars >= 0, "
                              f"got {entry!r}")
         entries[key] = dict(entry)
@@ -673,8 +701,7 @@ def set_price_per_hour(dollars: float, hw: dict | None = None) -> Path:
     Writes (atomically) the user override file, $MINILLM_PRICES or runs/prices.json, under this
     machine's hardware_id, keeping any other prices already in it. Returns the file's path.
     """
-    if not (isinstance(dollars, numbers.Real) and not isinstance(dollars, bool) and math.isfinite(dollars)
-            and dollars >= 0):
+    if not (_finite_number(dollars) and dollars >= 0):
         raise ValueError(f"set_price_per_hour: dollars={dollars!r} must be a finite number >= 0 "
                          "(dollars per hour of this machine)")
     hw = probe_hardware() if hw is None else hw
@@ -828,13 +855,14 @@ class Ledger:
         if not self.path.exists():
             return []
         found, corrupt = [], []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
+        # utf-8-sig: a byte-order mark (a ledger saved by Notepad) is not part of the first entry
+        with open(self.path, encoding="utf-8-sig", errors="replace") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
                     entry = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
                     entry = None
                 if not _usable_entry(entry):
                     corrupt.append(number)
@@ -912,6 +940,8 @@ def format_quantity(value, unit: str = "", digits: int = 3) -> str:
     Knows seconds ("s"), dollars ("$", "$/h"), percent ("%"), ratios ("x"/"×"), and puts SI prefixes on
     everything else (bytes are decimal: 1 GB = 1e9 B). None and NaN print as "n/a".
     """
+    if isinstance(digits, bool) or not isinstance(digits, numbers.Integral) or digits < 0:
+        raise ValueError(f"format_quantity: digits={digits!r} must be a whole number of significant digits >= 0")
     if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -927,9 +957,14 @@ def format_quantity(value, unit: str = "", digits: int = 3) -> str:
         return f"{number}%" if unit == "%" else f"{number} {unit}".strip()
     if math.isnan(value):
         return "n/a"
-    if math.isinf(value):
-        return f"{'-' if value < 0 else ''}inf {unit}".strip()
+    value += 0.0  # -0.0 becomes 0.0: no "-0.0%" or "×-0"
     sign, magnitude = ("-" if value < 0 else ""), abs(value)
+    if math.isinf(value):  # in each unit's own style: "-$inf", "inf%", "×inf", "inf s"
+        if unit in ("$", "$/h"):
+            return f"{sign}$inf{'/h' if unit == '$/h' else ''}"
+        if unit in ("x", "×"):
+            return f"×{sign}inf"
+        return f"{sign}inf%" if unit == "%" else f"{sign}inf {unit}".strip()
     if unit in ("$", "$/h"):
         suffix = "/h" if unit == "$/h" else ""
         if magnitude >= 1e12:  # past the ladder's last step, "$1000000M": scientific notation
@@ -1178,7 +1213,9 @@ def report(ledger: Ledger | None = None, out_dir: str | os.PathLike | None = Non
     png_path = Path(out_dir) if out_dir is not None else runs_dir()
     if png_path.suffix.lower() != ".png":
         png_path = png_path / "report.png"
-    _plot(savings, timed, png_path, show)
+    with warnings.catch_warnings():  # numpy inside matplotlib's log ticker, for values near float's limits
+        warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+        _plot(savings, timed, png_path, show)
     lines += ["", f"plot: {png_path}"]
     return "\n".join(lines), png_path
 
@@ -1231,7 +1268,11 @@ def _plot(savings: list[tuple[str, dict]], timed: list[tuple[str, dict]], png_pa
         axes.tick_params(axis="x", which="minor", labelsize=7)
     if savings:
         axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xlim(low / 2.5, high * 5)  # room for the annotations on both sides ("×11587" right of its bar)
+    # room for the annotations on both sides ("×11587" right of its bar), unless a value is so near float's
+    # limits (a hand-edited ledger: 1e308 s) that the room would be infinite or zero
+    left, right = (low / 2.5 if low / 2.5 > 0 else low), (high * 5 if math.isfinite(high * 5) else high)
+    if left < right:
+        axes.set_xlim(left, right)
     axes.set_xlabel(xlabel)
     axes.set_title(title)
     figure.tight_layout()

@@ -25,11 +25,19 @@ def fast_mode(fast: bool | None = None) -> bool:
     return os.environ.get("MINILLM_FAST", "0") == "1" if fast is None else bool(fast)
 
 
+def _expand_user(text: str) -> Path:
+    """A path from an environment variable, "~" meaning the home folder (not expanded by a .env file)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~nobody/x": no such user, so it is a folder named that way
+        return Path(text)
+
+
 def runs_dir() -> Path:
     """Folder for the ledger, checkpoints and cached measurements (created on demand)."""
-    env = os.environ.get("MINILLM_RUNS")
+    env = os.environ.get("MINILLM_RUNS", "").strip()  # "~/runs" from a .env file or a quoted export works too
     if env:
-        path = Path(env)
+        path = _expand_user(env)
     else:
         root = repo_root()
         path = (root / "runs") if root is not None else Path.cwd() / "runs"
@@ -39,8 +47,8 @@ def runs_dir() -> Path:
 
 def data_dir() -> Path:
     """Cache folder for downloaded corpora (created on demand)."""
-    env = os.environ.get("MINILLM_DATA")
-    path = Path(env) if env else Path.home() / ".cache" / "minillm" / "data"
+    env = os.environ.get("MINILLM_DATA", "").strip()
+    path = _expand_user(env) if env else Path.home() / ".cache" / "minillm" / "data"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

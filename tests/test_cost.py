@@ -616,3 +616,130 @@ def test_cli_report_skips_ledger_lines_it_cannot_show(tmp_path, capsys):
     with pytest.warns(UserWarning, match="2 corrupt"):
         assert main(["report", "--ledger", str(ledger.path), "--out", str(tmp_path)]) == 0
     assert "training" in capsys.readouterr().out and (tmp_path / "report.png").exists()
+
+
+# --- adversarial inputs (review) ------------------------------------------------------------------
+
+def test_ledger_skips_a_line_nested_too_deep_and_reads_past_a_byte_order_mark(isolated_runs):
+    ledger = cost.Ledger()
+    ledger.append("02", "a", {"seconds": 1.0}, hardware=CPU_BOX)
+    text = ledger.path.read_text(encoding="utf-8")
+    # a byte-order mark (Notepad) before the first entry, then brackets nested beyond Python's recursion limit
+    ledger.path.write_text("\ufeff" + text + "[" * 100_000 + "\n" + '{"values":' * 5000 + "\n", encoding="utf-8")
+    ledger.append("02", "b", {"seconds": 2.0}, hardware=CPU_BOX)
+    with pytest.warns(UserWarning, match=r"2 corrupt line\(s\) \(line 2"):
+        assert [entry["label"] for entry in ledger.entries()] == ["a", "b"]
+    assert "chapter 02" in cost.report(ledger, out_dir=isolated_runs)[0]
+
+
+def test_prices_refuse_ints_beyond_float_and_read_a_byte_order_mark(isolated_runs, tmp_path, monkeypatch):
+    huge = 10**400
+    with pytest.raises(ValueError, match="price_per_hour"):
+        cost.Meter("x", price_per_hour=huge)
+    with pytest.raises(ValueError, match="dollars"):
+        cost.set_price_per_hour(huge, hw=CPU_BOX)
+    override = tmp_path / "prices.json"
+    monkeypatch.setenv("MINILLM_PRICES", str(override))
+    for text in ['{"prices": {"cpu": %d}}' % huge, '{"prices": {"cpu": {"per_hour": %d}}}' % huge]:
+        override.write_text(text)
+        with pytest.raises(ValueError, match="per_hour"):
+            cost.load_prices()
+    override.write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cost.load_prices()
+    override.write_text('\ufeff{"prices": {"cpu": 0.25}}', encoding="utf-8")
+    assert cost.price_per_hour(CPU_BOX)[0] == 0.25
+
+
+@pytest.mark.parametrize("values", [{"seconds": 1e308}, {"seconds": 5e-324},
+                                    {"ratio": 1e308, "baseline": 1.0, "improved": 1e308},
+                                    {"ratio": 5e-324, "baseline": 1.0, "improved": 2.0}])
+def test_report_plots_values_at_the_edges_of_float(isolated_runs, values):
+    ledger = cost.Ledger()
+    ledger.append("01", "extreme", values, hardware=CPU_BOX)
+    text, png = cost.report(ledger)
+    assert png is not None and png.stat().st_size > 0 and "extreme" in text
+
+
+def test_format_quantity_infinity_and_negative_zero_in_each_units_style():
+    inf = float("inf")
+    assert [cost.format_quantity(inf, unit) for unit in ("$", "$/h", "%", "x", "s", "")] == \
+        ["$inf", "$inf/h", "inf%", "×inf", "inf s", "inf"]
+    assert [cost.format_quantity(-inf, unit) for unit in ("$", "%", "x", "B")] == \
+        ["-$inf", "-inf%", "×-inf", "-inf B"]
+    assert [cost.format_quantity(-0.0, unit) for unit in ("%", "x", "$", "s", "B")] == \
+        ["0.0%", "×0", "$0", "0 s", "0 B"]
+    with pytest.raises(ValueError, match="digits"):
+        cost.format_quantity(1.0, "s", digits=-1)
+
+
+def test_meter_for_a_device_this_machine_lacks_says_so_at_once(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        cost.Meter("gpu work", device="cuda")
+    assert cost.Meter("auto", device="auto").device.type in ("cpu", "mps")
+
+
+class _FakeCudaAllocator:
+    """torch.cuda's one peak counter per GPU, without a GPU."""
+
+    def __init__(self, monkeypatch):
+        self.current = self.peak = 0
+        monkeypatch.setattr(cost, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                            lambda device=None: setattr(self, "peak", self.current))
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def use(self, num_bytes):  # allocate, then free again
+        self.peak = max(self.peak, self.current + num_bytes)
+
+
+def _cuda_meter(label):
+    meter = cost.Meter(label, price_per_hour=0.0)
+    meter.device = torch.device("cuda:0")  # as if this machine had the GPU
+    return meter
+
+
+def test_nested_cuda_meters_each_keep_their_own_peak(monkeypatch):
+    gpu = _FakeCudaAllocator(monkeypatch)
+    outer, inner = _cuda_meter("outer"), _cuda_meter("inner")
+    with outer:
+        gpu.use(1000)
+        with inner:  # resets torch's peak counter, which must not erase the outer meter's 1000
+            gpu.use(10)
+        gpu.use(100)
+    assert (outer.peak_memory_bytes, inner.peak_memory_bytes) == (1000, 10)
+    again = _cuda_meter("two stretches")
+    with again:
+        gpu.use(500)
+    with again:
+        gpu.use(5)
+    assert again.peak_memory_bytes == 500  # the peak over both stretches, as the time is their sum
+
+
+def test_measure_peaks_does_not_trust_a_cache_without_positive_figures(isolated_runs, monkeypatch):
+    hw_id = cost.hardware_id(dict(cost.probe_hardware(), device="cpu"))
+    cache = isolated_runs / f"peaks-{hw_id}.json"
+    isolated_runs.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(cost, "best_seconds", lambda fn, **kwargs: 0.5)
+    for bad in [{"matmul_flops_per_second": "fast"}, {"matmul_flops_per_second": {}},
+                {"matmul_flops_per_second": {"float32": -1.0}, "memory_bytes_per_second": 1e9},
+                {"matmul_flops_per_second": {"float32": 1e9}, "memory_bytes_per_second": None}]:
+        cache.write_text(json.dumps(bad))
+        with pytest.warns(UserWarning, match="positive"):
+            peaks = cost.measure_peaks(device="cpu", fast=True)
+        assert peaks["matmul_flops_per_second"]["float32"] > 0 and peaks["memory_bytes_per_second"] > 0
+
+
+def test_path_overrides_expand_a_tilde_and_ignore_blanks(tmp_path, monkeypatch):
+    from minillm import paths
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MINILLM_RUNS", "~/my runs")
+    monkeypatch.setenv("MINILLM_DATA", "~/my data ")
+    monkeypatch.setenv("MINILLM_PRICES", "~/prices.json")
+    assert paths.runs_dir() == tmp_path / "my runs" and paths.data_dir() == tmp_path / "my data"
+    assert cost.set_price_per_hour(0.5, hw=CPU_BOX) == tmp_path / "prices.json"
+    monkeypatch.setenv("MINILLM_RUNS", "  ")
+    assert paths.runs_dir().name == "runs"
