@@ -230,3 +230,112 @@ def test_add_kernel_check_takes_a_mask_passed_by_position():
     kernel = _solution_kernel("ex02.2-solution", "tl.load(y_ptr + offsets, mask=mask)",
                               "tl.load(y_ptr + offsets, mask)")
     grading.check("ex02.2", kernel)
+
+
+# --- answers found by adversarial review: wrong ones fail with a hint, right ones in other forms pass ----------------
+
+def _sample(logits, temperature, generator=None):
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _sample_first_row_only(logits, temperature, generator=None):  # every row drawn from row 0's distribution
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits[0] / temperature, dim=-1)
+    return torch.multinomial(probabilities, logits.shape[0], replacement=True, generator=generator)
+
+
+@pytest.mark.parametrize("answer, message", [
+    (lambda logits, t, g=None: _sample(logits, t, None), "same generator seed"),            # ignores the generator
+    (_sample_first_row_only, "own distribution"),
+    (lambda logits, t, g=None: torch.tensor([1, 0, 2]) if t == 0 else _sample(logits, t, g), "temperature=0"),
+    (lambda logits, t, g=None: None, "not token ids"),
+    (lambda logits, t, g=None: (logits.argmax(-1), None)[1] if t == 0 else _sample(logits, t, g), "not token ids"),
+])
+def test_sampling_wrong_answers_found_in_review_fail(answer, message):
+    with pytest.raises(AssertionError, match="Hint") as failure:
+        grading.check("ex01.5", answer)
+    assert message in str(failure.value)
+
+
+def _merge(ids, pair, new_id):
+    merged, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == tuple(pair):
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def test_merge_pair_other_forms_and_a_number_instead_of_a_list():
+    grading.check("ex01.3", lambda ids, pair, new_id: torch.tensor(_merge(ids, pair, new_id), dtype=torch.long))
+    grading.check("ex01.3", lambda ids, pair, new_id: tuple(_merge(ids, pair, new_id)))
+    with pytest.raises(AssertionError, match="returned int"):
+        grading.check("ex01.3", lambda ids, pair, new_id: len(_merge(ids, pair, new_id)))
+
+
+def _split_two_heads(x, n_head):  # right for the first example (n_head=2), sizes fixed for it
+    return x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)
+
+
+def _split(x, n_head):
+    return x.view(x.shape[0], x.shape[1], n_head, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("split, merge, message", [
+    (_split_two_heads, lambda y: y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1), "split_heads(x of shape"),
+    (_split, lambda y: y.transpose(1, 2).reshape(y.shape[0], -1, 8), "merge_heads(y of shape"),
+    (_split, lambda y: y.transpose(1, 2).reshape(y.shape[0], y.shape[2], 2 * y.shape[3]), "invalid for input"),
+])
+def test_heads_with_sizes_fixed_for_one_example_fail_with_a_hint(split, merge, message):
+    with pytest.raises(AssertionError, match="Hint") as failure:
+        grading.check("ex03.2", split, merge)
+    assert message in str(failure.value)
+
+
+@pytest.mark.parametrize("grade_id, right", [
+    ("ex00.1", lambda m, k, n: 2 * m * k * n), ("ex00.2", lambda n, size: 2 * n * size),
+    ("ex01.4", lambda nll, tokens, n_bytes: nll * tokens / (n_bytes * math.log(2))),
+    ("ex02.1", lambda m, k, n, size: 2 * m * k * n / ((m * k + k * n + m * n) * size)),
+    ("ex03.4", lambda tokens, flops, peak: tokens * flops / peak),
+])
+def test_a_table_of_the_checks_own_answers_fails(grade_id, right, capsys):
+    table = {}
+
+    def recorder(*args):
+        table[args] = right(*args)
+        return table[args]
+    grading.check(grade_id, recorder)
+    with pytest.raises(AssertionError):
+        grading.check(grade_id, lambda *args: table.get(args, 0))
+
+
+def test_parameter_count_table_fails():
+    from minillm.model import GPT
+    table = {}
+
+    def recorder(config):
+        table[repr(config)] = GPT(config).num_parameters()
+        return table[repr(config)]
+    grading.check("ex03.3", recorder)
+    with pytest.raises(AssertionError, match="Hint"):
+        grading.check("ex03.3", lambda config: table.get(repr(config), 0))
+
+
+@pytest.mark.parametrize("grade_id, old, new, message", [
+    ("ex02.2-solution", "x = tl.load(x_ptr + offsets, mask=mask)", "x = tl.load(x_ptr + offsets, mask=None)",
+     "has no mask"),
+    ("ex02.4-solution", "b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)",   # masks A only
+     "b = tl.load(b_ptrs, mask=ks[:, None] < K + 99, other=0.0)", "both with a mask"),
+    ("ex02.3-solution", "range(first_row, n_rows, row_step)", "range(first_row, n_rows)", "exactly one program"),
+])
+def test_kernels_found_wrong_in_review_fail(grade_id, old, new, message):
+    kernel = _solution_kernel(grade_id, old, new)
+    with pytest.raises(AssertionError, match="Hint") as failure:
+        grading.check(grade_id.removesuffix("-solution"), kernel)
+    assert message in str(failure.value)

@@ -3,6 +3,7 @@ bits per byte, and sampling with temperature."""
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -90,7 +91,9 @@ def check_nll_and_perplexity(nll_and_perplexity) -> str:
 
 def _merges_with(merge_pair, text: str, n_merges: int) -> list[tuple[int, int]]:
     """BPE training as BPETokenizer.train does it, with the student's merge step doing the merging."""
-    return train_bpe_by_recount(text, n_merges, merge=lambda ids, pair, new_id: merge_pair(ids, pair, new_id))
+    # int(...): ids handed back as a tuple, array or tensor count as the same ids (a 0-d tensor hashes by identity)
+    return train_bpe_by_recount(text, n_merges,
+                                merge=lambda ids, pair, new_id: [int(i) for i in merge_pair(ids, pair, new_id)])
 
 
 @exercise("ex01.3", "BPE merge step", points=2)
@@ -106,7 +109,11 @@ def check_merge_pair(merge_pair) -> str:
         got = merge_pair(ids, pair, new_id)
         expect_equal(ids, original, f"the input list after merge_pair({original}, {pair}, {new_id})",
                      hint="build and return a new list; do not change the one you were given")
-        got = list(got) if got is not None else got
+        try:
+            got = list(got) if got is not None else got
+        except TypeError:
+            raise AssertionError(f"merge_pair({original}, {pair}, {new_id}) returned {type(got).__name__} {got!r}; "
+                                 "return the new list of ids. Hint: end with `return merged`") from None
         hint = ("scan left to right; after a merge skip both ids, so (5, 5) in [5, 5, 5] merges once"
                 if pair == (5, 5) else "replace each occurrence of pair[0] immediately followed by pair[1]")
         expect_equal(got, expected, f"merge_pair({original}, {pair}, {new_id})", hint=hint)
@@ -123,7 +130,9 @@ def check_merge_pair(merge_pair) -> str:
 
 @exercise("ex01.4", "bits per byte", points=1)
 def check_bits_per_byte(bits_per_byte) -> str:
-    for nll, n_tokens, n_bytes in [(math.log(2), 100, 100), (1.5, 300, 1000), (4.2, 16000, 46000)]:
+    fresh = random.Random()  # one case the student cannot foresee: a table of the fixed cases' answers fails
+    unforeseen = (round(fresh.uniform(0.5, 8), 3), fresh.randint(10, 10**5), fresh.randint(10, 10**6))
+    for nll, n_tokens, n_bytes in [(math.log(2), 100, 100), (1.5, 300, 1000), (4.2, 16000, 46000), unforeseen]:
         expected = lm.bits_per_byte(nll, n_tokens, n_bytes)
         got = bits_per_byte(nll, n_tokens, n_bytes)
         hint = "total loss = nll * n_tokens nats; divide by ln 2 for bits and by n_bytes for 'per byte'"
@@ -133,32 +142,59 @@ def check_bits_per_byte(bits_per_byte) -> str:
     return "matches nll · tokens / (bytes · ln 2)"
 
 
+def _sampled_ids(answer, what: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(answer)
+    except (TypeError, ValueError, RuntimeError):
+        raise AssertionError(f"{what} returned {type(answer).__name__}, not token ids. Hint: return the tensor of "
+                             "ids, one per row (logits.argmax(dim=-1) at temperature 0)") from None
+
+
 @exercise("ex01.5", "sampling with temperature", points=2)
 def check_sample_with_temperature(sample_with_temperature) -> str:
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
-    rows = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0], [-1.0, -2.0, -0.5]])
-    saved = snapshot(logits=rows)
-    greedy = sample_with_temperature(rows, 0.0, torch.Generator().manual_seed(0))
-    expect_unchanged(saved, "sample_with_temperature(rows, temperature=0)")
-    expect_equal(torch.as_tensor(greedy).tolist(), [1, 0, 2], "sample_with_temperature(rows, temperature=0)",
-                 hint="temperature 0 means greedy: return logits.argmax(dim=-1) without drawing")
+    # Fixed rows, then rows the student cannot foresee (a fresh seed each run): a hard-coded answer fails.
+    fresh = torch.Generator()
+    fresh.seed()
+    fixed = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0], [-1.0, -2.0, -0.5]])
+    for rows in (fixed, torch.randn(6, 9, generator=fresh)):
+        expected_ids = rows.argmax(dim=-1).tolist()
+        saved = snapshot(logits=rows)
+        what = f"sample_with_temperature(rows of shape {tuple(rows.shape)}, temperature=0)"
+        greedy = sample_with_temperature(rows, 0.0, torch.Generator().manual_seed(0))
+        expect_unchanged(saved, what)
+        expect_equal(_sampled_ids(greedy, what).tolist(), expected_ids, what,
+                     hint="temperature 0 means greedy: return logits.argmax(dim=-1) without drawing")
     draws = 20000
+    # Rows alternate between two different logit vectors: each row must be drawn from its own distribution.
+    patterns = torch.stack([logits, logits.flip(0)])
     for temperature in (0.5, 1.0, 2.0):
-        batch = logits.repeat(draws, 1)
+        batch = patterns.repeat(draws, 1)
         saved = snapshot(logits=batch)
-        got = torch.as_tensor(sample_with_temperature(batch, temperature, torch.Generator().manual_seed(1)))
-        expect_unchanged(saved, f"sample_with_temperature at temperature {temperature}",
+        what = f"sample_with_temperature at temperature {temperature}"
+        got = _sampled_ids(sample_with_temperature(batch, temperature, torch.Generator().manual_seed(1)), what)
+        expect_unchanged(saved, what,
                          hint="compute logits / temperature into a new tensor instead of dividing in place")
-        expect_equal(tuple(got.shape), (draws,), f"shape of the ids for {draws} rows of logits",
+        expect_equal(tuple(got.shape), (2 * draws,), f"shape of the ids for {2 * draws} rows of logits",
                      hint="draw one id per row: torch.multinomial(probabilities, 1) gives (rows, 1); drop the last dim")
-        frequencies = torch.bincount(got.long().flatten(), minlength=len(logits)).double() / draws
-        expected = sampling.next_token_probabilities(logits, temperature).double()
-        distance = 0.5 * (frequencies - expected).abs().sum().item()  # total variation
-        if distance > 0.03:
-            flatter = "flatter" if temperature > 1 else "sharper" if temperature < 1 else "the softmax"
-            raise AssertionError(
-                f"at temperature {temperature} your samples' frequencies {[round(f, 3) for f in frequencies.tolist()]} "
-                f"are far from softmax(logits / T) = {[round(p, 3) for p in expected.tolist()]}. Hint: divide the "
-                f"logits by the temperature (the distribution should get {flatter}), softmax over the last dim, "
-                "then torch.multinomial(probabilities, 1, generator=generator)")
+        for start, pattern in enumerate(patterns):
+            frequencies = torch.bincount(got[start::2].long().flatten(), minlength=len(logits)).double() / draws
+            expected = sampling.next_token_probabilities(pattern, temperature).double()
+            distance = 0.5 * (frequencies - expected).abs().sum().item()  # total variation
+            if distance > 0.03:
+                flatter = "flatter" if temperature > 1 else "sharper" if temperature < 1 else "the softmax"
+                raise AssertionError(
+                    f"at temperature {temperature} your samples' frequencies for logits {pattern.tolist()} "
+                    f"{[round(f, 3) for f in frequencies.tolist()]} are far from softmax(logits / T) = "
+                    f"{[round(p, 3) for p in expected.tolist()]}. Hint: divide the logits by the temperature (the "
+                    f"distribution should get {flatter}), softmax over the last dim, then "
+                    "torch.multinomial(probabilities, 1, generator=generator): one draw from each row's own "
+                    "distribution")
+        if temperature == 1.0:
+            again = _sampled_ids(sample_with_temperature(batch, temperature, torch.Generator().manual_seed(1)), what)
+            other = _sampled_ids(sample_with_temperature(batch, temperature, torch.Generator().manual_seed(2)), what)
+            if not torch.equal(again, got) or torch.equal(other, got):
+                raise AssertionError(f"{what}: the same generator seed must give the same ids, and another seed other "
+                                     "ids. Hint: draw with torch.multinomial(probabilities, 1, generator=generator), "
+                                     "passing the generator you were given (not the global one, nor a seed of yours)")
     return "greedy at T=0; 20,000 draws follow softmax(logits/T) at T = 0.5, 1, 2"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import random
 import textwrap
 
 import torch
@@ -62,7 +63,9 @@ def _memory_ops_without_mask(kernel) -> list[str]:
     missing = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "store"):
-            keywords = {keyword.arg for keyword in node.keywords}
+            # mask=None is no mask at all
+            keywords = {keyword.arg for keyword in node.keywords
+                        if not (isinstance(keyword.value, ast.Constant) and keyword.value.value is None)}
             # The mask is load's second argument and store's third: load(pointer, mask), store(pointer, value, mask).
             positional_mask = len(node.args) >= (2 if node.func.attr == "load" else 3)
             if not positional_mask and not keywords & {"mask", "boundary_check", None}:   # None: **options
@@ -86,10 +89,16 @@ def _guarded(n: int, dtype, device, fill) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _strided(rows: int, cols: int, layout: str, generator, dtype, device) -> torch.Tensor:
     """A rows×cols view that is not packed: 'padded' rows (row stride cols + 5) or 'transposed' (column-major),
-    at the start of a buffer three times its size, so that a kernel striding too far still reads owned memory."""
+    at the start of a buffer three times its size, so that a kernel striding too far still reads owned memory.
+    The rest of the buffer is NaN: a load past the K edge without a mask (its lane then multiplied by the
+    other operand's masked zero) still turns the result into NaN, as reading memory that is not yours may."""
     if layout == "transposed":
-        return torch.randn(3 * cols + 16, rows, generator=generator).to(dtype).to(device)[:cols].T
-    return torch.randn(3 * rows + 16, cols + 5, generator=generator).to(dtype).to(device)[:rows, :cols]
+        buffer = torch.full((3 * cols + 16, rows), float("nan"))
+        buffer[:cols] = torch.randn(cols, rows, generator=generator)
+        return buffer.to(dtype).to(device)[:cols].T
+    buffer = torch.full((3 * rows + 16, cols + 5), float("nan"))
+    buffer[:rows, :cols] = torch.randn(rows, cols, generator=generator)
+    return buffer.to(dtype).to(device)[:rows, :cols]
 
 
 def _guarded_matrix(rows: int, cols: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +117,9 @@ def _guard_intact(buffer: torch.Tensor, rows: int, cols: int) -> bool:
 
 @exercise("ex02.1", "arithmetic intensity of a matmul", points=1)
 def check_matmul_intensity(matmul_arithmetic_intensity) -> str:
-    for m, k, n, size in [(1, 1, 1, 4), (4096, 4096, 4096, 2), (8, 4096, 4096, 2), (7, 13, 5, 4)]:
+    fresh = random.Random()  # one shape the student cannot foresee: a table of the fixed cases' answers fails
+    for m, k, n, size in [(1, 1, 1, 4), (4096, 4096, 4096, 2), (8, 4096, 4096, 2), (7, 13, 5, 4),
+                          (*(fresh.randint(2, 5000) for _ in range(3)), fresh.choice([1, 2, 4, 8]))]:
         expected = 2 * m * k * n / ((m * k + k * n + m * n) * size)
         expect_close(matmul_arithmetic_intensity(m, k, n, size), expected,
                      f"matmul_arithmetic_intensity({m}, {k}, {n}, {size})", rtol=1e-9,
@@ -180,6 +191,14 @@ def check_softmax_kernel(softmax_kernel) -> str:
                          rtol=1e-3, atol=1e-3,
                          hint="per row: x - max(x), exp, divide by the sum; padding lanes load other=-inf; "
                               "read row r at in_ptr + r * in_row_stride and write it at out_ptr + r * out_row_stride")
+    # In place (out is the input): a program that also handles rows of other programs (a loop with step 1, say)
+    # softmaxes them a second time. The output above cannot show it: repeated work stores the same values.
+    x = torch.randn(7, 13, generator=generator).to(device)
+    expected = torch.softmax(x, dim=-1)
+    _launch(softmax_kernel, (3,), x, x, x.stride(0), x.stride(0), 7, 13, BLOCK_SIZE=16)
+    expect_close(x, expected, "softmax_kernel in place on 7×13 rows with 3 programs", rtol=1e-3, atol=1e-3,
+                 hint="each row must be handled by exactly one program: for row in range(first_row, n_rows, "
+                      "row_step), where row_step = tl.num_programs(0)")
     return "matches torch.softmax on ragged and extreme rows with padded strides"
 
 
@@ -212,7 +231,7 @@ def check_matmul_kernel(matmul_kernel) -> str:
             # fp16 results are rounded once at the end; fp32 on a GPU may use TF32 (10-bit mantissa)
             tolerance = 2e-2 if dtype == torch.float16 or device.type == "cuda" else 1e-4
             expect_close(c, expected, what, rtol=tolerance, atol=tolerance * max(k, 1) ** 0.5,
-                         hint="for each K block: load A and B with a mask on the K index (other=0), "
+                         hint="for each K block: load A and B, both with a mask on the K index (other=0), "
                               "accumulator = tl.dot(a, b, accumulator), then advance both pointers by BLOCK_K "
                               "times their K stride (stride_ak for A, stride_bk for B; never assume 1 or N)")
     return "matches a @ b on ragged shapes (K not a multiple of BLOCK_K), padded and transposed layouts"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +43,21 @@ def _attention_with(split_heads, merge_heads, attention: CausalSelfAttention, x:
     q, k, v = attention.qkv(x).split(attention.n_embd, dim=2)
     q, k, v = (split_heads(t, attention.n_head) for t in (q, k, v))
     time = x.shape[1]
+    shape = (x.shape[0], attention.n_head, time, attention.n_embd // attention.n_head)
+    if not isinstance(q, torch.Tensor) or q.shape != shape:
+        got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise AssertionError(f"split_heads(x of shape {tuple(x.shape)}, n_head={attention.n_head}) gave {got}, "
+                             f"expected {shape}. Hint: use the n_head argument and x's own sizes (x.shape), "
+                             "not numbers fixed for one example")
     cos, sin = attention.rope_cos[:time], attention.rope_sin[:time]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return attention.proj(merge_heads(y))
+    merged = merge_heads(y)
+    if not isinstance(merged, torch.Tensor) or merged.shape != x.shape:
+        got = tuple(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
+        raise AssertionError(f"merge_heads(y of shape {tuple(y.shape)}) gave {got}, expected {tuple(x.shape)}. "
+                             "Hint: take B, n_head, T, D from y.shape; do not fix them for one example")
+    return attention.proj(merged)
 
 
 @contextlib.contextmanager
@@ -54,6 +66,10 @@ def _view_hint(what: str):
     try:
         yield
     except RuntimeError as error:
+        if "is invalid for input of size" in str(error):   # sizes fixed for the first example, e.g. view(2, 3, 8)
+            raise AssertionError(f"{what}: {error}. Hint: take the sizes from the tensor (B, T, C = x.shape; "
+                                 "B, H, T, D = y.shape) and the n_head argument, not numbers fixed for one example"
+                                 ) from None
         if "view size is not compatible" not in str(error):
             raise
         raise AssertionError(f"{what}: .view() failed on a transposed, non-contiguous tensor. Hint: after "
@@ -96,6 +112,11 @@ def check_parameter_count(gpt_parameter_count) -> str:
     configs = [GPTConfig(), GPTConfig(vocab_size=1000, n_layer=3, n_head=2, n_embd=64, mlp_ratio=2),
                GPTConfig(vocab_size=300, n_layer=1, n_head=1, n_embd=16, tie_weights=False),
                GPTConfig(vocab_size=50, n_layer=6, n_head=6, n_embd=48, block_size=32)]
+    fresh = random.Random()  # one config the student cannot foresee: a table of the fixed configs' answers fails
+    heads = fresh.randint(1, 4)
+    configs.append(GPTConfig(vocab_size=fresh.randint(20, 600), n_layer=fresh.randint(1, 3), n_head=heads,
+                             n_embd=heads * 2 * fresh.randint(1, 8), mlp_ratio=fresh.randint(1, 4),
+                             tie_weights=fresh.random() < 0.5))
     for config in configs:
         expected, before = GPT(config).num_parameters(), copy.deepcopy(config)
         got = gpt_parameter_count(config)
@@ -114,7 +135,9 @@ def check_parameter_count(gpt_parameter_count) -> str:
 
 @exercise("ex03.4", "model FLOPs utilisation", points=1)
 def check_mfu(model_flops_utilization) -> str:
-    for tokens_per_second, flops_per_token, peak in [(1e4, 6e6, 1e12), (2.5e5, 1.2e9, 989e12), (1.0, 1.0, 4.0)]:
+    fresh = random.Random()  # one case the student cannot foresee: a table of the fixed cases' answers fails
+    for tokens_per_second, flops_per_token, peak in [(1e4, 6e6, 1e12), (2.5e5, 1.2e9, 989e12), (1.0, 1.0, 4.0),
+                                                     (fresh.uniform(1e3, 1e6), fresh.uniform(1e6, 1e10), 1e15)]:
         expect_close(model_flops_utilization(tokens_per_second, flops_per_token, peak),
                      tokens_per_second * flops_per_token / peak,
                      f"model_flops_utilization({tokens_per_second:g} tok/s, {flops_per_token:g} FLOP/token, "
