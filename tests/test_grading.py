@@ -218,6 +218,12 @@ def _solution_kernel(grade_id: str, old: str, new: str):
      "changed its input x in place"),
     ("ex02.2-solution", "x = tl.load(x_ptr + offsets, mask=mask)", "x = tl.load(x_ptr + offsets)", "has no mask"),
     ("ex02.3-solution", ", mask=in_row, other=-float(\"inf\"))", ")", "has no mask"),
+    # found in review: mask=None, a K mask on A only (B reads past K), a row loop without its step
+    ("ex02.2-solution", "x = tl.load(x_ptr + offsets, mask=mask)", "x = tl.load(x_ptr + offsets, mask=None)",
+     "has no mask"),
+    ("ex02.4-solution", "b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)",   # masks A only
+     "b = tl.load(b_ptrs, mask=ks[:, None] < K + 99, other=0.0)", "both with a mask"),
+    ("ex02.3-solution", "range(first_row, n_rows, row_step)", "range(first_row, n_rows)", "exactly one program"),
 ])
 def test_kernels_with_wrong_strides_or_writes_fail(grade_id, old, new, message):
     kernel = _solution_kernel(grade_id, old, new)
@@ -260,19 +266,8 @@ def test_sampling_wrong_answers_found_in_review_fail(answer, message):
     assert message in str(failure.value)
 
 
-def _merge(ids, pair, new_id):
-    merged, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == tuple(pair):
-            merged.append(new_id)
-            i += 2
-        else:
-            merged.append(ids[i])
-            i += 1
-    return merged
-
-
 def test_merge_pair_other_forms_and_a_number_instead_of_a_list():
+    from minillm.tokenizers import _merge   # the library's merge step, wrapped in other return types
     grading.check("ex01.3", lambda ids, pair, new_id: torch.tensor(_merge(ids, pair, new_id), dtype=torch.long))
     grading.check("ex01.3", lambda ids, pair, new_id: tuple(_merge(ids, pair, new_id)))
     with pytest.raises(AssertionError, match="returned int"):
@@ -325,17 +320,3 @@ def test_parameter_count_table_fails():
     grading.check("ex03.3", recorder)
     with pytest.raises(AssertionError, match="Hint"):
         grading.check("ex03.3", lambda config: table.get(repr(config), 0))
-
-
-@pytest.mark.parametrize("grade_id, old, new, message", [
-    ("ex02.2-solution", "x = tl.load(x_ptr + offsets, mask=mask)", "x = tl.load(x_ptr + offsets, mask=None)",
-     "has no mask"),
-    ("ex02.4-solution", "b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)",   # masks A only
-     "b = tl.load(b_ptrs, mask=ks[:, None] < K + 99, other=0.0)", "both with a mask"),
-    ("ex02.3-solution", "range(first_row, n_rows, row_step)", "range(first_row, n_rows)", "exactly one program"),
-])
-def test_kernels_found_wrong_in_review_fail(grade_id, old, new, message):
-    kernel = _solution_kernel(grade_id, old, new)
-    with pytest.raises(AssertionError, match="Hint") as failure:
-        grading.check(grade_id.removesuffix("-solution"), kernel)
-    assert message in str(failure.value)
