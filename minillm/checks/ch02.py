@@ -125,7 +125,7 @@ def check_matmul_intensity(matmul_arithmetic_intensity) -> str:
                      f"matmul_arithmetic_intensity({m}, {k}, {n}, {size})", rtol=1e-9,
                      hint="FLOPs (2·m·k·n) divided by the bytes of A, B and C each moved once: "
                           "(m·k + k·n + m·n) · bytes_per_element")
-    return "matches 2mkn / ((mk + kn + mn) · bytes) on 4 shapes"
+    return "matches 2mkn / ((mk + kn + mn) · bytes) on 5 shapes, one drawn at random"
 
 
 @exercise("ex02.2", "masked vector add kernel", points=2)

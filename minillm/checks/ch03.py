@@ -130,7 +130,7 @@ def check_parameter_count(gpt_parameter_count) -> str:
                      hint="per block: qkv 3·d², projection d², MLP 2·mlp_ratio·d², two RMSNorm gains of d; "
                           "plus the embedding vocab·d, the final norm d, and a separate LM head vocab·d only "
                           "when tie_weights is False (RoPE has no parameters)")
-    return "matches GPT.num_parameters() on 4 configs"
+    return "matches GPT.num_parameters() on 5 configs, one drawn at random"
 
 
 @exercise("ex03.4", "model FLOPs utilisation", points=1)
