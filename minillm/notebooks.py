@@ -42,7 +42,7 @@ for parent in [Path.cwd(), *Path.cwd().parents, Path("minillm-course").resolve()
         sys.path.insert(0, str(parent))
         break
 import minillm
-minillm.notebook_setup()'''
+minillm.notebook_setup();  # the ; keeps Jupyter from echoing the hardware dict it returns'''
 
 PARAMETERS = '''# Run size. `make course FAST=1` and the tests set MINILLM_FAST=1 for the quick pass.
 FAST = os.environ.get("MINILLM_FAST", "0") == "1"'''
