@@ -14,6 +14,8 @@ TORCH_INDEX ?=
 EXTRAS ?= dev,gpu,bench
 CHAPTERS ?=
 FAST ?= 0
+# seconds per notebook cell for `make course` (empty: minillm's default); raise it on a slow machine
+TIMEOUT ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.minillm-installed
 
@@ -30,7 +32,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 course: $(STAMP)
 	$(BIN)/minillm env
-	$(BIN)/minillm course run $(if $(filter 1,$(FAST)),--fast) $(CHAPTERS)
+	$(BIN)/minillm course run $(if $(filter 1,$(FAST)),--fast) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(CHAPTERS)
 
 test: $(STAMP)
 	$(BIN)/minillm build-notebooks --check

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p = course.add_parser("run", help="execute chapters with nbclient into runs/course/ and print the report")
     p.add_argument("chapters", nargs="*", help="chapter numbers (default: all), e.g. 00 01")
     p.add_argument("--fast", action="store_true", help="the quick pass (MINILLM_FAST=1): tiny sizes")
-    p.add_argument("--timeout", type=_positive_int, default=1800, help="seconds allowed per cell (default 1800)")
+    p.add_argument("--timeout", type=_positive_int, default=3600,
+                   help="seconds allowed per cell (default 3600; chapter 03's ladder is one long cell)")
     p.set_defaults(func=cmd_course)
     p = sub.add_parser("report", help="print the ledger as tables and write a plot")
     p.add_argument("--ledger", help="ledger file (default runs/ledger.jsonl)")

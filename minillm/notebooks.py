@@ -216,7 +216,17 @@ class ChapterRun:
     cells: int = 0
 
 
-def _describe_failure(nb, error) -> str:
+def _describe_failure(nb, error, timeout: float | None = None) -> str:
+    if type(error).__name__ == "CellTimeoutError":
+        # nbclient numbers a cell (execution_count) as it starts, so the last numbered cell is the one that ran out.
+        for index, cell in reversed(list(enumerate(nb.cells))):
+            if cell.cell_type == "code" and cell.get("execution_count") is not None:
+                first = _cell_source(cell).strip().splitlines()
+                more = int(2 * timeout) if timeout else 7200
+                limit = f"the limit of {timeout:g} s per cell" if timeout else "the per-cell limit"
+                return (f"cell {index} ({cell.get('id', '?')}: {first[0][:60] if first else ''!r}) ran past "
+                        f"{limit}. A slower machine needs more time: `minillm course run --timeout {more}`, "
+                        f"or `make course TIMEOUT={more}`")
     # nbclient's CellExecutionError does not carry the cell, so find the first cell with an error output.
     for index, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []):
@@ -227,7 +237,7 @@ def _describe_failure(nb, error) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
 
 
-def run_chapter(path: Path, fast: bool, timeout: int = 1800, out_dir: Path | None = None) -> ChapterRun:
+def run_chapter(path: Path, fast: bool, timeout: int = 3600, out_dir: Path | None = None) -> ChapterRun:
     import nbclient
     import nbformat
 
@@ -245,7 +255,7 @@ def run_chapter(path: Path, fast: bool, timeout: int = 1800, out_dir: Path | Non
     try:
         client.execute()
     except Exception as error:  # a failing chapter is reported; the others still run
-        result.ok, result.error = False, _describe_failure(nb, error)
+        result.ok, result.error = False, _describe_failure(nb, error, timeout)
     result.seconds = time.perf_counter() - start
     out_dir = out_dir or runs_dir() / "course"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +264,7 @@ def run_chapter(path: Path, fast: bool, timeout: int = 1800, out_dir: Path | Non
     return result
 
 
-def run_course(chapters: list[str] | None = None, fast: bool = False, timeout: int = 1800) -> list[ChapterRun]:
+def run_course(chapters: list[str] | None = None, fast: bool = False, timeout: int = 3600) -> list[ChapterRun]:
     paths = chapter_paths(chapters)
     mode = "fast" if fast else "full"
     print(f"minillm course: {len(paths)} chapter(s), {mode} mode, executed outputs go to {runs_dir() / 'course'}")

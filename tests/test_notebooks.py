@@ -197,3 +197,19 @@ def test_a_failing_chapter_is_reported_by_name_and_cell(tmp_path):
     assert not run.ok
     assert "cell 1 (broken" in run.error and "ZeroDivisionError" in run.error
     assert run.output_path.exists()
+
+
+def test_a_chapter_that_runs_out_of_time_names_the_cell_and_the_way_to_allow_more(tmp_path):
+    import nbformat
+    from minillm.notebooks import run_chapter
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", id="fine"),
+                nbformat.v4.new_code_cell("import time\ntime.sleep(30)", id="slow"),
+                nbformat.v4.new_code_cell("y = 2", id="after")]
+    path = tmp_path / "97_slow.ipynb"
+    nbformat.write(nb, path)
+    run = run_chapter(path, fast=True, timeout=2, out_dir=tmp_path / "out")
+    assert not run.ok
+    assert "cell 1 (slow: 'import time')" in run.error, run.error
+    assert "2 s per cell" in run.error and "--timeout 4" in run.error and "TIMEOUT=4" in run.error
