@@ -18,6 +18,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -1220,6 +1221,9 @@ def report(ledger: Ledger | None = None, out_dir: str | os.PathLike | None = Non
     return "\n".join(lines), png_path
 
 
+_PLOT_LABEL_WIDTH = 80   # characters per line of a row name in the report plot
+
+
 def _plot(savings: list[tuple[str, dict]], timed: list[tuple[str, dict]], png_path: Path, show: bool) -> None:
     if show:
         import matplotlib.pyplot as plt
@@ -1239,7 +1243,11 @@ def _plot(savings: list[tuple[str, dict]], timed: list[tuple[str, dict]], png_pa
         title = "Wall time of each measurement (no savings rows yet)"
         xlabel = "wall time (log scale)"
 
-    height = 1.6 + (0.6 if savings else 0.35) * len(values)
+    # A long name is wrapped, so it cannot squeeze the bars into a sliver at the right of a wide image.
+    labels = ["\n".join(textwrap.fill(line, _PLOT_LABEL_WIDTH, max_lines=2, placeholder=" ...")
+                        for line in label.split("\n")) for label in labels]
+    lines_per_row = max(label.count("\n") + 1 for label in labels)
+    height = 1.6 + max(0.6 if savings else 0.35, 0.28 * lines_per_row) * len(values)
     figure = plt.figure(figsize=(9, height)) if show else Figure(figsize=(9, height))
     axes = figure.add_subplot(1, 1, 1)
     positions = list(range(len(values)))[::-1]  # first row at the top, like the table

@@ -132,10 +132,17 @@ class TrainResult:
     step: int                    # last completed step (steps are numbered from 1)
     interrupted: bool
     checkpoint_path: str | None = field(default=None)  # where the interrupted run was saved
+    # With TrainConfig(compile=True): True if every step ran compiled, False if torch.compile failed and
+    # training went on uncompiled (a CompileFallbackWarning says why). None when compile was not asked for.
+    compiled: bool | None = field(default=None)
 
     @property
     def tokens_per_second(self) -> float:
         return self.meter.tokens_per_second
+
+
+class CompileFallbackWarning(UserWarning):
+    """torch.compile failed or is unavailable, so training went on with the uncompiled model."""
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -223,7 +230,8 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
             except Exception as error:  # torch.compile fails lazily, at the first call
                 if forward_model is model:
                     raise
-                warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); continuing uncompiled")
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); continuing uncompiled",
+                              CompileFallbackWarning)
                 forward_model = model
                 return model(x, y)[1]
 
@@ -297,7 +305,8 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
               f"Resume with: train(model, train_tokens, val_tokens, config, resume_from={interrupt_path!r})")
     finally:
         bar.close()
-    return TrainResult(history, meter, final_val_loss, completed, interrupted, interrupt_path)
+    compiled = (forward_model is not model) if config.compile else None
+    return TrainResult(history, meter, final_val_loss, completed, interrupted, interrupt_path, compiled)
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, step: int = 0,
@@ -512,7 +521,8 @@ def _maybe_compile(model: torch.nn.Module) -> torch.nn.Module:
     try:
         return torch.compile(model)
     except Exception as error:
-        warnings.warn(f"torch.compile is unavailable ({type(error).__name__}: {error}); continuing uncompiled")
+        warnings.warn(f"torch.compile is unavailable ({type(error).__name__}: {error}); continuing uncompiled",
+                      CompileFallbackWarning)
         return model
 
 

@@ -743,3 +743,19 @@ def test_path_overrides_expand_a_tilde_and_ignore_blanks(tmp_path, monkeypatch):
     assert cost.set_price_per_hour(0.5, hw=CPU_BOX) == tmp_path / "prices.json"
     monkeypatch.setenv("MINILLM_RUNS", "  ")
     assert paths.runs_dir().name == "runs"
+
+
+def test_report_plot_wraps_a_long_row_name_instead_of_widening_the_image(isolated_runs):
+    def png_width(path):
+        return int.from_bytes(path.read_bytes()[16:20], "big")   # the PNG header's IHDR width
+
+    ledger = cost.Ledger()
+    cost.savings_table("03", [{"what": "tokens/s: short", "baseline": ("a", 1.0), "improved": ("b", 2.0),
+                               "unit": "tok/s", "better": "higher"}], ledger=ledger)
+    narrow = png_width(cost.report(ledger)[1])
+    long_name = "torch.compile" + " (failed: ran uncompiled)" * 14
+    cost.savings_table("03", [{"what": f"tokens/s: {long_name}", "baseline": ("a", 1.0), "improved": ("b", 2.0),
+                               "unit": "tok/s", "better": "higher"}], ledger=ledger)
+    text, png = cost.report(ledger)
+    assert long_name in text   # the table keeps the whole name
+    assert png_width(png) < 1.3 * narrow

@@ -15,8 +15,8 @@ import minillm.train as train_module
 from minillm.cost import Meter
 from minillm.model import GPT, GPTConfig
 from minillm.moe import MoEConfig
-from minillm.train import (TrainConfig, TrainingDivergedError, estimate_loss, load_checkpoint, lr_at,
-                           save_checkpoint, train)
+from minillm.train import (CompileFallbackWarning, TrainConfig, TrainingDivergedError, estimate_loss,
+                           load_checkpoint, lr_at, save_checkpoint, train)
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,7 @@ def test_loss_falls_on_real_text(byte_tokens):
     assert [r["step"] for r in result.history] == list(range(1, 51))
     assert [r["step"] for r in result.history if "val_loss" in r] == [25, 50]
     assert result.step == 50 and not result.interrupted
-    first, last = result.history[0], result.history[-1]
+    last = result.history[-1]
     assert last["tokens"] == 50 * 16 * 32 and last["seconds"] > 0
     assert sum(r["loss"] for r in result.history[-5:]) < sum(r["loss"] for r in result.history[:5]) - 5 * 1.5
     assert result.meter.tokens == 50 * 16 * 32
@@ -339,8 +339,41 @@ def test_compile_failure_warns_and_trains_uncompiled(byte_tokens, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = train(byte_model(), byte_tokens, config=quick_config(steps=3, compile=True))
-    assert result.step == 3
-    assert any("torch.compile failed" in str(w.message) for w in caught)
+    assert result.step == 3 and result.compiled is False
+    fallbacks = [w for w in caught if issubclass(w.category, CompileFallbackWarning)]
+    assert len(fallbacks) == 1 and "torch.compile failed" in str(fallbacks[0].message)
+
+
+def test_a_compile_that_works_is_reported_compiled_even_among_other_warnings(byte_tokens, monkeypatch):
+    # torch's own deprecation warnings can mention torch.compile ("... switch to `torch.compile`"); a run that
+    # compiled must still say it compiled, and only a real fallback is a CompileFallbackWarning.
+    calls = []
+
+    def working_compile(model, *args, **kwargs):
+        def compiled(*a, **k):
+            calls.append(1)
+            warnings.warn("`torch.jit.script_method` is deprecated. Please switch to `torch.compile`",
+                          FutureWarning)
+            return model(*a, **k)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", working_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(byte_model(), byte_tokens, config=quick_config(steps=3, compile=True))
+    assert result.compiled is True and len(calls) == 3
+    assert not [w for w in caught if issubclass(w.category, CompileFallbackWarning)]
+    assert train(byte_model(), byte_tokens, config=quick_config(steps=1)).compiled is None
+
+
+def test_compile_unavailable_warns_and_trains_uncompiled(byte_tokens, monkeypatch):
+    def no_compile(model, *args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    with pytest.warns(CompileFallbackWarning, match="torch.compile is unavailable"):
+        result = train(byte_model(), byte_tokens, config=quick_config(steps=2, compile=True))
+    assert result.step == 2 and result.compiled is False
 
 
 @pytest.mark.parametrize("overrides, field", [
