@@ -81,9 +81,11 @@ class GPTConfig:
 
 
 def plain_number(value):
-    """A numpy (or other non-built-in) integer or real as Python's int or float; anything else unchanged."""
+    """A numpy (or other non-built-in) bool, integer or real as Python's bool, int or float; anything else unchanged."""
     if isinstance(value, bool) or type(value) in (int, float):
         return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):   # numpy 2 and 1
+        return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
@@ -269,7 +271,14 @@ class GPT(nn.Module):
             if targets.shape != idx.shape:
                 raise ValueError(f"GPT.forward: targets shape {tuple(targets.shape)} must equal idx shape "
                                  f"{tuple(idx.shape)}")
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+            if targets.dtype not in (torch.int64, torch.int32) or targets.device != idx.device:
+                raise TypeError(f"GPT.forward: targets must hold integer token ids (int64 or int32) on idx's device "
+                                f"({idx.device}), got {targets.dtype} on {targets.device}")
+            # As for idx, checked on a CPU only (on a GPU it would wait for the device at every step).
+            if targets.device.type == "cpu" and bool((targets == -100).all()):
+                raise ValueError("GPT.forward: every target is -100 (masked), so the mean loss would be over no "
+                                 "tokens (NaN); leave at least one target unmasked, or call without targets")
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
                                    ignore_index=-100)
             for layer in self.moe_layers():  # the optional balance loss of each MoE layer (training only)
                 if layer.aux_loss is not None:
@@ -315,7 +324,7 @@ class GPT(nn.Module):
         seq_len defaults to block_size; embedding lookups, norms and softmax are not matmuls and are left out.
         """
         config = self.config
-        seq_len = config.block_size if seq_len is None else seq_len
+        seq_len = config.block_size if seq_len is None else plain_number(seq_len)
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"flops_per_token: seq_len={seq_len!r} must be a positive integer")
         attention = 4 * config.n_embd ** 2                          # qkv + out proj

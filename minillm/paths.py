@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -67,12 +68,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     The data goes to a temp file of its own in the same folder, which then replaces `path` in one step;
     several threads or processes may write the same path at once, and the last to finish wins whole.
     """
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """atomic_write_bytes for a writer that streams into a binary file, e.g. lambda f: torch.save(obj, f)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_unique_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ BPE tokenizer trained on the training part only, saved beside the checkpoint as 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,6 +88,13 @@ def unigram_loss(train_tokens, val_tokens, vocab_size: int) -> float:
     """Validation cross-entropy (nats/token) of a model that ignores context: token frequencies of the
     training text, add-one smoothed. Any language model worth its compute must beat it."""
     train_tokens, val_tokens = torch.as_tensor(train_tokens), torch.as_tensor(val_tokens)
+    for name, tokens in (("train_tokens", train_tokens), ("val_tokens", val_tokens)):
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"unigram_loss: {name} must hold integer token ids, got {tokens.dtype}; encode the "
+                             "text with a tokenizer (ids are whole numbers)")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
+        raise ValueError(f"unigram_loss: vocab_size={vocab_size!r} must be a positive integer")
+    vocab_size = int(vocab_size)
     if len(val_tokens) == 0:
         raise ValueError("unigram_loss: val_tokens is empty; give some validation tokens")
     if (len(train_tokens) and int(train_tokens.min()) < 0) or int(val_tokens.min()) < 0 \
@@ -107,8 +115,12 @@ def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None
     # numpy scalars become Python numbers and paths strings (a safe load, and info.json, need plain values);
     # anything a safe load could not read back is refused here, before a file is written.
     info = checkpoint_safe(dict(info or {}, fast=fast_mode(fast)), "save_base: info")
+    steps = info.get("steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"save_base: info['steps']={steps!r} must be the whole number of optimizer steps the model "
+                         "was trained for (e.g. result.step), or left out")
     folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / "model.pt", model, step=int(info.get("steps", 0)), extra=info)
+    save_checkpoint(folder / "model.pt", model, step=steps, extra=info)
     tokenizer.save(folder / "tokenizer.json")
     atomic_write_text(folder / "info.json", json.dumps(info, indent=2, default=str) + "\n")
     return folder

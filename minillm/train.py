@@ -16,13 +16,13 @@ import os
 import pickle
 import re
 import signal
-import tempfile
 import threading
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from minillm.cost import Meter, resolve_device
 from minillm.data import BatchSampler
 from minillm.model import plain_number
-from minillm.paths import runs_dir
+from minillm.paths import atomic_write_with, runs_dir
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "minillm-checkpoint-v1"
 # Resuming with a different value of these gives other batches or other gradients than the saved run had.
-RESUME_FIELDS = ("batch_size", "grad_accum", "seed")
+RESUME_FIELDS = ("batch_size", "grad_accum", "seed", "weight_decay", "betas")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -150,11 +150,14 @@ def lr_at(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * step / config.warmup_steps
     min_lr = config.lr * config.min_lr_ratio
-    decay_steps = config.steps - config.warmup_steps
+    # The cosine starts at the last warmup step, at lr. Without a warmup that is step 1 (the first step
+    # trained), so that the peak lr is used at all: (step - 1) / (steps - 1) then runs from 0 to 1.
+    start = config.warmup_steps if config.warmup_steps > 0 else 1
+    decay_steps = config.steps - start
     if decay_steps <= 0:  # no cosine phase: the warmup ends at lr (at step == warmup_steps), later steps get min_lr
-        progress = 0.0 if step <= config.warmup_steps else 1.0
+        progress = 0.0 if step <= start else 1.0
     else:
-        progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+        progress = min(1.0, max(0.0, (step - start) / decay_steps))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
 
 
@@ -207,9 +210,14 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
                               enabled=precision in ("bf16", "fp16"))
     completed = 0
     if resume_from is not None:
-        checkpoint = load_checkpoint(resume_from, model, optimizer)
+        # This config's optimizer settings, not the saved run's: load_state_dict brings back the saved ones.
+        settings = [{key: group[key] for key in ("weight_decay", "betas", "eps") if key in group}
+                    for group in optimizer.param_groups]
+        checkpoint = load_checkpoint(resume_from, model, optimizer, _before_loading=lambda saved: _check_resume(
+            config, saved.get("train_config"), saved["step"], resume_from))
         completed = checkpoint["step"]
-        _check_resume(config, checkpoint.get("train_config"), completed, resume_from)
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         _set_rng_state(checkpoint.get("rng"))
@@ -340,22 +348,13 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         "rng": rng_state if rng_state is not None else _rng_state(),
         "extra": extra,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    # One temp file of its own, then a rename over `path`; the file gets the umask's mode (as a plain open
+    # would), not mkstemp's owner-only 0o600.
+    atomic_write_with(path, lambda file: torch.save(checkpoint, file))
 
 
 def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    map_location="cpu") -> dict:
+                    map_location="cpu", *, _before_loading: Callable[[dict], None] | None = None) -> dict:
     """Load a checkpoint written by save_checkpoint into `model` (and `optimizer`).
 
     With model=None a GPT is rebuilt from the saved config. Returns the checkpoint dict, with "model"
@@ -400,12 +399,20 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
                                     for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
             raise ValueError(f"load_checkpoint: {path} was saved from a different model config ({differences}); "
                              "build the model from checkpoint['model_config'] or call load_checkpoint(path)")
+    if optimizer is not None and checkpoint.get("optimizer") is None:
+        raise ValueError(f"load_checkpoint: {path} holds no optimizer state, so training cannot resume from it")
+    if _before_loading is not None:   # train()'s checks: a refused resume must leave the model as it was
+        _before_loading(checkpoint)
+    if optimizer is not None:   # before the model: an optimizer that does not fit leaves the model untouched
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as error:
+            raise ValueError(f"load_checkpoint: {path}'s optimizer state does not fit this optimizer ({error}); the "
+                             "saved run trained other parameters (e.g. some were frozen, requires_grad=False), so "
+                             "build the optimizer over the same parameters, or load the weights alone with "
+                             "load_checkpoint(path, model)") from error
     model.load_state_dict(checkpoint["model_state"])
     _reset_moe_load(model)  # counts from forwards before the load belong to no step of the loaded run
-    if optimizer is not None:
-        if checkpoint.get("optimizer") is None:
-            raise ValueError(f"load_checkpoint: {path} holds no optimizer state, so training cannot resume from it")
-        optimizer.load_state_dict(checkpoint["optimizer"])
     checkpoint["model"] = model
     return checkpoint
 
@@ -477,12 +484,15 @@ def _check_resume(config: TrainConfig, saved: dict | None, completed: int, path)
                          "or use load_checkpoint(path) to get the trained model")
     if not saved:
         return
+    def plain(value):   # a tuple saved by one run and a list given to the next are the same betas
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
     changed = [f"{name}={getattr(config, name)!r} (the checkpoint's run used {saved[name]!r})"
-               for name in RESUME_FIELDS if name in saved and saved[name] != getattr(config, name)]
+               for name in RESUME_FIELDS if name in saved and plain(saved[name]) != plain(getattr(config, name))]
     if changed:
-        warnings.warn(f"train: resuming {path} with {', '.join(changed)}; training goes on, but with other "
-                      "batches or gradients than the saved run, so it will not match a run straight through",
-                      stacklevel=3)
+        warnings.warn(f"train: resuming {path} with {', '.join(changed)}; training goes on with these, but with "
+                      "other batches, gradients or updates than the saved run, so it will not match a run "
+                      "straight through", stacklevel=5)
 
 def _resolve_device(name: str) -> torch.device:
     return resolve_device(name, "TrainConfig")
@@ -504,7 +514,7 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 
 def _as_token_tensor(tokens, name: str, vocab_size: int | None = None, block_size: int | None = None) -> torch.Tensor:
     tokens = torch.as_tensor(tokens)
-    if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
+    if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"{name}: expected a 1-D sequence of integer token ids, got a {tokens.dtype} tensor "
                          f"of shape {tuple(tokens.shape)}")
     tokens = tokens.long()

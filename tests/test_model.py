@@ -325,3 +325,27 @@ def test_moe_layers_apply_the_same_residual_dropout_as_the_dense_mlp():
     evaluated, _ = plain(idx)
     trained, _ = plain.train()(idx)
     assert torch.equal(trained, evaluated)
+
+
+def test_int32_targets_give_the_same_loss_and_bad_or_fully_masked_targets_are_clear_errors():
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 8))
+    targets = torch.randint(0, 64, (2, 8))
+    logits, loss = model(idx, targets)
+    assert model(idx.int(), targets.int())[1].item() == pytest.approx(loss.item())
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, 64), targets.view(-1)).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="every target is -100"):
+        model(idx, torch.full_like(idx, -100))
+    with pytest.raises(TypeError, match="targets must hold integer token ids"):
+        model(idx, targets.float())
+    partly = targets.clone()
+    partly[:, :4] = -100   # masked prompts: the loss is the mean over the rest
+    expected = F.cross_entropy(logits[:, 4:].reshape(-1, 64), targets[:, 4:].reshape(-1))
+    assert model(idx, partly)[1].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_numpy_scalars_are_accepted_for_flops_seq_len_and_bool_fields():
+    config = tiny_config(tie_weights=np.True_)
+    assert config.tie_weights is True
+    model = GPT(config)
+    assert model.flops_per_token(seq_len=np.int64(8)) == model.flops_per_token(seq_len=8)

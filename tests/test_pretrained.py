@@ -83,3 +83,23 @@ def test_load_base_refuses_a_tokenizer_larger_than_the_model_vocabulary():
     BPETokenizer().train(text, 262).save(folder / "tokenizer.json")   # from another run
     with pytest.raises(ValueError, match="262 tokens.*vocab_size=258"):
         load_base(fast=True)
+
+
+def test_unigram_loss_refuses_fractional_ids_and_a_bad_vocab_size():
+    with pytest.raises(ValueError, match="val_tokens must hold integer token ids"):
+        unigram_loss(torch.tensor([0, 1]), torch.tensor([0.2, 1.9]), 2)
+    with pytest.raises(ValueError, match="train_tokens must hold integer token ids"):
+        unigram_loss(torch.tensor([0.5, 1.7]), torch.tensor([0, 1]), 2)
+    for vocab_size in (2.0, 0, True):
+        with pytest.raises(ValueError, match="vocab_size"):
+            unigram_loss(torch.tensor([0, 1]), torch.tensor([0, 1]), vocab_size)
+    assert unigram_loss(torch.tensor([0, 1]), torch.tensor([0, 1]), np.int64(2)) == pytest.approx(np.log(2))
+
+
+@pytest.mark.parametrize("steps", [None, 7.9, -1, "3"])
+def test_save_base_names_a_bad_steps_entry(tmp_path, monkeypatch, steps):
+    monkeypatch.setenv("MINILLM_RUNS", str(tmp_path))
+    model = GPT(GPTConfig(vocab_size=300, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match=r"info\['steps'\]"):
+        pretrained.save_base(model, BPETokenizer(), {"steps": steps}, fast=True)
+    assert not any(tmp_path.rglob("model.pt"))

@@ -547,3 +547,64 @@ def test_estimate_loss_refuses_a_bad_number_of_batches(byte_tokens, batches):
     with pytest.raises(ValueError, match="batches"):
         estimate_loss(byte_model(), byte_tokens[:1000], 32, 2, batches)
     assert estimate_loss(byte_model(), byte_tokens[:1000], 32, 2, np.int64(1)) > 0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_without_warmup_the_first_step_trains_at_the_peak_lr_and_the_last_at_the_floor(steps):
+    config = TrainConfig(steps=steps, warmup_steps=0, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(1, config) == pytest.approx(1.0)
+    if steps > 1:
+        assert lr_at(steps, config) == pytest.approx(0.1)
+        lrs = [lr_at(step, config) for step in range(1, steps + 1)]
+        assert lrs == sorted(lrs, reverse=True)
+
+
+def test_resume_trains_with_this_configs_weight_decay_and_betas_and_says_they_changed(byte_tokens, tmp_path):
+    path = tmp_path / "two.pt"
+    train(byte_model(), byte_tokens, config=quick_config(steps=2, weight_decay=0.1, checkpoint_path=path))
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([(group["weight_decay"], tuple(group["betas"])) for group in self.param_groups])
+        return original_step(self, *args, **kwargs)
+
+    with pytest.warns(UserWarning, match=r"weight_decay=0.0 \(the checkpoint's run used 0.1\).*betas=\(0.5, 0.6\)"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.optim.AdamW, "step", spy)
+            train(byte_model(), byte_tokens, config=quick_config(steps=3, weight_decay=0.0, betas=(0.5, 0.6)),
+                  resume_from=path)
+    assert seen == [[(0.0, (0.5, 0.6)), (0.0, (0.5, 0.6))]]
+
+
+def test_a_refused_resume_leaves_the_models_weights_alone(byte_tokens, tmp_path):
+    path = tmp_path / "two.pt"
+    train(byte_model(), byte_tokens, config=quick_config(steps=2, checkpoint_path=path))
+    model = byte_model(seed=5)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already at step 2"):
+        train(model, byte_tokens, config=quick_config(steps=2), resume_from=path)
+    frozen = byte_model(seed=5)
+    frozen.token_embedding.weight.requires_grad_(False)   # another set of trained parameters than the saved run
+    with pytest.raises(ValueError, match="optimizer state does not fit"):
+        train(frozen, byte_tokens, config=quick_config(steps=3), resume_from=path)
+    for candidate in (model, frozen):
+        assert all(torch.equal(before[name], value) for name, value in candidate.state_dict().items())
+
+
+def test_checkpoints_get_the_mode_a_plain_open_would_give(byte_tokens, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    old_umask = os.umask(0o022)
+    try:
+        save_checkpoint(path, byte_model())
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_boolean_tokens_are_refused_by_train(byte_tokens):
+    with pytest.raises(ValueError, match="integer token ids.*torch.bool"):
+        train(byte_model(), byte_tokens > 100, config=quick_config(steps=1))
