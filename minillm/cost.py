@@ -930,6 +930,11 @@ def matmul_flops(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
+def matmul_arithmetic_intensity(m: int, k: int, n: int, bytes_per_element: int) -> float:
+    """FLOPs per byte of (m×k) @ (k×n) when A and B are read once and C written once (chapter 02)."""
+    return matmul_flops(m, k, n) / ((m * k + k * n + m * n) * bytes_per_element)
+
+
 def copy_bytes(n_elements: int, bytes_per_element: int) -> int:
     """Bytes that cross the memory bus when a tensor is copied: each element read once, written once."""
     return 2 * n_elements * bytes_per_element

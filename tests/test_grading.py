@@ -320,3 +320,25 @@ def test_parameter_count_table_fails():
     grading.check("ex03.3", recorder)
     with pytest.raises(AssertionError, match="Hint"):
         grading.check("ex03.3", lambda config: table.get(repr(config), 0))
+
+
+def test_a_kernel_refused_for_its_dtype_gets_the_fp32_hint_and_others_the_pointer_hint():
+    from minillm.checks import ch02
+
+    class FakeKernel:   # kernel[grid](...) as Triton launches it; the error as a GPU compile wraps it
+        def __init__(self, error):
+            self.error = error
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                try:
+                    raise ValueError("Expected dtype ['fp32', 'fp64'] but got fp16")
+                except ValueError as inner:
+                    raise RuntimeError("at 5:20: compilation failed") from inner if self.error == "dtype" else None
+            return launch
+
+    with pytest.raises(AssertionError, match=r"refused the input's dtype.*tl\.float32"):
+        ch02._launch(FakeKernel("dtype"), (1,))
+    with pytest.raises(AssertionError, match="pointer arithmetic and mask") as caught:
+        ch02._launch(FakeKernel("other"), (1,))
+    assert "float32" not in str(caught.value)

@@ -16,6 +16,7 @@ import textwrap
 
 import torch
 
+from ..cost import matmul_arithmetic_intensity as reference_intensity
 from ..grading import expect_close, expect_unchanged, exercise, snapshot
 
 
@@ -43,9 +44,22 @@ def _launch(kernel, grid, *args, **meta) -> None:
             if isinstance(cause, NotImplementedError) or "NotImplementedError" in str(cause):
                 raise NotImplementedError(f"{cause}") from None
             cause = cause.__cause__
-        raise AssertionError(f"the kernel failed to run: {type(error).__name__}: {str(error)[:400]}. Hint: inside a "
-                             "kernel use tl.* operations on blocks, and check each tl.load/tl.store's pointer "
-                             "arithmetic and mask") from error
+        text = "".join(f"{type(e).__name__}: {e} " for e in _chain(error))
+        if "Expected dtype" in text:   # e.g. tl.exp on fp16 on a GPU: Triton's math takes fp32/fp64 only
+            hint = ("a tl.* math function refused the input's dtype; convert after loading, e.g. "
+                    "x = tl.load(...).to(tl.float32), compute in fp32, and convert back before the store")
+        else:
+            hint = ("inside a kernel use tl.* operations on blocks, and check each tl.load/tl.store's pointer "
+                    "arithmetic and mask")
+        raise AssertionError(f"the kernel failed to run: {type(error).__name__}: {str(error)[:400]}. "
+                             f"Hint: {hint}") from error
+
+
+def _chain(error: BaseException):
+    """The error and its causes, outermost first (Triton wraps a compile error in another)."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def _memory_ops_without_mask(kernel) -> list[str]:
@@ -120,7 +134,7 @@ def check_matmul_intensity(matmul_arithmetic_intensity) -> str:
     fresh = random.Random()  # one shape the student cannot foresee: a table of the fixed cases' answers fails
     for m, k, n, size in [(1, 1, 1, 4), (4096, 4096, 4096, 2), (8, 4096, 4096, 2), (7, 13, 5, 4),
                           (*(fresh.randint(2, 5000) for _ in range(3)), fresh.choice([1, 2, 4, 8]))]:
-        expected = 2 * m * k * n / ((m * k + k * n + m * n) * size)
+        expected = reference_intensity(m, k, n, size)
         expect_close(matmul_arithmetic_intensity(m, k, n, size), expected,
                      f"matmul_arithmetic_intensity({m}, {k}, {n}, {size})", rtol=1e-9,
                      hint="FLOPs (2·m·k·n) divided by the bytes of A, B and C each moved once: "
