@@ -257,8 +257,10 @@ class GPT(nn.Module):
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"GPT.forward: idx must hold integer token ids (int64), got dtype {idx.dtype}")
         # On a GPU this check would wait for the device at every step, so only CPU inputs are checked
-        # (a bad id on a GPU stops with CUDA's own device-side assert instead).
-        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+        # (a bad id on a GPU stops with CUDA's own device-side assert instead). Under torch.compile the checks
+        # on values are left out: a branch on a tensor's value splits the compiled graph in two.
+        checked = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        if checked and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
                              "was the text encoded with a tokenizer of a different vocab_size?")
@@ -274,8 +276,7 @@ class GPT(nn.Module):
             if targets.dtype not in (torch.int64, torch.int32) or targets.device != idx.device:
                 raise TypeError(f"GPT.forward: targets must hold integer token ids (int64 or int32) on idx's device "
                                 f"({idx.device}), got {targets.dtype} on {targets.device}")
-            # As for idx, checked on a CPU only (on a GPU it would wait for the device at every step).
-            if targets.device.type == "cpu" and bool((targets == -100).all()):
+            if checked and bool((targets == -100).all()):   # as for idx: on a CPU, uncompiled
                 raise ValueError("GPT.forward: every target is -100 (masked), so the mean loss would be over no "
                                  "tokens (NaN); leave at least one target unmasked, or call without targets")
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),

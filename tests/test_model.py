@@ -349,3 +349,14 @@ def test_numpy_scalars_are_accepted_for_flops_seq_len_and_bool_fields():
     assert config.tie_weights is True
     model = GPT(config)
     assert model.flops_per_token(seq_len=np.int64(8)) == model.flops_per_token(seq_len=8)
+
+
+def test_a_forward_with_targets_compiles_to_one_graph():
+    # The value checks (ids in the vocabulary, not every target masked) read tensors' values; under
+    # torch.compile each would split the graph (and warn at every step), so they are left out there.
+    model = tiny_model().train()
+    idx, targets = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(idx, targets)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
