@@ -270,6 +270,13 @@ def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _rows_aligned(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised (rows, cols) tensor whose row stride is a multiple of 16 bytes (grouped_mm's rule)."""
+    per_16_bytes = max(16 // torch.empty(0, dtype=dtype).element_size(), 1)
+    stride = -(-cols // per_16_bytes) * per_16_bytes
+    return torch.empty(rows, stride, dtype=dtype, device=device)[:, :cols]
+
+
 def _expert_slices(sizes: list[int]):
     """(expert, its rows) for every expert with rows, in the sorted order of sort_by_expert."""
     start = 0
@@ -362,7 +369,9 @@ class _FusedExperts(torch.autograd.Function):
             h = _rows_mm(xs, w1, offs, sizes, kernels_backend)
             silu_gate = F.silu(h[:, :hidden])
             a = silu_gate * h[:, hidden:]
-            weighted_a = a * weight
+            # Rows padded to 16 bytes, so that grouped_mm takes this (N, hidden) operand and its transpose
+            # whatever the hidden width (66 floats a row would send two of the six products to a Python loop).
+            weighted_a = torch.mul(a, weight, out=_rows_aligned(a.shape[0], hidden, a.dtype, a.device))
             y = _rows_mm(weighted_a, w2, offs, sizes, kernels_backend)
             out = _sum_over_pairs(y, pair_of_slot, tokens, top_k)
         ctx.save_for_backward(order, token_of_pair, offs, pair_of_slot, weight, xs, h, silu_gate, a, weighted_a,

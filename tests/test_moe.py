@@ -93,11 +93,14 @@ def test_fused_dispatch_passes_gradcheck_and_handles_idle_experts_and_no_tokens(
         fused_dispatch(x, index, gate, w1[:, :, :5], w2)
 
 
-def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch):
+@pytest.mark.parametrize("hidden", [8, 66])
+def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch, hidden):
     import minillm.moe as moe
 
     torch.manual_seed(6)
-    tokens, n_routed, top_k, width, hidden = 37, 8, 3, 16, 8      # float32 rows of 16/32 bytes: grouped_mm fits
+    # float32 rows of 16/32 bytes: grouped_mm fits; a hidden width of 66 (264-byte rows) fits too, because the
+    # dispatch pads the rows of its (N, hidden) operand to 16 bytes
+    tokens, n_routed, top_k, width = 37, 8, 3, 16
     x = torch.randn(tokens, width, requires_grad=True)
     w1 = (torch.randn(n_routed, width, 2 * hidden) * 0.3).requires_grad_()
     w2 = (torch.randn(n_routed, hidden, width) * 0.3).requires_grad_()
