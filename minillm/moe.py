@@ -270,11 +270,13 @@ def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _rows_aligned(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised (rows, cols) tensor whose row stride is a multiple of 16 bytes (grouped_mm's rule)."""
-    per_16_bytes = max(16 // torch.empty(0, dtype=dtype).element_size(), 1)
+def _rows_aligned_like(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped, typed and placed like the 2-D `like`, its row stride a multiple of 16
+    bytes (grouped_mm's rule)."""
+    per_16_bytes = max(16 // like.element_size(), 1)
+    rows, cols = like.shape
     stride = -(-cols // per_16_bytes) * per_16_bytes
-    return torch.empty(rows, stride, dtype=dtype, device=device)[:, :cols]
+    return like.new_empty(rows, stride)[:, :cols]
 
 
 def _expert_slices(sizes: list[int]):
@@ -371,7 +373,7 @@ class _FusedExperts(torch.autograd.Function):
             a = silu_gate * h[:, hidden:]
             # Rows padded to 16 bytes, so that grouped_mm takes this (N, hidden) operand and its transpose
             # whatever the hidden width (66 floats a row would send two of the six products to a Python loop).
-            weighted_a = torch.mul(a, weight, out=_rows_aligned(a.shape[0], hidden, a.dtype, a.device))
+            weighted_a = torch.mul(a, weight, out=_rows_aligned_like(a))
             y = _rows_mm(weighted_a, w2, offs, sizes, kernels_backend)
             out = _sum_over_pairs(y, pair_of_slot, tokens, top_k)
         ctx.save_for_backward(order, token_of_pair, offs, pair_of_slot, weight, xs, h, silu_gate, a, weighted_a,

@@ -39,12 +39,13 @@ def _launch(kernel, grid, *args, **meta) -> None:
     except NotImplementedError:
         raise
     except Exception as error:
-        cause = error
+        causes, cause = [], error   # the error and what it was raised from (Triton wraps a compile error)
         while cause is not None:
             if isinstance(cause, NotImplementedError) or "NotImplementedError" in str(cause):
                 raise NotImplementedError(f"{cause}") from None
+            causes.append(cause)
             cause = cause.__cause__
-        text = "".join(f"{type(e).__name__}: {e} " for e in _chain(error))
+        text = "".join(f"{type(e).__name__}: {e} " for e in causes)
         if "Expected dtype" in text:   # e.g. tl.exp on fp16 on a GPU: Triton's math takes fp32/fp64 only
             hint = ("a tl.* math function refused the input's dtype; convert after loading, e.g. "
                     "x = tl.load(...).to(tl.float32), compute in fp32, and convert back before the store")
@@ -53,13 +54,6 @@ def _launch(kernel, grid, *args, **meta) -> None:
                     "arithmetic and mask")
         raise AssertionError(f"the kernel failed to run: {type(error).__name__}: {str(error)[:400]}. "
                              f"Hint: {hint}") from error
-
-
-def _chain(error: BaseException):
-    """The error and its causes, outermost first (Triton wraps a compile error in another)."""
-    while error is not None:
-        yield error
-        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def _memory_ops_without_mask(kernel) -> list[str]:
