@@ -2,8 +2,9 @@
 
 Forward + backward tokens/s of one mixture-of-experts layer (no shared experts, same sizes everywhere):
 
-- minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": on a CPU "fused", grouped matmuls over
-  the experts' contiguous slices with a hand-written backward; on a GPU one padded batched GEMM);
+- minillm's sorted dispatch (`minillm.moe.MoE`, dispatch="auto": on a CPU "fused", a hand-written backward
+  around grouped matmuls over the experts' contiguous slices, or one batched matmul over rows padded per
+  expert when the load is nearly even; on a GPU one padded batched GEMM);
 - the same sorted dispatch left to autograd (dispatch="slices"), to show what the hand-written backward buys;
 - on a CUDA GPU with Triton, the same dispatch with minillm's Triton grouped-GEMM kernels (dispatch="triton");
 - the naive per-expert loop (`minillm.moe.per_expert_mask_loop`: every expert searches all pairs for its
@@ -16,8 +17,9 @@ quarter as wide as the model (V3: 2048 of 7168). `--top-k 4 --expert-hidden 128`
 the same FLOPs per token. All are timed in the same run on the same device, in alternating rounds and
 under the same memory allocator setting, so the printed ratios hold for this machine. Beside them the
 bench times the experts' matmuls alone (the same per-expert products of the forward and backward passes
-on pre-sorted rows, no routing, gathering or scattering): no dispatch can beat that floor, so naive loop /
-floor is the most any dispatch could gain over the naive loop at that size.
+on pre-sorted rows, batched or one per expert as the fused dispatch would do them, no routing, gathering
+or scattering): the floor for that dispatch, so naive loop / floor is about the most it could gain over the
+naive loop at that size.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hard
                           probe_hardware, resolve_device)
 from minillm import kernels
 from minillm.paths import atomic_write_text
-from minillm.moe import MoE, MoEConfig, per_expert_mask_loop, route
+from minillm.moe import MoE, MoEConfig, _pair_layout, per_expert_mask_loop, route
 
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
 
@@ -68,18 +70,35 @@ def _training_step(forward, x: torch.Tensor, parameters):
 
 
 def _matmul_floor(layer: MoE, x: torch.Tensor, device):
-    """Only the expert matmuls of one forward+backward, on this routing's per-expert row counts."""
+    """Only the expert matmuls of one forward+backward, on this routing's per-expert row counts, done as the
+    fused dispatch does them: one batched matmul over the experts when it pads their rows (a nearly even
+    load), else one matmul per expert."""
     config = layer.config
+    hidden = config.expert_hidden
     with torch.no_grad():
         routing = route(layer.router(x.reshape(-1, layer.n_embd)), None, config.top_k)
-        counts = torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed).tolist()
+        layout = _pair_layout(routing.expert_index, config.n_routed, pad=True)
         w1, w2 = layer.w_gate_up.detach(), layer.w_down.detach()
+        if layout.capacity is not None:
+            shape = (config.n_routed, layout.capacity)
+            xs = torch.randn(*shape, layer.n_embd, device=device)
+            grad_y = torch.randn(*shape, layer.n_embd, device=device)
+            grad_h = torch.randn(*shape, 2 * hidden, device=device)
+
+            def batched():
+                a = torch.bmm(xs, w1)[..., :hidden]
+                torch.bmm(a, w2)
+                torch.bmm(grad_y, w2.transpose(1, 2))
+                torch.bmm(a.transpose(1, 2), grad_y)
+                torch.bmm(grad_h, w1.transpose(1, 2))
+                torch.bmm(grad_h.transpose(1, 2), xs)   # the weight gradient transposed, as the dispatch does
+            return batched
         rows = [(e, torch.randn(n, layer.n_embd, device=device), torch.randn(n, layer.n_embd, device=device),
-                 torch.randn(n, 2 * config.expert_hidden, device=device)) for e, n in enumerate(counts) if n]
+                 torch.randn(n, 2 * hidden, device=device)) for e, n in enumerate(layout.sizes) if n]
 
     def products():
         for e, xs, grad_y, grad_h in rows:
-            a = (xs @ w1[e])[:, :config.expert_hidden]      # forward: gate/up, then down
+            a = (xs @ w1[e])[:, :hidden]                    # forward: gate/up, then down
             a @ w2[e]
             grad_y @ w2[e].t()                              # backward: input and weight gradient of each
             a.t() @ grad_y
@@ -171,7 +190,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 parts.append(f"transformers Mixtral {row['transformers_tokens_per_second']:,.0f} "
                              f"({row['vs_transformers']:.2f}x)")
             parts.append(f"matmuls alone {row['matmul_floor_tokens_per_second']:,.0f} "
-                         f"(the most any dispatch could gain over the naive loop: {row['floor_vs_naive_loop']:.2f}x)")
+                         f"(naive loop / these: {row['floor_vs_naive_loop']:.2f}x, about the most the dispatch "
+                         f"could gain)")
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
           f"{total.seconds:.1f} s in all")

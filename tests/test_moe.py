@@ -52,8 +52,17 @@ def test_sorted_dispatch_equals_per_token_loop_with_gradients(runner):
         torch.testing.assert_close(g, e)
 
 
+@pytest.fixture(params=["grouped", "padded"])
+def layout(request, monkeypatch):
+    """Run a test with the fused dispatch's rows grouped (never padded) and padded (always, whatever the load)."""
+    import minillm.moe as moe
+
+    monkeypatch.setattr(moe, "PAD_LIMIT", -1.0 if request.param == "grouped" else float("inf"))
+    return request.param
+
+
 @pytest.mark.parametrize("tokens,n_routed,top_k", [(23, 8, 2), (7, 4, 1), (40, 16, 4), (3, 8, 8)])
-def test_fused_dispatch_equals_per_token_loop_with_gradients(tokens, n_routed, top_k):
+def test_fused_dispatch_equals_per_token_loop_with_gradients(tokens, n_routed, top_k, layout):
     layer = make_layer(n_shared=0, n_routed=n_routed, top_k=top_k).double()
     x = torch.randn(tokens, 16, dtype=torch.float64, requires_grad=True)
     experts = [layer.expert(e) for e in range(n_routed)]
@@ -68,7 +77,7 @@ def test_fused_dispatch_equals_per_token_loop_with_gradients(tokens, n_routed, t
         torch.testing.assert_close(g, e)
 
 
-def test_fused_dispatch_passes_gradcheck_and_handles_idle_experts_and_no_tokens():
+def test_fused_dispatch_passes_gradcheck_and_handles_idle_experts_and_no_tokens(layout):
     torch.manual_seed(4)
     index = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 2]])     # expert 1 idle, a token twice on expert 2
     inputs = (torch.randn(4, 5, dtype=torch.float64, requires_grad=True),
@@ -97,6 +106,7 @@ def test_fused_dispatch_passes_gradcheck_and_handles_idle_experts_and_no_tokens(
 def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch, hidden):
     import minillm.moe as moe
 
+    monkeypatch.setattr(moe, "PAD_LIMIT", -1.0)   # the grouped layout (not padded), whatever the load
     torch.manual_seed(6)
     # float32 rows of 16/32 bytes: grouped_mm fits; a hidden width of 66 (264-byte rows) fits too, because the
     # dispatch pads the rows of its (N, hidden) operand to 16 bytes
@@ -136,6 +146,54 @@ def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch, hidden):
     assert looped[2][5].abs().sum() == 0 and grouped[2][5].abs().sum() == 0   # the idle expert's gradient
 
 
+@pytest.mark.parametrize("hidden", [6, 66])
+def test_fused_dispatch_pads_only_an_even_load_and_padding_changes_nothing(monkeypatch, hidden):
+    import minillm.moe as moe
+
+    torch.manual_seed(9)
+    tokens, n_routed, top_k, width = 64, 8, 2, 16
+    even = (torch.arange(tokens).unsqueeze(1) * top_k + torch.arange(top_k)) % n_routed   # 16 pairs per expert
+    uneven = even.clone()
+    uneven[:8, 0] = 7                                       # expert 7 gets 24 pairs of 128: 64 padded rows
+    assert moe._pair_layout(even, n_routed, pad=True).capacity == 16
+    assert moe._pair_layout(even, n_routed, pad=False).capacity is None    # a Triton backend: never padded
+    assert moe._pair_layout(uneven, n_routed, pad=True).capacity is None   # 50% padding: grouped instead
+    layout = moe._pair_layout(even[:63], n_routed, pad=True)       # token 63 gone: experts 6 and 7 one row short
+    assert layout.capacity == 16 and layout.pad_rows.tolist() == [6 * 16 + 15, 7 * 16 + 15]
+
+    x = torch.randn(tokens, width, requires_grad=True)
+    x_bad = x.detach().clone()
+    x_bad[0] = float("inf")                                 # token 0's input: padded rows copy token 0
+    w1 = (torch.randn(n_routed, width, 2 * hidden) * 0.3).requires_grad_()
+    w2 = (torch.randn(n_routed, hidden, width) * 0.3).requires_grad_()
+    gate = torch.rand(tokens, top_k, requires_grad=True)
+
+    def run(index, inputs):
+        out = fused_dispatch(inputs, index, gate[:index.shape[0]], w1, w2)
+        return [out] + list(torch.autograd.grad(out.square().sum(), (w1, w2, gate)))
+
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: bmm_calls.append(1) or real_bmm(*a, **k))
+    for index in (even, even[:63].contiguous()):
+        rows = index.shape[0]
+        padded = run(index, x[:rows])
+        assert len(bmm_calls) == 6                          # 2 forward + 4 backward batched matmuls
+        bmm_calls.clear()
+        monkeypatch.setattr(moe, "PAD_LIMIT", -1.0)
+        grouped = run(index, x[:rows])
+        assert not bmm_calls
+        monkeypatch.setattr(moe, "PAD_LIMIT", 1 / 8)
+        for a, b in zip(padded, grouped):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # An inf in token 0 reaches token 0's two experts, as without padding, not every expert via the padded rows.
+    index = even[:63].contiguous()
+    _, grad_w1, _, _ = run(index, x_bad[:63])
+    touched = set(index[0].tolist())
+    for e in range(n_routed):
+        assert grad_w1[e].isfinite().all() == (e not in touched), e
+
+
 def test_fused_dispatch_without_embedding_bag_falls_back_to_a_gather_sum(monkeypatch):
     import minillm.moe as moe
 
@@ -156,7 +214,7 @@ def test_fused_dispatch_without_embedding_bag_falls_back_to_a_gather_sum(monkeyp
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_dispatch_under_bf16_autocast_matches_the_autograd_slices():
+def test_fused_dispatch_under_bf16_autocast_matches_the_autograd_slices(layout):
     layer = make_layer(n_shared=0)
     x = torch.randn(2, 9, 16, requires_grad=True)
     results = []
@@ -455,7 +513,7 @@ def test_bench_moe_reports_ratios_against_the_naive_loop(tmp_path):
 
 
 @pytest.mark.parametrize("dispatch", ["fused", "grouped", "slices"])
-def test_layer_matches_transformers_deepseek_v3_moe_block(dispatch):
+def test_layer_matches_transformers_deepseek_v3_moe_block(dispatch, layout):
     """A peer implementation as reference: transformers' DeepseekV3MoE with the same weights and bias."""
     pytest.importorskip("transformers", reason="transformers (the `bench` extra) is the reference here")
     try:
@@ -564,7 +622,7 @@ def test_a_float64_router_stays_float64_so_the_layer_passes_gradcheck():
     assert torch.autograd.gradcheck(forward, params)
 
 
-def test_fused_dispatch_of_float64_under_autocast_stays_float64_like_the_other_dispatches():
+def test_fused_dispatch_of_float64_under_autocast_stays_float64_like_the_other_dispatches(layout):
     layer = make_layer().double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     expected = layer(x)
