@@ -112,7 +112,7 @@ def test_empty_string(make):
 def test_hand_checkable_first_merge():
     # "aaabdaaabac" is one chunk; pairs: aa x4, ab x2, bd, da, ba, ac once each
     tokenizer = BPETokenizer().train("aaabdaaabac", 256 + 3)
-    a, b = ord("a"), ord("b")
+    a = ord("a")
     assert tokenizer.merges[0] == (a, a)
     assert tokenizer.token_bytes(256) == b"aa"
     assert tokenizer.vocab_size == 256 + len(tokenizer.merges) == 259

@@ -99,7 +99,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
     if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[1] or ends.numel() != b.shape[0]:
         raise ValueError(f"grouped_matmul: expected a (N, K), b (E, K, M) and ends (E,); got {tuple(a.shape)}, "
                          f"{tuple(b.shape)} and {tuple(ends.shape)}")
-    (rows, inner), (experts, n_cols) = a.shape, (b.shape[0], b.shape[2])
+    (rows, inner), n_cols = a.shape, b.shape[2]
     c = torch.empty((rows, n_cols), dtype=a.dtype, device=a.device)
     if (done := nothing_to_multiply(c, inner)) is not None:
         return done
