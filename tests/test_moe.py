@@ -186,6 +186,19 @@ def test_fused_dispatch_pads_only_an_even_load_and_padding_changes_nothing(monke
         monkeypatch.setattr(moe, "PAD_LIMIT", 1 / 8)
         for a, b in zip(padded, grouped):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert a.is_contiguous()                        # torch.autograd.grad's results, .view-able
+    # An expert without tokens gets a zero gradient, as without padding, even when its weights hold a NaN.
+    index = even.clone()
+    index[index == 5] = 6                                   # expert 5 idle: padded, its rows are all padding
+    for t in (w1, w2):
+        t.data[5] = float("nan")
+    for limit in (float("inf"), -1.0):
+        monkeypatch.setattr(moe, "PAD_LIMIT", limit)
+        _, grad_w1, grad_w2, _ = run(index, x)
+        assert grad_w1[5].eq(0).all() and grad_w2[5].eq(0).all(), limit
+    monkeypatch.setattr(moe, "PAD_LIMIT", 1 / 8)
+    for t in (w1, w2):
+        t.data[5] = torch.randn_like(t.data[5]) * 0.3
     # An inf in token 0 reaches token 0's two experts, as without padding, not every expert via the padded rows.
     index = even[:63].contiguous()
     _, grad_w1, _, _ = run(index, x_bad[:63])
