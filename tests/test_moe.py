@@ -774,6 +774,30 @@ def test_every_dispatch_agrees_with_the_autograd_slices_on_a_gpu(autocast):
 
 @gpu_only
 @pytest.mark.gpu
+def test_fused_dispatch_in_both_layouts_matches_the_mask_loop_on_a_gpu(monkeypatch):
+    import minillm.moe as moe
+
+    torch.manual_seed(3)
+    tokens, n_routed, top_k, width, hidden = 96, 16, 4, 32, 24
+    even = ((torch.arange(tokens).unsqueeze(1) * top_k + torch.arange(top_k)) % n_routed).cuda()
+    x = torch.randn(tokens, width, device="cuda", requires_grad=True)
+    gate = torch.rand(tokens, top_k, device="cuda", requires_grad=True)
+    w1 = (torch.randn(n_routed, width, 2 * hidden, device="cuda") * 0.3).requires_grad_()
+    w2 = (torch.randn(n_routed, hidden, width, device="cuda") * 0.3).requires_grad_()
+    inputs = (x, gate, w1, w2)
+    expected = per_expert_mask_loop(x, even, gate, w1, w2)
+    expected = [expected] + list(torch.autograd.grad(expected.square().sum(), inputs))
+    assert moe._pair_layout(even, n_routed, pad=True).capacity == tokens * top_k // n_routed
+    for limit in (1 / 8, -1.0):   # the even load padded (batched matmuls), then grouped
+        monkeypatch.setattr(moe, "PAD_LIMIT", limit)
+        out = fused_dispatch(x, even, gate, w1, w2)
+        got = [out] + list(torch.autograd.grad(out.square().sum(), inputs))
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@gpu_only
+@pytest.mark.gpu
 def test_moe_gpt_trains_on_a_gpu():
     torch.manual_seed(0)
     pattern = torch.arange(4000) % 7 + (torch.arange(4000) // 7) % 3
