@@ -14,7 +14,8 @@ Taught in chapter 04 (mixture of experts). The layer replaces a GPT block's MLP
 - Dispatch: token-expert pairs are sorted by expert, the tokens gathered once, every expert runs on its
   contiguous slice (or all experts at once as one padded batched GEMM), and the weighted results are
   added back onto their tokens. `fused_dispatch` (the CPU default) does the same as one op with a
-  hand-written backward and grouped matmuls. `reference_moe_loop` (one token at a time) and
+  hand-written backward and grouped matmuls (batched matmuls over rows padded per expert when the load is
+  nearly even). `reference_moe_loop` (one token at a time) and
   `per_expert_mask_loop` (the loop most libraries start with) are the references it is tested and
   benchmarked against.
 """
