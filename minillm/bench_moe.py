@@ -69,15 +69,20 @@ def _training_step(forward, x: torch.Tensor, parameters):
     return step
 
 
-def _matmul_floor(layer: MoE, x: torch.Tensor, device):
+def _routing_layout(layer: MoE, x: torch.Tensor):
+    """The rows layout the fused dispatch picks for this layer's routing of x (padded or grouped)."""
+    with torch.no_grad():
+        routing = route(layer.router(x.reshape(-1, layer.n_embd)), None, layer.config.top_k)
+        return _pair_layout(routing.expert_index, layer.config.n_routed, pad=True)
+
+
+def _matmul_floor(layer: MoE, layout, device):
     """Only the expert matmuls of one forward+backward, on this routing's per-expert row counts, done as the
     fused dispatch does them: one batched matmul over the experts when it pads their rows (a nearly even
     load), else one matmul per expert."""
     config = layer.config
     hidden = config.expert_hidden
     with torch.no_grad():
-        routing = route(layer.router(x.reshape(-1, layer.n_embd)), None, config.top_k)
-        layout = _pair_layout(routing.expert_index, config.n_routed, pad=True)
         w1, w2 = layer.w_gate_up.detach(), layer.w_down.detach()
         if layout.capacity is not None:
             shape = (config.n_routed, layout.capacity)
@@ -167,10 +172,14 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 contenders["transformers"] = _training_step(block, x, list(block.parameters()))
             if device.type == "cuda" and kernels.triton_available():   # minillm's Triton grouped GEMM
                 contenders["triton_grouped"] = _training_step(with_dispatch("triton"), x, params)
-            contenders["matmul_floor"] = _matmul_floor(layer, x, device)
+            layout = _routing_layout(layer, x)
+            contenders["matmul_floor"] = _matmul_floor(layer, layout, device)
             # Alternating rounds, so a burst of load from elsewhere cannot favour one contender.
             seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
-            row = {"experts": n_experts}
+            pairs = tokens * top_k
+            padding = (n_experts * max(layout.sizes) - pairs) / pairs   # what padding to the busiest would add
+            row = {"experts": n_experts, "layout": "padded" if layout.capacity is not None else "grouped",
+                   "padding_fraction": padding}
             row.update({f"{name}_tokens_per_second": tokens / s for name, s in seconds.items()})
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]
@@ -192,6 +201,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             parts.append(f"matmuls alone {row['matmul_floor_tokens_per_second']:,.0f} "
                          f"(naive loop / these: {row['floor_vs_naive_loop']:.2f}x, about the most the dispatch "
                          f"could gain)")
+            parts.append(f"rows {row['layout']} (padding to the busiest expert: +{padding:.0%} rows)")
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
           f"{total.seconds:.1f} s in all")

@@ -36,7 +36,7 @@ from minillm import kernels
 __all__ = ["MoEConfig", "MoE", "Routing", "route", "update_bias", "sort_by_expert", "sorted_dispatch",
            "run_experts_on_slices", "run_experts_grouped", "fused_dispatch", "reference_moe_loop",
            "per_expert_mask_loop",
-           "sequence_balance_loss", "load_imbalance", "DISPATCH_KINDS"]
+           "sequence_balance_loss", "load_imbalance", "DISPATCH_KINDS", "PAD_LIMIT"]
 
 DISPATCH_KINDS = ("auto", "fused", "triton", "grouped", "slices")
 

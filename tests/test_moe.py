@@ -8,9 +8,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minillm.model import GPT, GPTConfig
-from minillm.moe import (MoE, MoEConfig, fused_dispatch, load_imbalance, per_expert_mask_loop, reference_moe_loop,
-                         route, run_experts_grouped, run_experts_on_slices, sequence_balance_loss, sort_by_expert,
-                         sorted_dispatch, update_bias)
+from minillm.moe import (PAD_LIMIT, MoE, MoEConfig, fused_dispatch, load_imbalance, per_expert_mask_loop,
+                         reference_moe_loop, route, run_experts_grouped, run_experts_on_slices, sequence_balance_loss,
+                         sort_by_expert, sorted_dispatch, update_bias)
 from minillm.train import TrainConfig, estimate_loss, load_checkpoint, train
 
 
@@ -523,6 +523,9 @@ def test_bench_moe_reports_ratios_against_the_naive_loop(tmp_path):
                                                            / row["naive_loop_tokens_per_second"])
         assert row["vs_naive_loop"] == pytest.approx(row["sorted_tokens_per_second"]
                                                      / row["naive_loop_tokens_per_second"])
+        # the layout the fused dispatch used: padded exactly when padding adds at most PAD_LIMIT of the rows
+        assert row["padding_fraction"] >= 0
+        assert (row["layout"] == "padded") == (row["padding_fraction"] <= PAD_LIMIT)
 
 
 @pytest.mark.parametrize("dispatch", ["fused", "grouped", "slices"])
