@@ -176,10 +176,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             contenders["matmul_floor"] = _matmul_floor(layer, layout, device)
             # Alternating rounds, so a burst of load from elsewhere cannot favour one contender.
             seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
-            pairs = tokens * top_k
-            padding = (n_experts * max(layout.sizes) - pairs) / pairs   # what padding to the busiest would add
             row = {"experts": n_experts, "layout": "padded" if layout.capacity is not None else "grouped",
-                   "padding_fraction": padding}
+                   "padding_fraction": layout.padding}
             row.update({f"{name}_tokens_per_second": tokens / s for name, s in seconds.items()})
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]
@@ -201,7 +199,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             parts.append(f"matmuls alone {row['matmul_floor_tokens_per_second']:,.0f} "
                          f"(naive loop / these: {row['floor_vs_naive_loop']:.2f}x, about the most the dispatch "
                          f"could gain)")
-            parts.append(f"rows {row['layout']} (padding to the busiest expert: +{padding:.0%} rows)")
+            parts.append(f"rows {row['layout']} (padding to the busiest expert: +{layout.padding:.0%} rows)")
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
           f"{total.seconds:.1f} s in all")

@@ -305,6 +305,7 @@ class _Layout(NamedTuple):
     sizes: list[int]                    # pairs per expert
     offs: torch.Tensor                  # int32 end row of each expert's group (grouped_mm's offsets)
     capacity: int | None                # rows per expert when padded (then rows = n_experts * capacity)
+    padding: float                      # rows padding to the busiest expert adds, as a fraction of N (0 if N = 0)
 
 
 def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool) -> _Layout:
@@ -313,7 +314,8 @@ def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool) -> _Layo
     sizes = counts.tolist()
     pairs, capacity = order.numel(), max(sizes, default=0)
     sorted_row = torch.arange(pairs, device=order.device)
-    padded = pad and pairs > 0 and n_experts * capacity - pairs <= PAD_LIMIT * pairs
+    padding = (n_experts * capacity - pairs) / pairs if pairs else 0.0
+    padded = pad and pairs > 0 and padding <= PAD_LIMIT
     token_of_row, pad_rows = token_of_pair, None
     if padded:
         # Row r of expert e's group goes to e * capacity + r.
@@ -329,7 +331,7 @@ def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool) -> _Layo
     # (x[order]): on a CPU those are several times faster for the same result.
     row_of_pair = torch.empty_like(order).scatter_(0, order, sorted_row)
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    return _Layout(token_of_row, row_of_pair, pad_rows, sizes, offs, capacity if padded else None)
+    return _Layout(token_of_row, row_of_pair, pad_rows, sizes, offs, capacity if padded else None, padding)
 
 
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, layout: _Layout, kernels_backend: str | None = None) -> torch.Tensor:

@@ -160,6 +160,7 @@ def test_fused_dispatch_pads_only_an_even_load_and_padding_changes_nothing(monke
     assert moe._pair_layout(uneven, n_routed, pad=True).capacity is None   # 50% padding: grouped instead
     layout = moe._pair_layout(even[:63], n_routed, pad=True)       # token 63 gone: experts 6 and 7 one row short
     assert layout.capacity == 16 and layout.pad_rows.tolist() == [6 * 16 + 15, 7 * 16 + 15]
+    assert layout.padding == pytest.approx(2 / 126) and moe._pair_layout(uneven, n_routed, pad=True).padding == 0.5
 
     x = torch.randn(tokens, width, requires_grad=True)
     x_bad = x.detach().clone()
