@@ -71,8 +71,8 @@ class Meter:
         self.chapter = chapter
         # a device this machine lacks fails here, clearly, not inside torch when the meter starts
         self.device = resolve_device(device, f"Meter {label!r}") if device is not None else torch.device("cpu")
-        self.tokens = int(tokens)
-        self.flops = float(flops)
+        self.tokens = _token_count(tokens, f"Meter {label!r}")
+        self.flops = _flop_count(flops, f"Meter {label!r}")
         self._price_per_hour = price_per_hour
         self.seconds = 0.0
         self.peak_memory_bytes: int | None = None
@@ -80,8 +80,8 @@ class Meter:
         self._cuda_peak = 0  # this meter's CUDA peak before another meter reset torch's peak counter
 
     def add(self, tokens: int = 0, flops: float = 0.0) -> None:
-        self.tokens += int(tokens)
-        self.flops += float(flops)
+        self.tokens += _token_count(tokens, f"Meter {self.label!r}: add")
+        self.flops += _flop_count(flops, f"Meter {self.label!r}: add")
 
     def __enter__(self) -> "Meter":
         if self._start is not None:
@@ -101,6 +101,9 @@ class Meter:
         return self
 
     def __exit__(self, *exc) -> bool:
+        if self._start is None:
+            raise RuntimeError(f"Meter {self.label!r} is not running: __exit__ without __enter__; "
+                               "use it as `with Meter(...) as m:`")
         synchronize(self.device)
         self.seconds += time.perf_counter() - self._start
         self._start = None
@@ -632,16 +635,20 @@ def _read_prices_file(path: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("prices", {}), dict):
         raise ValueError(f"prices file {path} must hold an object like "
                          '{"date": "...", "prices": {"NVIDIA T4": {"per_hour": 0.35}}}; fix it or delete it')
+    return {**data, "prices": _checked_prices(data.get("prices", {}), f"prices file {path}")}
+
+
+def _checked_prices(prices: dict, where: str) -> dict:
+    """Price entries as {key: {"per_hour": dollars, ...}}, each price a number >= 0 (a bare number is one)."""
     entries = {}
-    for key, entry in data.get("prices", {}).items():
+    for key, entry in prices.items():
         if isinstance(entry, numbers.Real) and not isinstance(entry, bool):
             entry = {"per_hour": entry}  # a bare number is the price per hour
         per_hour = entry.get("per_hour") if isinstance(entry, dict) else None
         if not (_finite_number(per_hour) and per_hour >= 0):
-            raise ValueError(f"prices file {path}: {key!r} needs \"per_hour\": a number of dollars >= 0, "
-                             f"got {entry!r}")
+            raise ValueError(f"{where}: {key!r} needs \"per_hour\": a number of dollars >= 0, got {entry!r}")
         entries[key] = dict(entry)
-    return {**data, "prices": entries}
+    return entries
 
 
 def load_prices(path: str | os.PathLike | None = None) -> dict:
@@ -686,7 +693,13 @@ def price_per_hour(hw: dict | None = None, prices: dict | None = None) -> tuple[
         price_per_hour() -> (0.35, "prices.json 2026-11-28: NVIDIA T4 (Colab/cloud on-demand ...)")
     """
     hw = probe_hardware() if hw is None else hw
-    table = (load_prices() if prices is None else prices)["prices"]
+    if prices is None:
+        table = load_prices()["prices"]
+    elif isinstance(prices, dict) and isinstance(prices.get("prices"), dict):
+        table = _checked_prices(prices["prices"], "price_per_hour: prices")
+    else:
+        raise ValueError("price_per_hour: prices must be a table like load_prices() returns, "
+                         '{"prices": {"cpu": {"per_hour": 0.05}, ...}}, or None for the shipped one')
     key = _price_key(hw, table)
     if key not in table:
         raise KeyError(f"price table has no {key!r} entry; add one with set_price_per_hour(dollars) or "
@@ -756,6 +769,24 @@ def _chapter_name(chapter, who: str) -> str:
     if not isinstance(chapter, str) or not chapter:
         raise ValueError(f"{who}: chapter={chapter!r} must be a non-empty string such as '03'")
     return chapter
+
+
+def _token_count(value, where: str) -> int:
+    """A token count as an int: a whole number >= 0 (an int, a numpy or 0-d tensor integer, or a whole float)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if _finite_number(value) and value >= 0 and float(value) == int(value):
+        return int(value)
+    raise ValueError(f"{where}: tokens={value!r} must be a whole number >= 0 (how many tokens were processed)")
+
+
+def _flop_count(value, where: str) -> float:
+    """A FLOP count as a float: a finite number >= 0."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if _finite_number(value) and value >= 0:
+        return float(value)
+    raise ValueError(f"{where}: flops={value!r} must be a finite number >= 0")
 
 
 def _finite_number(value) -> bool:
@@ -973,11 +1004,12 @@ def format_quantity(value, unit: str = "", digits: int = 3) -> str:
         return f"{sign}inf%" if unit == "%" else f"{sign}inf {unit}".strip()
     if unit in ("$", "$/h"):
         suffix = "/h" if unit == "$/h" else ""
-        if magnitude >= 1e12:  # past the ladder's last step, "$1000000M": scientific notation
+        rounded = float(f"{magnitude:.{digits}g}")   # the step by the printed value: 9.9996e11 is "$1e+12"
+        if rounded >= 1e12:  # past the ladder's last step, "$1000000M": scientific notation
             return f"{sign}${magnitude:.{digits}g}{suffix}"
-        if magnitude >= 1e6:
+        if rounded >= 1e6:
             return f"{sign}${_significant(magnitude / 1e6, digits)}M{suffix}"
-        if magnitude >= 1000:
+        if rounded >= 1000:
             return f"{sign}${magnitude:,.0f}{suffix}"
         return f"{sign}${_significant(magnitude, digits)}{suffix}"
     if unit == "%":
@@ -986,10 +1018,11 @@ def format_quantity(value, unit: str = "", digits: int = 3) -> str:
         return f"×{_significant(value, digits)}"
     if unit == "s":
         years = magnitude / (365.25 * 86400)
-        if years >= 1e12:  # past "999 billion years", the ladder's last step: "3.17e+32 years"
+        rounded = float(f"{years:.{digits}g}")   # the step by the printed value: 999.6 million is "1 billion"
+        if rounded >= 1e12:  # past "999 billion years", the ladder's last step: "3.17e+32 years"
             return f"{sign}{years:.{digits}g} years"
-        if years >= 1e6:   # DeepSeek-V3's pretraining on a laptop: "8.05 million years", not "70539681331 h"
-            scale, word = (1e9, "billion") if years >= 1e9 else (1e6, "million")
+        if rounded >= 1e6:   # DeepSeek-V3's pretraining on a laptop: "8.05 million years", not "70539681331 h"
+            scale, word = (1e9, "billion") if rounded >= 1e9 else (1e6, "million")
             return f"{sign}{_significant(years / scale, digits)} {word} years"
         if years >= 2:
             return f"{sign}{_significant(years, digits)} years"

@@ -80,8 +80,8 @@ def read_manifest(manifest: str | os.PathLike | None = None) -> dict[str, dict[s
                                 "or leave manifest=None to use the one shipped in minillm/datasets/manifest.json")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"manifest {path} is not valid JSON ({error}); fix or restore the file") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"manifest {path} is not valid UTF-8 JSON ({error}); fix or restore the file") from error
     corpora = document.get("corpora") if isinstance(document, dict) else None
     if not isinstance(corpora, dict):
         raise ValueError(f'manifest {path} must be a JSON object {{"corpora": {{name: entry}}}}')
@@ -100,6 +100,17 @@ def read_manifest(manifest: str | os.PathLike | None = None) -> dict[str, dict[s
                              "it must be a plain file name without folders")
         if name == PYDOCS:
             raise ValueError(f"manifest {path}: {PYDOCS!r} is built in; give the corpus another name")
+        size, sha256 = entry["size"], entry["sha256"]
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"manifest {path}: corpus {name!r} has size {size!r}; it must be the file's "
+                             "length in bytes (an integer >= 0) or null")
+        if sha256 is not None and (not isinstance(sha256, str) or len(sha256) != 64
+                                   or any(c not in "0123456789abcdefABCDEF" for c in sha256)):
+            raise ValueError(f"manifest {path}: corpus {name!r} has sha256 {sha256!r}; it must be the file's "
+                             "SHA-256 digest as 64 hexadecimal characters, or null")
+        if not isinstance(entry["url"], str) or not entry["url"]:
+            raise ValueError(f"manifest {path}: corpus {name!r} has url {entry['url']!r}; it must be a "
+                             "non-empty string")
     return corpora
 
 
@@ -152,7 +163,11 @@ def _load_manifest_corpus(name: str, entry: dict[str, Any], cache_dir: str | os.
             download_file(entry["url"], path, expected, size=entry.get("size"), desc=name)
         except CorpusUnavailableError as error:
             raise unavailable(str(error)) from error
-    return _read_utf8(path)
+    try:
+        return _read_utf8(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"corpus {name!r} ({path}) is not UTF-8 text ({error}); its manifest entry must "
+                         "point to a UTF-8 text file") from error
 
 
 def _read_utf8(path: Path) -> str:
@@ -302,10 +317,17 @@ def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
     if isinstance(ids, torch.Tensor):
         ids = ids.detach().to("cpu")
     else:
-        array = np.asarray(ids if hasattr(ids, "__len__") else list(ids))
+        try:
+            array = np.asarray(ids if hasattr(ids, "__len__") else list(ids))
+        except ValueError as error:   # ragged nesting: [[1, 2], [3]]
+            raise ValueError(f"tokenize_corpus: the tokenizer returned nested lists of different lengths "
+                             f"({error}); expected a flat sequence of ids") from error
         if array.dtype.kind not in "iubf" and array.size:
             raise ValueError(f"tokenize_corpus: the tokenizer returned ids that are not all integers of at most "
                              f"64 bits (numpy makes them {array.dtype})")
+        if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"tokenize_corpus: the tokenizer returned the id {int(array.max())}, beyond int64; "
+                             "token ids must be below 2**63")
         ids = torch.as_tensor(array.astype(np.int64) if array.dtype.kind == "u" else array)
     if ids.dim() != 1:
         raise ValueError(f"tokenize_corpus: the tokenizer returned shape {tuple(ids.shape)}, expected a "

@@ -673,6 +673,44 @@ def test_format_quantity_infinity_and_negative_zero_in_each_units_style():
         cost.format_quantity(1.0, "s", digits=-1)
 
 
+def test_format_quantity_takes_the_next_step_when_rounding_reaches_it():
+    year = 365.25 * 86400
+    assert cost.format_quantity(9.9996e11, "$") == "$1e+12"            # was "$999960M"
+    assert cost.format_quantity(999_999.7, "$") == "$1M"
+    assert cost.format_quantity(9.996e8 * year, "s") == "1 billion years"   # was "1000 million years"
+    assert cost.format_quantity(9.9996e11 * year, "s") == "1e+12 years"
+    assert cost.format_quantity(8.05e6 * year, "s") == "8.05 million years"
+
+
+def test_meter_refuses_token_and_flop_counts_that_cannot_be_counts():
+    np = pytest.importorskip("numpy")
+    meter = cost.Meter("counts", tokens=np.int64(3), flops=torch.tensor(2.0))
+    meter.add(tokens=torch.tensor(5), flops=1e9)
+    meter.add(tokens=4.0)                                   # a whole float is a count
+    assert (meter.tokens, meter.flops) == (12, 1e9 + 2)
+    for bad in (float("nan"), -5, 1.9, True):
+        with pytest.raises(ValueError, match="whole number >= 0"):
+            cost.Meter("counts", tokens=bad)
+        with pytest.raises(ValueError, match="whole number >= 0"):
+            meter.add(tokens=bad)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            meter.add(flops=bad)
+    assert (meter.tokens, meter.flops) == (12, 1e9 + 2)     # a refused add changes nothing
+    with pytest.raises(RuntimeError, match="not running"):
+        cost.Meter("never entered").__exit__(None, None, None)
+
+
+def test_price_per_hour_checks_a_table_passed_in_as_load_prices_checks_a_file():
+    hw = {"device": "cpu", "cpu": "test CPU", "cores": 2}
+    assert cost.price_per_hour(hw, {"prices": {"cpu": 0.1}})[0] == 0.1
+    for table in ({"prices": {"cpu": {"per_hour": -3}}}, {"prices": {"cpu": {}}}):
+        with pytest.raises(ValueError, match="per_hour"):
+            cost.price_per_hour(hw, table)
+    with pytest.raises(ValueError, match="like load_prices"):
+        cost.price_per_hour(hw, {"cpu": 0.1})
+
+
 def test_meter_for_a_device_this_machine_lacks_says_so_at_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA GPU"):

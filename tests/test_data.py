@@ -447,6 +447,29 @@ def test_tokenize_corpus_refuses_what_cannot_be_token_ids(returned, error, messa
         tokenize_corpus("ab", lambda text: returned)
 
 
+def test_tokenize_corpus_explains_ragged_ids_and_unsigned_ids_beyond_int64():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="nested lists of different lengths"):
+        tokenize_corpus("ab", lambda text: [[1, 2], [3]])
+    with pytest.raises(ValueError, match="the id 9223372036854775813, beyond int64"):   # was: "negative id"
+        tokenize_corpus("ab", lambda text: np.array([2 ** 63 + 5], dtype=np.uint64))
+
+
+def test_a_manifest_or_a_manifest_corpus_that_is_not_utf8_is_a_clear_error(tmp_path, cache):
+    path = tmp_path / "manifest.json"
+    path.write_bytes(b'{"corpora": {"\xff": 1}}')
+    with pytest.raises(ValueError, match="not valid UTF-8 JSON"):
+        data.read_manifest(path)
+    payload = b"\xff\xfe not text"
+    cache.mkdir()
+    (cache / "latin.txt").write_bytes(payload)   # a cached copy whose size and digest match its entry
+    manifest = write_manifest(tmp_path / "m2.json", latin={
+        "url": "http://127.0.0.1:9/latin.txt", "filename": "latin.txt", "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest()})
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_corpus("latin", manifest=manifest)
+
+
 def test_tokenize_corpus_takes_numpy_arrays_and_generators():
     np = pytest.importorskip("numpy")
     assert tokenize_corpus("ab", lambda text: np.array([1, 2], dtype=np.uint64)).tolist() == [1, 2]
@@ -472,7 +495,12 @@ def test_an_empty_digest_record_is_ignored_and_records_are_written_atomically(se
 
 
 @pytest.mark.parametrize("entry, message", [("url filename size sha256 licence source description", "JSON object"),
-                                            ({"filename": 5}, "has filename 5")])
+                                            ({"filename": 5}, "has filename 5"),
+                                            ({"filename": "odd.txt", "size": "12"}, "has size '12'"),
+                                            ({"filename": "odd.txt", "size": -1}, "has size -1"),
+                                            ({"filename": "odd.txt", "sha256": 5}, "has sha256 5"),
+                                            ({"filename": "odd.txt", "sha256": "abc"}, "64 hexadecimal"),
+                                            ({"filename": "odd.txt", "url": None}, "has url None")])
 def test_manifest_entries_of_the_wrong_kind_are_clear_errors(tmp_path, entry, message):
     fields = {"url": "http://x", "size": 1, "sha256": None, "licence": "", "source": "", "description": ""}
     entry = {**fields, **entry} if isinstance(entry, dict) else entry
