@@ -102,19 +102,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The mean of squares overflows/underflows easily in 16-bit, so normalise in float32.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).type_as(x)
+        # The mean of squares overflows/underflows easily in 16-bit, so normalise in float32 (float64 stays).
+        wide = x.to(_wide(x.dtype))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(wide.dtype)).type_as(x)
 
 
-def rope_cos_sin(head_dim: int, length: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (length, head_dim/2): position p rotates pair i by p * base^(-2i/head_dim)."""
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute norms, rotations, softmax and the loss in: float32 for 16-bit inputs, float64 kept."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+def rope_cos_sin(head_dim: int, length: int, base: float = 10000.0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_dim/2): position p rotates pair i by p * base^(-2i/head_dim).
+
+    Computed in float64 and returned as `dtype` (float32 by default; float64 for a float64 model)."""
     if head_dim % 2 != 0:
         raise ValueError(f"rope_cos_sin: head_dim={head_dim} must be even (RoPE rotates pairs of dimensions)")
     inverse_frequency = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inverse_frequency)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -124,7 +132,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     position s leaves q.k depending only on p - s: attention sees relative positions.
     """
     half = x.shape[-1] // 2
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    wide = x.to(_wide(x.dtype))   # rotate in float32 (float64 stays float64)
+    x1, x2 = wide[..., :half], wide[..., half:]
+    cos, sin = cos.to(wide.dtype), sin.to(wide.dtype)
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.type_as(x)
 
@@ -141,6 +151,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self._rope_base = config.rope_base
         cos, sin = rope_cos_sin(config.head_dim, config.block_size, config.rope_base)
         # Non-persistent: derived from the config, so they stay out of checkpoints.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -148,9 +159,14 @@ class CausalSelfAttention(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) casts every floating buffer; RoPE's tables stay float32 (in bf16 the angles
-        # of positions a few dozen apart blur), and apply_rope rotates in float32 anyway.
+        # of positions a few dozen apart blur), and apply_rope rotates in float32 anyway. A float64 model gets
+        # float64 tables, computed again at that precision.
         super()._apply(fn, recurse)
-        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        wide = _wide(self.qkv.weight.dtype)
+        if self.rope_cos.dtype != wide:
+            length, half = self.rope_cos.shape
+            cos, sin = rope_cos_sin(2 * half, length, getattr(self, "_rope_base", 10000.0), dtype=wide)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +182,7 @@ class CausalSelfAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
             future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(diagonal=1)
             scores = scores.masked_fill(future, float("-inf"))
-            weights = F.softmax(scores.float(), dim=-1).type_as(q)
+            weights = F.softmax(scores.to(_wide(scores.dtype)), dim=-1).type_as(q)
             y = self.attn_dropout(weights) @ v
         y = y.transpose(1, 2).contiguous().view(batch, time, channels)
         return self.resid_dropout(self.proj(y))
@@ -242,6 +258,10 @@ class GPT(nn.Module):
 
         Targets equal to -100 are left out of the mean (used to mask prompts during fine-tuning).
         """
+        for name, value in (("idx", idx), ("targets", targets)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"GPT.forward: {name} must be a torch tensor of token ids, got "
+                                f"{type(value).__name__}; convert it with torch.as_tensor({name})")
         if idx.dim() != 2:
             raise ValueError(f"GPT.forward: idx must have shape (batch, time), got {tuple(idx.shape)}; "
                              "for a single sequence pass idx.unsqueeze(0)")
@@ -279,7 +299,14 @@ class GPT(nn.Module):
             if checked and bool((targets == -100).all()):   # as for idx: on a CPU, uncompiled
                 raise ValueError("GPT.forward: every target is -100 (masked), so the mean loss would be over no "
                                  "tokens (NaN); leave at least one target unmasked, or call without targets")
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1).long(),
+            if checked:
+                outside = (targets >= self.config.vocab_size) | ((targets < 0) & (targets != -100))
+                if bool(outside.any()):
+                    raise ValueError(f"GPT.forward: target {targets[outside][0].item()} is outside the vocabulary "
+                                     f"(0..{self.config.vocab_size - 1}, or -100 to mask a position); were the "
+                                     "targets encoded with a tokenizer of a different vocab_size?")
+            loss = F.cross_entropy(logits.to(_wide(logits.dtype)).view(-1, logits.shape[-1]),
+                                   targets.reshape(-1).long(),
                                    ignore_index=-100)
             for layer in self.moe_layers():  # the optional balance loss of each MoE layer (training only)
                 if layer.aux_loss is not None:

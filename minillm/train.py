@@ -91,6 +91,8 @@ class TrainConfig:
         for name in ("warmup_steps", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be an integer >= 0")
+        if self.seed >= 2 ** 64:   # torch.manual_seed takes at most 64 bits
+            fail("seed", "must be below 2**64")
         if not is_number(self.lr) or self.lr <= 0:
             fail("lr", "must be a positive number, e.g. 3e-3")
         if not is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
@@ -172,7 +174,9 @@ def estimate_loss(model: torch.nn.Module, tokens, block_size: int, batch_size: i
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ValueError(f"estimate_loss: batches={batches!r} must be a positive integer")
     device = next(model.parameters()).device if device is None else torch.device(device)
-    sampler = BatchSampler(_as_token_tensor(tokens, "estimate_loss"), block_size, batch_size, seed, device)
+    vocab_size = getattr(getattr(getattr(model, "_orig_mod", model), "config", None), "vocab_size", None)
+    sampler = BatchSampler(_as_token_tensor(tokens, "estimate_loss", vocab_size), block_size, batch_size, seed,
+                           device)
     was_training = model.training
     model.eval()
     try:
@@ -197,6 +201,9 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
         # Found now, not when the first checkpoint is written (possibly after the whole run).
         raise ValueError(f"train: checkpoint_path={config.checkpoint_path!r} is a folder; give a file path "
                          f"inside it, e.g. {os.path.join(config.checkpoint_path, 'checkpoint.pt')!r}")
+    if not all(hasattr(model, name) for name in ("config", "configure_optimizer")):
+        raise TypeError(f"train: model must be a minillm model (a GPT, or one of minillm.lm's models: they have "
+                        f".config and .configure_optimizer), got {type(model).__name__}; e.g. GPT(GPTConfig(...))")
     device = _resolve_device(config.device)
     precision = _resolve_precision(config.precision, device)
     model.to(device)
@@ -393,12 +400,18 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
         model = getattr(model, "_orig_mod", model)
         config = getattr(model, "config", None)
         saved = checkpoint["model_config"]
+        if saved is not None and dataclasses.is_dataclass(config) and not isinstance(config, type):
+            try:   # fields newer than the checkpoint compare as their defaults, as load_checkpoint(path) builds them
+                saved = dataclasses.asdict(type(config)(**saved))
+            except (TypeError, ValueError):
+                pass
         if saved is not None and dataclasses.is_dataclass(config) and dataclasses.asdict(config) != saved:
             current = dataclasses.asdict(config)
             differences = ", ".join(f"{k}: saved {saved.get(k)!r} vs model {current.get(k)!r}"
                                     for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
             raise ValueError(f"load_checkpoint: {path} was saved from a different model config ({differences}); "
                              "build the model from checkpoint['model_config'] or call load_checkpoint(path)")
+    _check_state_fits(checkpoint["model_state"], model, path)   # before anything is loaded: a refusal changes nothing
     if optimizer is not None and checkpoint.get("optimizer") is None:
         raise ValueError(f"load_checkpoint: {path} holds no optimizer state, so training cannot resume from it")
     if _before_loading is not None:   # train()'s checks: a refused resume must leave the model as it was
@@ -447,6 +460,26 @@ def checkpoint_safe(value, where: str = "checkpoint"):
 
 # Types a weights-only torch.load rebuilds as they are (containers are checked item by item).
 _SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device, torch.Size)
+
+
+def _check_state_fits(state, model: torch.nn.Module, path: Path) -> None:
+    """Raise a ValueError, naming the differences, unless `state` has exactly the model's weights and shapes."""
+    if not isinstance(state, dict):
+        raise ValueError(f"load_checkpoint: {path}'s model_state is a {type(state).__name__}, not a state dict; "
+                         "use another checkpoint")
+    current = model.state_dict()
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(set(state) - set(current))
+    reshaped = [f"{key} {tuple(state[key].shape)} vs {tuple(current[key].shape)}"
+                for key in sorted(set(state) & set(current))
+                if isinstance(state[key], torch.Tensor) and state[key].shape != current[key].shape]
+    if missing or unexpected or reshaped:
+        problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                    for label, items in (("missing", missing), ("unexpected", unexpected),
+                                         ("other shapes (saved vs model)", reshaped)) if items]
+        raise ValueError(f"load_checkpoint: {path}'s weights do not fit this model ({'; '.join(problems)}); build "
+                         "the model the checkpoint was saved from (load_checkpoint(path) rebuilds a GPT from its "
+                         "saved config) or use another checkpoint")
 
 
 def _model_from_config(saved: dict, path: Path) -> torch.nn.Module:
@@ -513,7 +546,13 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def _as_token_tensor(tokens, name: str, vocab_size: int | None = None, block_size: int | None = None) -> torch.Tensor:
-    tokens = torch.as_tensor(tokens)
+    try:
+        tokens = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as error:   # ["a", "b"], ragged lists
+        raise ValueError(f"{name}: expected a 1-D sequence of integer token ids, got {type(tokens).__name__} "
+                         f"that torch cannot read as one ({error})") from error
+    if tokens.dim() == 1 and tokens.numel() == 0:   # [] reads as float32: say what is wrong, not the dtype
+        raise ValueError(f"{name}: no tokens; give at least block_size+1 token ids")
     if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"{name}: expected a 1-D sequence of integer token ids, got a {tokens.dtype} tensor "
                          f"of shape {tuple(tokens.shape)}")

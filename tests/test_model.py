@@ -360,3 +360,38 @@ def test_a_forward_with_targets_compiles_to_one_graph():
     explanation = torch._dynamo.explain(model)(idx, targets)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_a_float64_gpt_computes_in_float64_and_16_bit_ones_in_float32(attention):
+    # RMSNorm, RoPE, the manual softmax and the loss used to narrow float64 to float32 (gradcheck failed)
+    from minillm.model import RMSNorm
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(RMSNorm(6).double(), (x,))
+    cos, sin = rope_cos_sin(6, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin), (x,))
+    model = tiny_model(attention=attention, vocab_size=11, n_embd=8).double()
+    idx = torch.randint(0, 11, (2, 16))
+    logits, loss = model(idx, idx)
+    assert logits.dtype == loss.dtype == model.blocks[0].attn.rope_cos.dtype == torch.float64
+    head = model.lm_head.weight
+    assert torch.autograd.gradcheck(lambda w: torch.func.functional_call(model, {"lm_head.weight": w}, (idx, idx))[1],
+                                    (head.detach().clone().requires_grad_(),))
+    for dtype in (torch.float32, torch.bfloat16):   # back down: tables and the loss in float32
+        model = model.to(dtype)
+        assert model.blocks[0].attn.rope_cos.dtype == model(idx, idx)[1].dtype == torch.float32
+
+
+def test_forward_explains_targets_outside_the_vocabulary_and_inputs_that_are_not_tensors():
+    model = tiny_model(vocab_size=11)
+    idx = torch.randint(0, 11, (2, 5))
+    for bad in (11, -1):
+        with pytest.raises(ValueError, match=f"target {bad} is outside the vocabulary"):
+            model(idx, torch.full((2, 5), bad))
+    masked = torch.full((2, 5), -100)
+    masked[0, 0] = 3
+    model(idx, masked)                                       # -100 masks a position: no complaint
+    with pytest.raises(TypeError, match="idx must be a torch tensor"):
+        model(np.zeros((2, 5), dtype=np.int64))
+    with pytest.raises(TypeError, match="targets must be a torch tensor"):
+        model(idx, idx.numpy())

@@ -608,3 +608,55 @@ def test_checkpoints_get_the_mode_a_plain_open_would_give(byte_tokens, tmp_path)
 def test_boolean_tokens_are_refused_by_train(byte_tokens):
     with pytest.raises(ValueError, match="integer token ids.*torch.bool"):
         train(byte_model(), byte_tokens > 100, config=quick_config(steps=1))
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_is_refused_before_anything_is_loaded(tmp_path):
+    config = GPTConfig(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, GPT(config))
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["model_state"]["norm_final.weight"]
+    checkpoint["model_state"]["token_embedding.weight"] = torch.zeros(13, 16)   # would be copied first
+    torch.save(checkpoint, path)
+    torch.manual_seed(1)
+    model = GPT(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="weights do not fit this model.*missing: norm_final.weight"):
+        load_checkpoint(path, model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # untouched
+    plain = torch.nn.Linear(16, 13)                                  # a model without a config: the same check
+    with pytest.raises(ValueError, match="missing: bias, weight; unexpected: blocks.0"):
+        load_checkpoint(path, plain)
+
+
+def test_a_checkpoint_older_than_a_config_field_loads_into_a_model_built_with_that_fields_default(tmp_path):
+    config = GPTConfig(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, GPT(config))
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["model_config"]["n_dense_layers"], checkpoint["model_config"]["moe"]   # as an older version
+    torch.save(checkpoint, path)
+    load_checkpoint(path, GPT(config))                               # was: "saved None vs model 0"
+    with pytest.raises(ValueError, match="different model config"):
+        load_checkpoint(path, GPT(GPTConfig(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=32)))
+
+
+def test_seed_beyond_64_bits_and_out_of_vocabulary_evaluation_tokens_are_clear_errors():
+    with pytest.raises(ValueError, match="seed"):
+        TrainConfig(seed=2 ** 64)
+    TrainConfig(seed=2 ** 64 - 1)
+    model = GPT(GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.randint(0, 13, (40,))
+    tokens[-1] = 50                                                  # only the last window's target is bad
+    with pytest.raises(ValueError, match="vocab_size is 13"):
+        estimate_loss(model, tokens, 8, 1, 1)
+
+
+@pytest.mark.parametrize("tokens, message", [([], "no tokens"), (["a", "b"], "torch cannot read as one"),
+                                             ([[1, 2], [3]], "torch cannot read as one")])
+def test_train_explains_token_lists_that_are_empty_or_not_ids(tokens, message):
+    model = GPT(GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match=message):
+        train(model, tokens, None, TrainConfig(steps=1, progress=False, device="cpu"))
+    with pytest.raises(TypeError, match="must be a minillm model"):
+        train(torch.nn.Linear(2, 2), list(range(20)), None, TrainConfig(steps=1, progress=False, device="cpu"))
