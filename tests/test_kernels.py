@@ -548,8 +548,11 @@ def test_add_rmsnorm_cross_entropy_check_alike_on_every_backend(backend):
         kernels.rmsnorm(x, randn(3, 4, seed=3), backend=backend)
     with pytest.raises(TypeError, match="eps"):
         kernels.rmsnorm(x, randn(4, seed=3), eps="1e-6", backend=backend)
-    with pytest.raises(ValueError, match="eps"):
-        kernels.rmsnorm(x, randn(4, seed=3), eps=0.0, backend=backend)
+    for eps in (0.0, float("inf"), float("nan")):   # inf was accepted and gave all zeros
+        with pytest.raises(ValueError, match="eps"):
+            kernels.rmsnorm(x, randn(4, seed=3), eps=eps, backend=backend)
+    with pytest.raises(ValueError, match="fit in int64"):   # was an OverflowError from inside torch
+        kernels.cross_entropy(x, torch.tensor([0, 1, 2], device=DEVICE), ignore_index=10 ** 20, backend=backend)
     logits = randn(2, 3, 3, seed=4)
     with pytest.raises(ValueError, match="rows, vocab"):
         kernels.cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long, device=DEVICE), backend=backend)

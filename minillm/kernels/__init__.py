@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import math
 import numbers
 import os
 
@@ -243,8 +244,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: s
                          f"{tuple(x.shape[-1:])}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"rmsnorm: eps={eps!r} must be a number, e.g. 1e-6")
-    if not eps > 0:
-        raise ValueError(f"rmsnorm: eps={eps!r} must be > 0 (it keeps an all-zero row finite)")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"rmsnorm: eps={eps!r} must be a finite number > 0 (it keeps an all-zero row finite)")
     return _run("rmsnorm", backend, device, x, weight, eps)
 
 
@@ -260,6 +261,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                         "int64 (or int32) class indices (convert with .long())")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"cross_entropy: ignore_index={ignore_index!r} must be an int")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:   # compared with int64 targets
+        raise ValueError(f"cross_entropy: ignore_index={ignore_index} must fit in int64 (e.g. the usual -100)")
     # Checked for every backend: torch's F.cross_entropy reads (N, C, d...) logits with class dim 1, a silent
     # different meaning for (batch, time, vocab) logits.
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
