@@ -127,6 +127,19 @@ def cmd_grade(args) -> int:
     from pathlib import Path
 
     from .grader import GraderError, format_table, grade, write_reports
+    out = Path(args.out)
+    try:   # before grading, not after: an unusable --out would lose the whole run's results
+        if out.exists() and not out.is_dir():
+            raise GraderError(f"--out {out} is a file; give a folder for grades.csv and grades.json")
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise GraderError(f"--out {out} is not writable; give a folder you can write to")
+    except OSError as error:
+        print(f"minillm grade: --out {out}: {error}; give a folder you can write to", file=sys.stderr)
+        return 2
+    except GraderError as error:
+        print(f"minillm grade: {error}", file=sys.stderr)
+        return 2
     try:
         submissions = grade(args.submissions, chapter=args.chapter, extra_tests=args.extra_tests,
                             cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
@@ -135,7 +148,7 @@ def cmd_grade(args) -> int:
         print(f"minillm grade: {error}", file=sys.stderr)
         return 2
     print(format_table(submissions))
-    csv_path, json_path = write_reports(submissions, Path(args.out))
+    csv_path, json_path = write_reports(submissions, out)
     print(f"wrote {csv_path} and {json_path}")
     errors = [s for s in submissions if s.grader_error]
     if errors:

@@ -103,6 +103,9 @@ def _shape_problem(nb) -> str | None:
         return f"it holds {_json_type(nb)}, not a notebook (a JSON object with a list of cells)"
     if not isinstance(nb.get("cells"), list):
         return "it has no list of cells"
+    if not isinstance(nb.get("nbformat"), int) or nb["nbformat"] < 4:
+        return (f"it has nbformat {nb.get('nbformat')!r}; a Jupyter notebook of format 4 is needed (the file "
+                "lost its header, or it was saved by a very old Jupyter)")
     for number, cell in enumerate(nb["cells"], 1):
         if not isinstance(cell, dict):
             return f"cell {number} is {_json_type(cell)}, not a cell (a JSON object)"
@@ -214,6 +217,14 @@ def find_submissions(inputs: list[str | Path], chapter: str | None = None) -> li
             raise GraderError(f"{item} does not exist: give notebook files or folders of submissions")
     if not found:
         raise GraderError(f"no notebooks found in {', '.join(map(str, inputs))}")
+    seen, unique = set(), []
+    for sub in found:   # the same notebook named twice (a folder and a file in it): graded once
+        key = sub.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(sub)
+    kept = {id(sub) for sub in unique}
+    found, files = unique, [sub for sub in files if id(sub) in kept]
     stems = [sub.student for sub in files]
     for sub in files:
         if stems.count(sub.student) > 1 and sub.path.parent.name:
@@ -238,9 +249,13 @@ def prepare(submission: dict, official: dict, extra_tests: Path | None = None) -
         gid = _grade_id(reference)
         restored = copy.deepcopy(reference)
         restored["outputs"], restored["execution_count"] = [], None
+        # Student code ran in this kernel before: undo an exception handler of theirs that would hide a failing
+        # check; and the plugin counts a check as passed only when it printed its own "✓ <id>" line (a replaced
+        # minillm.grading.check prints none).
+        restored["source"] = f"{CHECK_GUARD}\n{_source(reference)}"
         extra = (extra_tests / f"{gid}.py") if extra_tests else None
         if extra is not None and extra.exists():
-            restored["source"] = f"{_source(reference)}\n\n# instructor's tests\n{extra.read_text()}"
+            restored["source"] = f"{_source(restored)}\n\n# instructor's tests\n{extra.read_text()}"
         here = [i for i, c in enumerate(cells) if _grade_id(c) == gid or c.get("id") == reference.get("id")]
         for duplicate in reversed(here[1:]):  # a student may have copied a check cell: keep one
             del cells[duplicate]
@@ -249,6 +264,9 @@ def prepare(submission: dict, official: dict, extra_tests: Path | None = None) -
         else:
             cells.insert(_insertion_point(cells, official_cells, index), restored)
     return nb
+
+
+CHECK_GUARD = "get_ipython().custom_exceptions = ()  # minillm grade: no handler of the student's hides an error"
 
 
 def _source(cell) -> str:
@@ -364,6 +382,11 @@ def grade(inputs: list[str | Path], chapter: str | None = None, extra_tests: str
     for option, seconds in (("--cell-timeout", cell_timeout), ("--notebook-timeout", notebook_timeout)):
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
             raise GraderError(f"{option} {seconds}: give a number of seconds above 0")
+    if chapter is not None:
+        try:
+            chapter_paths([chapter])   # an unknown chapter stops here, not once per submission
+        except ValueError as error:
+            raise GraderError(str(error)) from None
     extra = Path(extra_tests) if extra_tests else None
     if extra is not None:
         _check_extra_tests(extra, chapter)

@@ -57,8 +57,19 @@ def pytest_runtest_makereport(item, call):
     error = next((o for o in getattr(item, "test_outputs", None) or [] if o.get("output_type") == "error"), None)
     text = str(report.longrepr or "")
     ename = error.get("ename") if error else None
-    if report.passed:
+    nbgrader = (cell.get("metadata") or {}).get("nbgrader") or {}
+    confirmed = True
+    if report.passed and nbgrader.get("grade") and nbgrader.get("grade_id"):
+        # A check passes by printing its own "✓ <grade_id>" line, not merely by raising nothing.
+        printed = "".join(str(o.get("text", "")) for o in getattr(item, "test_outputs", None) or []
+                          if o.get("output_type") == "stream")
+        confirmed = f"✓ {nbgrader['grade_id']}" in printed
+    if report.passed and confirmed:
         record = {"status": "passed"}
+    elif report.passed:
+        record = {"status": "failed", "ename": None,
+                  "message": f"the check did not print its '✓ {nbgrader['grade_id']}' line, so the answer was not "
+                             "confirmed (did the notebook change minillm.grading or how errors are shown?)"}
     elif "Kernel dead on test start" in text:
         # nbval stops the kernel after a cell it could not interrupt (a kernel that died, or code that
         # ignores Ctrl-C); the cells after that one do not run.

@@ -52,6 +52,13 @@ CLASS = {
                      {"ex00.1": "passed", "ex00.2": "error"}, 1),
     "untouched_stubs": (STUDENT, {"ex00.1": "error", "ex00.2": "error"}, 0),
     "float_answer": (with_source(SOLUTION, "ex00-1", FLOAT_FLOPS), {"ex00.1": "failed", "ex00.2": "passed"}, 1),
+    # cheats: an exception handler that swallows the check's AssertionError; a replaced grading.check
+    "handler_hides_errors": (with_source(SOLUTION, "ex00-1", "get_ipython().set_custom_exc((BaseException,), "
+                                         "lambda *a, **k: None)\n" + WRONG_FLOPS),
+                             {"ex00.1": "failed", "ex00.2": "passed"}, 1),
+    "check_replaced": (with_source(SOLUTION, "ex00-1", "import minillm.grading\nminillm.grading.check = "
+                                   "lambda *a, **k: print('✓')\n" + WRONG_FLOPS),
+                       {"ex00.1": "failed", "ex00.2": "failed"}, 0),
 }
 
 
@@ -304,3 +311,26 @@ def test_unknown_extra_tests_and_bad_timeouts_are_refused(tmp_path):
         for bad in (0, -5, float("nan"), float("inf"), True, "60"):
             with pytest.raises(GraderError, match=f"--{option.replace('_', '-')} .*give a number of seconds above 0"):
                 grade([tmp_path / "alice"], chapter="00", progress=False, **{option: bad})
+
+
+def test_grading_refuses_early_what_would_waste_the_run(tmp_path, capsys):
+    from minillm.cli import main
+    write(tmp_path / "class", "alice", SOLUTION)
+    with pytest.raises(GraderError, match="no chapter 99"):       # was: one complaint per submission
+        grade([tmp_path / "class"], chapter="99", progress=False)
+    (tmp_path / "afile").write_text("")
+    started = time.perf_counter()
+    assert main(["grade", str(tmp_path / "class"), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert time.perf_counter() - started < 5                       # refused before any notebook ran
+    nb = copy.deepcopy(SOLUTION)
+    del nb["nbformat"]                                             # was read as format 3: every check "missing"
+    (tmp_path / "headless.ipynb").write_text(json.dumps(nb))
+    (sub,) = grade([tmp_path / "headless.ipynb"], progress=False)
+    assert "nbformat" in sub.grader_error and not sub.exercises
+
+
+def test_a_notebook_named_twice_is_graded_once(tmp_path):
+    write(tmp_path, "alice", SOLUTION)
+    found = find_submissions([tmp_path, tmp_path / "alice" / "00_setup.ipynb", tmp_path])
+    assert [sub.student for sub in found] == ["alice"]
