@@ -257,10 +257,17 @@ def prepare(submission: dict, official: dict, extra_tests: Path | None = None) -
         if extra is not None and extra.exists():
             restored["source"] = f"{_source(restored)}\n\n# instructor's tests\n{extra.read_text()}"
         here = [i for i, c in enumerate(cells) if _grade_id(c) == gid or c.get("id") == reference.get("id")]
-        for duplicate in reversed(here[1:]):  # a student may have copied a check cell: keep one
-            del cells[duplicate]
-        if here:
-            cells[here[0]] = restored
+        # The official check goes where the official cell id is (else where the first cell with its grade_id
+        # is). Other cells with that grade_id (a check cell copied elsewhere, a solution cell that took the
+        # check's metadata) keep their code but lose the metadata: a copy above the exercise would otherwise
+        # be the one restored and run before the answer exists, and deleting one could delete the answer.
+        keep = next((i for i in here if cells[i].get("id") == reference.get("id")), here[0] if here else None)
+        for other in here:
+            if other != keep:
+                cells[other] = copy.deepcopy(cells[other])
+                cells[other].get("metadata", {}).pop("nbgrader", None)
+        if keep is not None:
+            cells[keep] = restored
         else:
             cells.insert(_insertion_point(cells, official_cells, index), restored)
     return nb

@@ -52,6 +52,9 @@ CLASS = {
                      {"ex00.1": "passed", "ex00.2": "error"}, 1),
     "untouched_stubs": (STUDENT, {"ex00.1": "error", "ex00.2": "error"}, 0),
     "float_answer": (with_source(SOLUTION, "ex00-1", FLOAT_FLOPS), {"ex00.1": "failed", "ex00.2": "passed"}, 1),
+    # a copy of the ex00.1 check pasted above the exercise (new id): the official one still runs after it
+    "check_copied_above": ({**SOLUTION, "cells": [{**copy.deepcopy(cell(SOLUTION, "check-ex00-1")), "id": "pasted"}]
+                            + copy.deepcopy(SOLUTION["cells"])}, {"ex00.1": "passed", "ex00.2": "passed"}, 2),
     # cheats: an exception handler that swallows the check's AssertionError; a replaced grading.check
     "handler_hides_errors": (with_source(SOLUTION, "ex00-1", "get_ipython().set_custom_exc((BaseException,), "
                                          "lambda *a, **k: None)\n" + WRONG_FLOPS),
@@ -334,3 +337,13 @@ def test_a_notebook_named_twice_is_graded_once(tmp_path):
     write(tmp_path, "alice", SOLUTION)
     found = find_submissions([tmp_path, tmp_path / "alice" / "00_setup.ipynb", tmp_path])
     assert [sub.student for sub in found] == ["alice"]
+
+
+def test_prepare_keeps_an_answer_cell_that_took_a_checks_metadata():
+    nb = copy.deepcopy(SOLUTION)
+    cell(nb, "ex00-1")["metadata"]["nbgrader"] = copy.deepcopy(cell(nb, "check-ex00-1")["metadata"]["nbgrader"])
+    prepared = prepare(nb, SOLUTION)
+    ids = [c.get("id") for c in prepared["cells"]]
+    assert ids.index("ex00-1") < ids.index("check-ex00-1")        # was: the answer replaced by the check
+    assert "def matmul_flops" in "".join(cell(prepared, "ex00-1")["source"])
+    assert "nbgrader" not in cell(prepared, "ex00-1")["metadata"]
