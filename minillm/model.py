@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.kernels.reference import _wide, wide_dtype
 from minillm.moe import MoE, MoEConfig
 
 ATTENTION_KINDS = ("sdpa", "manual")
@@ -103,14 +104,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mean of squares overflows/underflows easily in 16-bit, so normalise in float32 (float64 stays).
-        wide = x.to(_wide(x.dtype))
+        wide = _wide(x)
         normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (normed * self.weight.to(wide.dtype)).type_as(x)
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to compute norms, rotations, softmax and the loss in: float32 for 16-bit inputs, float64 kept."""
-    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
 
 
 def rope_cos_sin(head_dim: int, length: int, base: float = 10000.0,
@@ -132,7 +128,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     position s leaves q.k depending only on p - s: attention sees relative positions.
     """
     half = x.shape[-1] // 2
-    wide = x.to(_wide(x.dtype))   # rotate in float32 (float64 stays float64)
+    wide = _wide(x)   # rotate in float32 (float64 stays float64)
     x1, x2 = wide[..., :half], wide[..., half:]
     cos, sin = cos.to(wide.dtype), sin.to(wide.dtype)
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -162,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         # of positions a few dozen apart blur), and apply_rope rotates in float32 anyway. A float64 model gets
         # float64 tables, computed again at that precision.
         super()._apply(fn, recurse)
-        wide = _wide(self.qkv.weight.dtype)
+        wide = wide_dtype(self.qkv.weight.dtype)
         if self.rope_cos.dtype != wide:
             length, half = self.rope_cos.shape
             cos, sin = rope_cos_sin(2 * half, length, getattr(self, "_rope_base", 10000.0), dtype=wide)
@@ -182,7 +178,7 @@ class CausalSelfAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
             future = torch.ones(time, time, dtype=torch.bool, device=x.device).triu(diagonal=1)
             scores = scores.masked_fill(future, float("-inf"))
-            weights = F.softmax(scores.to(_wide(scores.dtype)), dim=-1).type_as(q)
+            weights = F.softmax(_wide(scores), dim=-1).type_as(q)
             y = self.attn_dropout(weights) @ v
         y = y.transpose(1, 2).contiguous().view(batch, time, channels)
         return self.resid_dropout(self.proj(y))
@@ -305,7 +301,7 @@ class GPT(nn.Module):
                     raise ValueError(f"GPT.forward: target {targets[outside][0].item()} is outside the vocabulary "
                                      f"(0..{self.config.vocab_size - 1}, or -100 to mask a position); were the "
                                      "targets encoded with a tokenizer of a different vocab_size?")
-            loss = F.cross_entropy(logits.to(_wide(logits.dtype)).view(-1, logits.shape[-1]),
+            loss = F.cross_entropy(_wide(logits).view(-1, logits.shape[-1]),
                                    targets.reshape(-1).long(),
                                    ignore_index=-100)
             for layer in self.moe_layers():  # the optional balance loss of each MoE layer (training only)

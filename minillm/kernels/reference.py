@@ -12,9 +12,14 @@ import torch.nn.functional as F
 from ._inputs import require_targets_in_range
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute norms, softmax and losses in: float32 for the half precisions, others kept."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """x in at least fp32: half precisions are widened, float64 keeps its precision (and gradcheck passes)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.to(wide_dtype(x.dtype))
 
 
 def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
