@@ -242,12 +242,9 @@ def run_experts_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_up:
     GPU, here with zero padding); the padding is wasted work when the load is uneven.
     """
     n_experts, width = counts.numel(), x_sorted.shape[-1]
-    starts = torch.cumsum(counts, 0) - counts
-    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts)
     capacity = int(counts.max()) if x_sorted.shape[0] else 0
-    # Row r of expert e goes to slot e * capacity + r in the padded (n_experts * capacity) rows. index_copy
-    # and index_select (rather than advanced indexing) keep the backward pass to cheap index ops.
-    slot = expert_of_row * capacity + torch.arange(x_sorted.shape[0], device=counts.device) - starts[expert_of_row]
+    # index_copy and index_select (rather than advanced indexing) keep the backward pass to cheap index ops.
+    slot = _padded_slots(counts, capacity, x_sorted.shape[0])
     padded = x_sorted.new_zeros(n_experts * capacity, width).index_copy(0, slot, x_sorted)
     gate, up = torch.bmm(padded.view(n_experts, capacity, width), w_gate_up).chunk(2, dim=-1)
     output = torch.bmm(F.silu(gate) * up, w_down)
@@ -269,6 +266,15 @@ def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
         if any(stride != 1 and (stride * t.element_size()) % 16 for stride in t.stride()):
             return False
     return True
+
+
+def _padded_slots(counts: torch.Tensor, capacity: int, rows: int) -> torch.Tensor:
+    """For rows sorted by expert (counts[e] of expert e), each row's slot when every expert's group is padded
+    to `capacity` rows: row r of expert e goes to e * capacity + r."""
+    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                            output_size=rows)
+    starts = torch.cumsum(counts, 0) - counts
+    return expert_of_row * capacity + torch.arange(rows, device=counts.device) - starts[expert_of_row]
 
 
 def _rows_aligned_like(like: torch.Tensor) -> torch.Tensor:
@@ -318,10 +324,7 @@ def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool) -> _Layo
     padded = pad and pairs > 0 and padding <= PAD_LIMIT
     token_of_row, pad_rows = token_of_pair, None
     if padded:
-        # Row r of expert e's group goes to e * capacity + r.
-        expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=order.device), counts,
-                                                output_size=pairs)
-        sorted_row = sorted_row + expert_of_row * capacity - (torch.cumsum(counts, 0) - counts)[expert_of_row]
+        sorted_row = _padded_slots(counts, capacity, pairs)
         rows = n_experts * capacity
         token_of_row = token_of_pair.new_zeros(rows).scatter_(0, sorted_row, token_of_pair)
         if rows > pairs:
