@@ -127,18 +127,17 @@ def cmd_grade(args) -> int:
     from pathlib import Path
 
     from .grader import GraderError, format_table, grade, write_reports
-    out = Path(args.out)
-    try:   # before grading, not after: an unusable --out would lose the whole run's results
-        if out.exists() and not out.is_dir():
-            raise GraderError(f"--out {out} is a file; give a folder for grades.csv and grades.json")
+    out = Path(args.out)   # checked before grading: an unusable --out would lose the whole run's results
+    if out.exists() and not out.is_dir():
+        print(f"minillm grade: --out {out} is a file; give a folder for grades.csv and grades.json", file=sys.stderr)
+        return 2
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise GraderError(f"--out {out} is not writable; give a folder you can write to")
     except OSError as error:
         print(f"minillm grade: --out {out}: {error}; give a folder you can write to", file=sys.stderr)
         return 2
-    except GraderError as error:
-        print(f"minillm grade: {error}", file=sys.stderr)
+    if not os.access(out, os.W_OK):
+        print(f"minillm grade: --out {out} is not writable; give a folder you can write to", file=sys.stderr)
         return 2
     try:
         submissions = grade(args.submissions, chapter=args.chapter, extra_tests=args.extra_tests,

@@ -71,8 +71,8 @@ class Meter:
         self.chapter = chapter
         # a device this machine lacks fails here, clearly, not inside torch when the meter starts
         self.device = resolve_device(device, f"Meter {label!r}") if device is not None else torch.device("cpu")
-        self.tokens = _token_count(tokens, f"Meter {label!r}")
-        self.flops = _flop_count(flops, f"Meter {label!r}")
+        self.tokens = _count(tokens, "tokens", f"Meter {label!r}", whole=True)
+        self.flops = _count(flops, "flops", f"Meter {label!r}")
         self._price_per_hour = price_per_hour
         self.seconds = 0.0
         self.peak_memory_bytes: int | None = None
@@ -80,8 +80,8 @@ class Meter:
         self._cuda_peak = 0  # this meter's CUDA peak before another meter reset torch's peak counter
 
     def add(self, tokens: int = 0, flops: float = 0.0) -> None:
-        self.tokens += _token_count(tokens, f"Meter {self.label!r}: add")
-        self.flops += _flop_count(flops, f"Meter {self.label!r}: add")
+        self.tokens += _count(tokens, "tokens", f"Meter {self.label!r}: add", whole=True)
+        self.flops += _count(flops, "flops", f"Meter {self.label!r}: add")
 
     def __enter__(self) -> "Meter":
         if self._start is not None:
@@ -771,22 +771,15 @@ def _chapter_name(chapter, who: str) -> str:
     return chapter
 
 
-def _token_count(value, where: str) -> int:
-    """A token count as an int: a whole number >= 0 (an int, a numpy or 0-d tensor integer, or a whole float)."""
+def _count(value, name: str, where: str, whole: bool = False) -> float:
+    """A count of tokens (whole=True: a whole number) or FLOPs: a finite number >= 0, numpy and one-element
+    tensors included."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if _finite_number(value) and value >= 0 and float(value) == int(value):
-        return int(value)
-    raise ValueError(f"{where}: tokens={value!r} must be a whole number >= 0 (how many tokens were processed)")
-
-
-def _flop_count(value, where: str) -> float:
-    """A FLOP count as a float: a finite number >= 0."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if _finite_number(value) and value >= 0:
-        return float(value)
-    raise ValueError(f"{where}: flops={value!r} must be a finite number >= 0")
+    if _finite_number(value) and value >= 0 and (not whole or float(value) == int(value)):
+        return int(value) if whole else float(value)
+    raise ValueError(f"{where}: {name}={value!r} must be a "
+                     f"{'whole number >= 0 (how many tokens were processed)' if whole else 'finite number >= 0'}")
 
 
 def _finite_number(value) -> bool:
