@@ -9,6 +9,11 @@ Text is first cut into chunks (words with their leading space, numbers, punctuat
 and merges never cross a chunk boundary, so a token never spans "the end of one word + the start of the
 next". Training counts each distinct chunk once and updates pair counts incrementally after each merge,
 touching only the chunks that contain the merged pair.
+
+Decoding always gives printable text: bytes that are not valid UTF-8 (a multi-byte character cut between
+tokens, or an arbitrary id list) become U+FFFD, the replacement character, as in GPT-2 and tiktoken;
+`decode_bytes` gives the exact bytes instead (join them, then decode, when streaming tokens one at a time).
+Text holding a lone surrogate (U+D800..U+DFFF, which has no UTF-8 bytes) is refused with a ValueError.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ CHUNK_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(
 _CHUNK_REGEX = re.compile(CHUNK_PATTERN)
 
 _FORMAT_VERSION = 1
+_SURROGATE_REGEX = re.compile("[\ud800-\udfff]")
 # Encoded chunks are cached; the cap only stops an endless stream of new chunks from eating memory.
 _ENCODE_CACHE_LIMIT = 500_000
 
@@ -49,6 +55,16 @@ def _check_text(text, where: str) -> None:
     if not isinstance(text, str):
         raise TypeError(f"{where}: expected a str, got {type(text).__name__}; "
                         "decode bytes first (e.g. data.decode('utf-8')) or join a list of strings")
+
+
+def _lone_surrogate_error(text: str, where: str) -> ValueError:
+    """The error for text holding a lone surrogate, which has no UTF-8 bytes and so cannot be tokenized."""
+    match = _SURROGATE_REGEX.search(text)
+    found = f" {match.group()!r} (U+{ord(match.group()):04X}) at index {match.start()}" if match else ""
+    return ValueError(f"{where}: the text holds a lone surrogate{found}, half of a UTF-16 pair rather than a "
+                      "character, so it has no UTF-8 bytes to encode; it usually comes from reading a file with "
+                      "errors='surrogateescape' or from a broken JSON escape. Clean the text first, e.g. "
+                      "text.encode('utf-8', errors='replace').decode('utf-8') turns each one into '?'")
 
 
 def _as_index(value) -> int | None:
@@ -96,12 +112,9 @@ def _check_ids(ids, vocab_size: int, where: str) -> list[int]:
 
 
 def _bytes_to_text(data: bytes) -> str:
-    # surrogatepass first so that strings holding lone surrogates round-trip; arbitrary id lists can
-    # form invalid UTF-8, which becomes U+FFFD instead of an exception.
-    try:
-        return data.decode("utf-8", errors="surrogatepass")
-    except UnicodeDecodeError:
-        return data.decode("utf-8", errors="replace")
+    # Arbitrary id lists can form invalid or cut-off UTF-8: each bad sequence becomes U+FFFD, so the result
+    # is always printable (surrogatepass would return lone surrogates that print() cannot write).
+    return data.decode("utf-8", errors="replace")
 
 
 def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
@@ -129,7 +142,10 @@ def train_bpe_by_recount(text: str, n_merges: int, merge=None) -> list[tuple[int
     """
     merge = merge or _merge
     chunk_counts = Counter(pretokenize(text))
-    words = [list(chunk.encode("utf-8", errors="surrogatepass")) for chunk in chunk_counts]
+    try:
+        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    except UnicodeEncodeError:
+        raise _lone_surrogate_error(text, "train_bpe_by_recount") from None
     freqs = list(chunk_counts.values())
     merges: list[tuple[int, int]] = []
     for new_id in range(256, 256 + n_merges):
@@ -219,6 +235,8 @@ class CharTokenizer:
                                  "(the number of characters to keep) or None to keep every character")
             vocab_size = index
         counts = Counter(text)
+        if any("\ud800" <= c <= "\udfff" for c in counts):
+            raise _lone_surrogate_error(text, "CharTokenizer.train")
         chars = sorted(counts, key=lambda c: (-counts[c], ord(c)))
         if vocab_size is not None:
             chars = chars[:vocab_size]
@@ -246,8 +264,10 @@ class CharTokenizer:
             token_id = stoi.get(c)
             if token_id is not None:
                 ids.append(token_id)
+            elif "\ud800" <= c <= "\udfff":  # never in the vocabulary: train and load refuse it
+                raise _lone_surrogate_error(text, "CharTokenizer.encode")
             elif self.byte_fallback:
-                ids.extend(byte_offset + b for b in c.encode("utf-8", errors="surrogatepass"))
+                ids.extend(byte_offset + b for b in c.encode("utf-8"))
             else:
                 raise ValueError(
                     f"CharTokenizer.encode: character {c!r} (U+{ord(c):04X}) is not in the vocabulary; "
@@ -256,6 +276,7 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; fallback bytes that do not form valid UTF-8 become U+FFFD, never an error."""
         ids = _check_ids(ids, self.vocab_size, "CharTokenizer.decode")
         n_chars = len(self.chars)
         pieces: list[str] = []
@@ -272,17 +293,24 @@ class CharTokenizer:
             pieces.append(_bytes_to_text(bytes(pending)))
         return "".join(pieces)
 
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact UTF-8 bytes of `ids`, nothing replaced: decode(ids) is these bytes decoded with
+        errors="replace". Join the bytes of tokens streamed one at a time, then decode them."""
+        ids = _check_ids(ids, self.vocab_size, "CharTokenizer.decode_bytes")
+        chars, n_chars = self.chars, len(self.chars)
+        return b"".join(chars[i].encode("utf-8") if i < n_chars else bytes([i - n_chars]) for i in ids)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one id stands for (a character's UTF-8, or a single fallback byte)."""
         (token_id,) = _check_ids([token_id], self.vocab_size, "CharTokenizer.token_bytes")
         if token_id < len(self.chars):
-            return self.chars[token_id].encode("utf-8", errors="surrogatepass")
+            return self.chars[token_id].encode("utf-8")
         return bytes([token_id - len(self.chars)])
 
     def save(self, path: str | os.PathLike) -> None:
         state = {"type": "CharTokenizer", "version": _FORMAT_VERSION,
                  "byte_fallback": self.byte_fallback, "chars": self.chars}
-        # ensure_ascii keeps lone surrogates as \ud800 escapes, which plain UTF-8 could not store
+        # ensure_ascii: the file is plain ASCII, every non-ASCII character stored as a \uXXXX escape
         atomic_write_text(path, json.dumps(state, ensure_ascii=True))
 
     @classmethod
@@ -293,6 +321,11 @@ class CharTokenizer:
         if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
             raise ValueError(f"tokenizer file {str(path)!r}: 'chars' must be distinct single characters; "
                              "the file is corrupted, retrain and save it again")
+        surrogates = [c for c in chars if "\ud800" <= c <= "\udfff"]
+        if surrogates:
+            raise ValueError(f"tokenizer file {str(path)!r}: 'chars' holds the lone surrogate {surrogates[0]!r}, "
+                             "which is not a character (an older minillm accepted it); retrain on text without "
+                             "lone surrogates and save it again")
         tokenizer = cls(byte_fallback=byte_fallback)
         tokenizer._set_chars(chars)
         return tokenizer
@@ -318,6 +351,8 @@ class BPETokenizer:
         for token in special_tokens:
             if not isinstance(token, str) or not token:
                 raise ValueError(f"BPETokenizer: special token {token!r} must be a non-empty str")
+            if _SURROGATE_REGEX.search(token):
+                raise _lone_surrogate_error(token, f"BPETokenizer: special token {token!r}")
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError(f"BPETokenizer: special_tokens {special_tokens} contain duplicates; list each once")
         self.special_tokens: list[str] = special_tokens
@@ -340,7 +375,7 @@ class BPETokenizer:
         first_special = 256 + len(self.merges)
         self._special_ids = {t: first_special + i for i, t in enumerate(self.special_tokens)}
         for token in self.special_tokens:
-            self._vocab_bytes.append(token.encode("utf-8", errors="surrogatepass"))
+            self._vocab_bytes.append(token.encode("utf-8"))
         self._cache: dict[str, tuple[int, ...]] = {}
 
     @property
@@ -388,7 +423,10 @@ class BPETokenizer:
         for piece, is_special in self._split_special(text):
             if not is_special:
                 chunk_counts.update(self._chunk_regex.findall(piece))
-        words = [list(chunk.encode("utf-8", errors="surrogatepass")) for chunk in chunk_counts]
+        try:
+            words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+        except UnicodeEncodeError:
+            raise _lone_surrogate_error(text, "BPETokenizer.train") from None
         freqs = list(chunk_counts.values())
 
         pair_counts: dict[tuple[int, int], int] = defaultdict(int)
@@ -466,7 +504,7 @@ class BPETokenizer:
 
     # --- encoding ----------------------------------------------------------------------------------
     def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
-        ids = list(chunk.encode("utf-8", errors="surrogatepass"))
+        ids = list(chunk.encode("utf-8"))  # UnicodeEncodeError for a lone surrogate: encode explains it
         ranks = self._merge_ranks
         no_merge = len(ranks) + 256
         while len(ids) >= 2:
@@ -489,7 +527,10 @@ class BPETokenizer:
             for chunk in self._chunk_regex.findall(piece):
                 chunk_ids = cache.get(chunk)
                 if chunk_ids is None:
-                    chunk_ids = self._encode_chunk(chunk)
+                    try:
+                        chunk_ids = self._encode_chunk(chunk)
+                    except UnicodeEncodeError:
+                        raise _lone_surrogate_error(text, "BPETokenizer.encode") from None
                     if len(cache) >= _ENCODE_CACHE_LIMIT:
                         cache.clear()
                     cache[chunk] = chunk_ids
@@ -497,9 +538,18 @@ class BPETokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`. Bytes that do not form valid UTF-8 (e.g. one token of a multi-byte character)
+        become U+FFFD, so the result always prints; decode_bytes gives the exact bytes."""
         ids = _check_ids(ids, self.vocab_size, "BPETokenizer.decode")
         vocab_bytes = self._vocab_bytes
         return _bytes_to_text(b"".join(vocab_bytes[token_id] for token_id in ids))
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes of `ids`, nothing replaced: decode(ids) is these bytes decoded with
+        errors="replace". Join the bytes of tokens streamed one at a time, then decode them."""
+        ids = _check_ids(ids, self.vocab_size, "BPETokenizer.decode_bytes")
+        vocab_bytes = self._vocab_bytes
+        return b"".join(vocab_bytes[token_id] for token_id in ids)
 
     # --- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -3,6 +3,7 @@ special tokens, saving and loading, and the errors a learner will meet."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 from collections import Counter
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer, pretokenize
+from minillm.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer, pretokenize, train_bpe_by_recount
 
 MIXED_TEXT = (
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox doesn't!\n"
@@ -94,10 +95,75 @@ def test_char_with_byte_fallback_round_trips_any_text(text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
-def test_lone_surrogates_round_trip():
-    text = "a\ud800b\udfffc"
-    assert small_bpe().decode(small_bpe().encode(text)) == text
-    assert small_char().decode(small_char().encode(text)) == text
+def printable(text: str) -> str:
+    """`text`, after checking that print() to a UTF-8 terminal can write it (a lone surrogate could not)."""
+    text.encode("utf-8")
+    print(text, file=io.TextIOWrapper(io.BytesIO(), encoding="utf-8"))
+    return text
+
+
+@pytest.mark.parametrize("encode", [
+    lambda text: small_bpe().encode(text), lambda text: small_char().encode(text),
+    lambda text: CharTokenizer(byte_fallback=False).train("abc").encode(text),
+    lambda text: BPETokenizer().train(text, 260), lambda text: CharTokenizer().train(text),
+    lambda text: train_bpe_by_recount(text, 2)])
+def test_text_with_a_lone_surrogate_is_refused_with_a_clear_error(encode):
+    # It used to be encoded as the 3 bytes ED A0 80 ("surrogatepass"), which decode turned back into "\ud800",
+    # a string print() cannot write.
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' \(U\+D800\) at index 1.*errors='replace'"):
+        encode("a\ud800b\udfffc")
+
+
+def test_a_lone_surrogate_is_refused_in_special_tokens_and_saved_characters(tmp_path):
+    with pytest.raises(ValueError, match="special token.*lone surrogate"):
+        BPETokenizer(special_tokens=["<|\ud83d|>"])
+    path = tmp_path / "chars.json"
+    state = {"type": "CharTokenizer", "version": 1, "byte_fallback": True, "chars": ["a", "\ud800"]}
+    path.write_text(json.dumps(state))   # as an older minillm saved a tokenizer trained on such text
+    with pytest.raises(ValueError, match="lone surrogate.*retrain"):
+        load_tokenizer(path)
+
+
+def test_after_refusing_a_surrogate_the_tokenizer_still_encodes():
+    tokenizer = BPETokenizer().train(MIXED_TEXT, 300)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tokenizer.encode("fox \udc80")
+    assert tokenizer.decode(tokenizer.encode("fox \u00e9")) == "fox \u00e9"
+
+
+@pytest.mark.parametrize("make", [small_bpe, small_char])
+def test_decode_of_bytes_that_are_not_utf8_gives_the_replacement_character(make):
+    tokenizer = make()
+    byte_id = (lambda b: b) if isinstance(tokenizer, BPETokenizer) else (lambda b: len(tokenizer.chars) + b)
+    cut = [byte_id(b) for b in "\u6771".encode("utf-8")[:2]]           # a 3-byte character, cut after 2
+    assert printable(tokenizer.decode(cut)) == "\ufffd"
+    assert printable(tokenizer.decode(cut + tokenizer.encode("ok"))) == "\ufffdok"
+    # The UTF-8 form of a surrogate used to decode to the lone surrogate itself.
+    assert printable(tokenizer.decode([byte_id(b) for b in b"\xed\xa0\x80"])) == "\ufffd" * 3
+    assert printable(tokenizer.decode([byte_id(0xFF), byte_id(ord("a"))])) == "\ufffda"
+
+
+@pytest.mark.parametrize("make", [small_bpe, small_char])
+def test_tokens_decoded_one_at_a_time_print_and_decode_bytes_is_lossless(make):
+    tokenizer = make()
+    text = "caf\u00e9 \u6771\u4eac \U0001f642\U0001f680 zebra \u00a7"   # some characters unseen in training
+    ids = tokenizer.encode(text)
+    pieces = [printable(tokenizer.decode([token_id])) for token_id in ids]
+    assert "".join(pieces) != text and "\ufffd" in "".join(pieces)   # some tokens hold part of a character
+    streamed = b"".join(tokenizer.decode_bytes([token_id]) for token_id in ids)
+    assert streamed == tokenizer.decode_bytes(ids) == text.encode("utf-8")
+    assert tokenizer.decode_bytes(ids[:0]) == b""
+    with pytest.raises(ValueError, match="decode_bytes: token id"):
+        tokenizer.decode_bytes([tokenizer.vocab_size])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_decode_of_any_ids_prints_and_equals_decode_bytes_replaced(data):
+    for tokenizer in (small_bpe(), small_char()):
+        ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=12))
+        text = printable(tokenizer.decode(ids))
+        assert text == tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 @pytest.mark.parametrize("make", [small_bpe, small_char, lambda: BPETokenizer(), lambda: CharTokenizer()])
@@ -252,8 +318,6 @@ def test_loading_the_wrong_kind_or_a_corrupted_file(tmp_path):
 
 
 def test_textbook_recount_trainer_picks_the_same_merges_as_the_incremental_one():
-    from minillm.tokenizers import train_bpe_by_recount
-
     text = "the cat sat on the mat; the hat, the bat — ünïcödé 123 123 the end " * 3
     assert train_bpe_by_recount(text, 30) == BPETokenizer().train(text, 256 + 30).merges
 
