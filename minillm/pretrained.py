@@ -8,11 +8,19 @@ absent (a small model in fast mode, seconds; a larger one in full mode, minutes 
 
 The base model reads the default corpus ("pydocs", Python's bundled documentation) through a byte-level
 BPE tokenizer trained on the training part only, saved beside the checkpoint as tokenizer.json.
+
+A saved base model is one folder, runs/base/fast or runs/base/full, holding model.pt, tokenizer.json and
+info.json. `save_base` writes the three as a set (in a temporary folder that then takes the old one's place),
+so an interrupted save never leaves files of two runs side by side; `load_base` refuses a folder that misses
+some of them or whose info.json disagrees with model.pt.
 """
 from __future__ import annotations
 
 import json
 import numbers
+import os
+import secrets
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +38,8 @@ __all__ = ["BaseRecipe", "base_recipe", "base_dir", "train_base_tokenizer", "bas
 
 BASE_CORPUS = "pydocs"
 VAL_FRACTION = 0.1
+# The files of a saved base model, all written by one save_base call.
+BASE_FILES = ("model.pt", "tokenizer.json", "info.json")
 
 
 @dataclass
@@ -88,15 +98,20 @@ def unigram_loss(train_tokens, val_tokens, vocab_size: int) -> float:
     """Validation cross-entropy (nats/token) of a model that ignores context: token frequencies of the
     training text, add-one smoothed. Any language model worth its compute must beat it."""
     train_tokens, val_tokens = torch.as_tensor(train_tokens), torch.as_tensor(val_tokens)
+    if val_tokens.numel() == 0:
+        raise ValueError("unigram_loss: val_tokens is empty; give some validation tokens")
+    if train_tokens.numel() == 0:   # torch.as_tensor([]) is float32: no ids at all, so a uniform (add-one) model
+        train_tokens = train_tokens.long()
     for name, tokens in (("train_tokens", train_tokens), ("val_tokens", val_tokens)):
+        if tokens.dim() != 1:
+            raise ValueError(f"unigram_loss: {name} must be a flat sequence of token ids, got shape "
+                             f"{tuple(tokens.shape)}; flatten it (tokens.reshape(-1))")
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise ValueError(f"unigram_loss: {name} must hold integer token ids, got {tokens.dtype}; encode the "
                              "text with a tokenizer (ids are whole numbers)")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
         raise ValueError(f"unigram_loss: vocab_size={vocab_size!r} must be a positive integer")
     vocab_size = int(vocab_size)
-    if len(val_tokens) == 0:
-        raise ValueError("unigram_loss: val_tokens is empty; give some validation tokens")
     if (len(train_tokens) and int(train_tokens.min()) < 0) or int(val_tokens.min()) < 0 \
             or int(val_tokens.max()) >= vocab_size:
         # A negative validation id would silently index from the end of the table.
@@ -110,7 +125,12 @@ def unigram_loss(train_tokens, val_tokens, vocab_size: int) -> float:
 
 
 def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None = None) -> Path:
-    """Save the model (as a training checkpoint), its tokenizer and a readable info.json; returns the folder."""
+    """Save the model (as a training checkpoint), its tokenizer and a readable info.json; returns the folder.
+
+    The three files are written into a temporary folder beside the target, which takes the target's place
+    only once all of them are complete; the previous model is kept until then, and deleted after. An error
+    or Ctrl-C midway leaves the previous model as it was, and no temporary folder behind.
+    """
     folder = base_dir(fast)
     # numpy scalars become Python numbers and paths strings (a safe load, and info.json, need plain values);
     # anything a safe load could not read back is refused here, before a file is written.
@@ -119,38 +139,148 @@ def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"save_base: info['steps']={steps!r} must be the whole number of optimizer steps the model "
                          "was trained for (e.g. result.step), or left out")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / "model.pt", model, step=steps, extra=info)
-    tokenizer.save(folder / "tokenizer.json")
-    atomic_write_text(folder / "info.json", json.dumps(info, indent=2, default=str) + "\n")
+    try:
+        info_text = json.dumps(info, indent=2, default=str) + "\n"
+    except (TypeError, ValueError) as error:  # e.g. a dict with tuple keys somewhere inside
+        raise TypeError(f"save_base: info cannot be written as info.json ({error}); use str or number keys "
+                        "and plain values") from error
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_sibling_folder(folder)
+    try:
+        save_checkpoint(staging / "model.pt", model, step=steps, extra=info)
+        tokenizer.save(staging / "tokenizer.json")
+        atomic_write_text(staging / "info.json", info_text)
+        _swap_in(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the swap succeeded
+        raise
     return folder
+
+
+def _new_sibling_folder(folder: Path) -> Path:
+    """Create an empty, uniquely named folder next to `folder` (hidden, ending in .tmp) for one save."""
+    for _ in range(100):
+        staging = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            staging.mkdir()  # mode 0o777 less the umask, as for any folder
+        except FileExistsError:
+            continue
+        return staging
+    raise FileExistsError(f"save_base: could not create a temporary folder next to {folder}; clear out the "
+                          f".{folder.name}.*.tmp folders there")
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Put the complete folder `staging` at `folder`. What is there is moved aside first (a folder cannot be
+    renamed over a non-empty one) and deleted once `staging` is in place; if that fails, it goes back."""
+    moved_aside: list[Path] = []
+    try:
+        for _ in range(10):
+            if os.path.lexists(folder):
+                moved_aside.append(folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.old"))
+                try:
+                    os.rename(folder, moved_aside[-1])
+                except FileNotFoundError:  # another save moved it aside just now
+                    moved_aside.pop()
+            try:
+                os.rename(staging, folder)
+                break
+            except OSError:
+                if not os.path.lexists(folder):
+                    raise
+                # another save_base put its folder there in between: move that aside too, the last save wins
+        else:
+            raise FileExistsError(f"save_base: other saves kept writing {folder} at the same time; save again")
+    except BaseException:
+        moved_aside = [path for path in moved_aside if os.path.lexists(path)]
+        if moved_aside and not os.path.lexists(folder):
+            os.rename(moved_aside.pop(), folder)  # the newest of the folders that were there
+        for path in moved_aside:
+            _remove(path)
+        raise
+    for path in moved_aside:
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder (or a file or link) if it is there, ignoring errors: it only frees space."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _check_info_matches(folder: Path, checkpoint: dict) -> None:
+    """Raise a ValueError unless info.json is the copy of model.pt's info that the same save wrote (an older
+    save_base, interrupted, could leave a new model.pt beside an old tokenizer.json and info.json)."""
+    def mixed(reason: str) -> ValueError:
+        return ValueError(f"load_base: {folder} holds files of different saves ({reason}), as an interrupted "
+                          "save_base of an older minillm could leave; delete the folder and run "
+                          "load_or_train_base() again, or save the model again with save_base")
+
+    try:
+        saved = json.loads((folder / "info.json").read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise mixed(f"info.json is not valid JSON: {error}") from error
+    extra = checkpoint.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise mixed(f"model.pt holds no info dict but a {type(extra).__name__}")
+    try:
+        expected = json.loads(json.dumps(extra, default=str))  # info.json as this checkpoint's save wrote it
+    except (TypeError, ValueError) as error:
+        raise mixed(f"model.pt's info cannot be written as JSON ({error}), so info.json is not its copy") from error
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        entries = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise mixed(f"info.json has the entries {entries}, model.pt {sorted(expected)}")
+    for key, value in extra.items():
+        # Plain values only: str() of a tensor, say, names its device, which loading may change.
+        if isinstance(key, str) and (value is None or type(value) in (bool, int, float, str)) \
+                and json.dumps(saved[key]) != json.dumps(value):
+            raise mixed(f"info.json has {key}={saved[key]!r}, model.pt {key}={value!r}")
 
 
 def load_base(fast: bool | None = None, device: str | torch.device | None = None):
     """(model, tokenizer, info) from runs/base/. Full mode loads only the full model; fast mode prefers
     the full model when it exists (it is better) and takes the fast one otherwise.
 
-    Raises FileNotFoundError, saying how to make one, when there is none.
+    Raises FileNotFoundError, saying how to make one, when there is none, and ValueError for a folder that
+    is not one whole save (a file missing, or files of different runs).
     """
     fast = fast_mode(fast)
     candidates = [base_dir(False)] + ([base_dir(True)] if fast else [])
     for folder in candidates:
-        if (folder / "model.pt").is_file() and (folder / "tokenizer.json").is_file():
-            checkpoint = load_checkpoint(folder / "model.pt")
-            model = checkpoint["model"]
-            tokenizer = load_tokenizer(folder / "tokenizer.json")
-            if tokenizer.vocab_size > model.config.vocab_size:
-                # The two files come from different runs: some token ids would be outside the model's vocabulary.
-                raise ValueError(f"load_base: {folder} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
-                                 f"of vocab_size={model.config.vocab_size}; the files come from different runs, so "
-                                 "delete the folder and run load_or_train_base() again")
-            if device is not None:
-                model.to(device)
-            model.eval()
-            info = dict(checkpoint.get("extra") or {}, path=str(folder), trained_now=False)
-            return model, tokenizer, info
+        missing = [name for name in BASE_FILES if not (folder / name).is_file()]
+        if len(missing) == len(BASE_FILES):
+            continue
+        if missing:
+            raise ValueError(f"load_base: {folder} is incomplete, it has no {' or '.join(missing)} (an interrupted "
+                             "save, or files removed), so its files may come from different runs; delete the "
+                             "folder and run load_or_train_base() again, or save the model again with save_base")
+        checkpoint = load_checkpoint(folder / "model.pt")
+        _check_info_matches(folder, checkpoint)
+        model = checkpoint["model"]
+        tokenizer = load_tokenizer(folder / "tokenizer.json")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            # The two files come from different runs: some token ids would be outside the model's vocabulary.
+            raise ValueError(f"load_base: {folder} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
+                             f"of vocab_size={model.config.vocab_size}; the files come from different runs, so "
+                             "delete the folder and run load_or_train_base() again")
+        if device is not None:
+            model.to(device)
+        model.eval()
+        info = dict(checkpoint.get("extra") or {}, path=str(folder), trained_now=False)
+        return model, tokenizer, info
+    # Killed between the two renames of _swap_in, a save leaves no folder but the previous one aside.
+    aside = [(path, folder) for folder in candidates if folder.parent.is_dir()
+             for path in sorted(folder.parent.glob(f".{folder.name}.*.old")) if (path / "model.pt").is_file()]
+    hint = (f"; a save_base killed midway left the previous model in {aside[0][0]}: rename that folder to "
+            f"{aside[0][1]} to use it" if aside else "")
     raise FileNotFoundError(f"no base model in {' or '.join(map(str, candidates))}; run chapter 03 "
-                            "(solutions/03_pretraining.ipynb) or call minillm.pretrained.load_or_train_base()")
+                            "(solutions/03_pretraining.ipynb) or call minillm.pretrained.load_or_train_base()"
+                            + hint)
 
 
 def load_or_train_base(fast: bool | None = None, device: str | torch.device | None = None,

@@ -1,4 +1,6 @@
 """minillm.pretrained: the load-or-train call gives a model that beats a unigram model, then loads it back."""
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,136 @@ def test_save_base_names_a_bad_steps_entry(tmp_path, monkeypatch, steps):
     with pytest.raises(ValueError, match=r"info\['steps'\]"):
         pretrained.save_base(model, BPETokenizer(), {"steps": steps}, fast=True)
     assert not any(tmp_path.rglob("model.pt"))
+
+
+# --- saving the three files as one set -----------------------------------------------------------------
+
+TEXT = "def f(x): return x + x\n" * 20
+
+
+def tiny_base(seed: int):
+    """(model, tokenizer, info) of a small base model; each seed gives different weights and info."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=260, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    return model, BPETokenizer().train(TEXT, 258 + seed % 3), {"steps": seed, "val_loss": 1.0 + seed / 10}
+
+
+def assert_loads_as(model, info, fast=True):
+    loaded, tokenizer, loaded_info = load_base(fast=fast)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded_info["steps"] == info["steps"] and loaded_info["val_loss"] == info["val_loss"]
+    folder = pretrained.base_dir(fast)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(pretrained.BASE_FILES)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]   # no temp or old folder left
+    return tokenizer
+
+
+def test_save_base_replaces_the_previous_model_whole():
+    first, second = tiny_base(0), tiny_base(1)
+    pretrained.save_base(*first, fast=True)
+    assert_loads_as(first[0], first[2])
+    pretrained.save_base(*second, fast=True)
+    assert assert_loads_as(second[0], second[2]).vocab_size == second[1].vocab_size
+
+
+def fail_writing_info(path, text):
+    raise KeyboardInterrupt  # Ctrl-C after model.pt and tokenizer.json were written
+
+
+def fail_saving_tokenizer(self, path):
+    Path(path).write_text("{")  # half a file, then the error
+    raise OSError("No space left on device")
+
+
+def fail_moving_the_new_folder_in(real_rename):
+    def rename(source, target):
+        if str(source).endswith(".tmp"):
+            raise OSError("Permission denied")
+        return real_rename(source, target)
+    return rename
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "info", "swap"])
+def test_an_interrupted_save_base_leaves_the_previous_model_loadable_and_intact(monkeypatch, where):
+    # save_base used to write model.pt, tokenizer.json and info.json one after another into the folder
+    # itself, so a failure after model.pt left a new model beside the old tokenizer and info.
+    previous = tiny_base(0)
+    pretrained.save_base(*previous, fast=True)
+    with monkeypatch.context() as patch:
+        if where == "tokenizer":
+            patch.setattr(BPETokenizer, "save", fail_saving_tokenizer)
+        elif where == "info":
+            patch.setattr(pretrained, "atomic_write_text", fail_writing_info)
+        else:
+            patch.setattr(os, "rename", fail_moving_the_new_folder_in(os.rename))
+        with pytest.raises((OSError, KeyboardInterrupt)):
+            pretrained.save_base(*tiny_base(1), fast=True)
+    assert_loads_as(previous[0], previous[2])
+
+
+def test_a_first_save_base_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "atomic_write_text", fail_writing_info)
+    with pytest.raises(KeyboardInterrupt):
+        pretrained.save_base(*tiny_base(0), fast=True)
+    assert list((tmp_path / "runs" / "base").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="chapter 03"):
+        load_base(fast=True)
+
+
+def test_a_save_that_lands_while_save_base_swaps_its_folder_in_is_replaced(monkeypatch):
+    first, meanwhile, last = tiny_base(0), tiny_base(1), tiny_base(2)
+    pretrained.save_base(*first, fast=True)
+    real_rename, calls = os.rename, []
+
+    def rename(source, target):
+        if str(source).endswith(".tmp") and not calls:  # another process saves just before this rename
+            calls.append(source)
+            pretrained.save_base(*meanwhile, fast=True)
+        return real_rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", rename)
+        pretrained.save_base(*last, fast=True)
+    assert calls
+    assert_loads_as(last[0], last[2])  # the last save wins whole; both older folders are deleted
+
+
+def test_load_base_names_a_model_left_aside_by_a_killed_save(tmp_path):
+    folder = pretrained.save_base(*tiny_base(0), fast=True)
+    folder.rename(folder.with_name(".fast.0123456789ab.old"))   # killed between the two renames
+    with pytest.raises(FileNotFoundError, match=r"\.fast\.0123456789ab\.old: rename that folder to .*fast"):
+        load_base(fast=True)
+
+
+@pytest.mark.parametrize("missing", ["model.pt", "tokenizer.json", "info.json"])
+def test_load_base_refuses_an_incomplete_folder(missing):
+    folder = pretrained.save_base(*tiny_base(0), fast=True)
+    (folder / missing).unlink()
+    with pytest.raises(ValueError, match=rf"incomplete, it has no {missing}.*delete the folder"):
+        load_base(fast=True)
+    with pytest.raises(ValueError, match="incomplete"):  # not trained again over it
+        load_or_train_base(fast=True, progress=False)
+
+
+def test_load_base_refuses_files_of_different_saves():
+    # What an interrupted save_base of an older minillm left: a new model.pt, the old tokenizer and info.
+    folder = pretrained.save_base(*tiny_base(0), fast=True)
+    old_files = {name: (folder / name).read_bytes() for name in ("tokenizer.json", "info.json")}
+    pretrained.save_base(*tiny_base(1), fast=True)
+    for name, content in old_files.items():
+        (folder / name).write_bytes(content)
+    with pytest.raises(ValueError, match=r"different saves \(info.json has steps=0, model.pt steps=1\)"):
+        load_base(fast=True)
+    (folder / "info.json").write_text('{"steps": 1')
+    with pytest.raises(ValueError, match="different saves.*not valid JSON"):
+        load_base(fast=True)
+
+
+def test_unigram_loss_empty_and_nested_inputs():
+    # No training ids: add-one smoothing alone, a uniform model over the vocabulary.
+    assert unigram_loss([], [0, 1, 2], 3) == pytest.approx(math.log(3))
+    with pytest.raises(ValueError, match="val_tokens is empty"):
+        unigram_loss([0, 1], [], 2)
+    with pytest.raises(ValueError, match="flat sequence"):
+        unigram_loss(torch.tensor([[0, 1], [1, 0]]), torch.tensor([0]), 2)
