@@ -2,9 +2,11 @@
 
 For each submission the grader
 1. copies the notebook (the student's file is never modified),
-2. puts the official check cells back by `grade_id` (an edited check cell is restored, a deleted one is
-   re-inserted after its exercise) and appends the instructor's private tests (`--extra-tests DIR`, one
-   file `<grade_id>.py` each) to the check cell they belong to,
+2. puts the official check cells in (an edited check cell is restored, a deleted or moved one goes after its
+   exercise and before the course's next code cell; cells are matched by id, else grade_id, else source, so a
+   notebook without cell ids is graded alike), each after a cell that undoes what student code changed in how
+   IPython runs cells, and appends the instructor's private tests (`--extra-tests DIR`, one file
+   `<grade_id>.py` each) to the check cell they belong to,
 3. clears outputs and runs it with `pytest --nbval-lax --nbval-current-env` in fast mode, in its own
    process, with a per-cell timeout and a per-notebook time limit; the pytest plugin (grader_plugin.py)
    records how each cell ended, after every cell, so the checks that ran before a stop still count,
@@ -25,6 +27,8 @@ import io
 import json
 import math
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -239,41 +243,66 @@ def find_submissions(inputs: list[str | Path], chapter: str | None = None) -> li
 # --- preparing one submission --------------------------------------------------------------------
 
 def prepare(submission: dict, official: dict, extra_tests: Path | None = None) -> dict:
-    """A gradeable copy: official check cells restored or re-inserted, private tests appended, no outputs."""
+    """A gradeable copy: the official check cells put in place, private tests appended, no outputs.
+
+    Each official check goes after its exercise (after the student's copy of the check when that is there) and
+    before the next code cell of the course notebook that follows the exercise: never after course code that may
+    bind the library's version of the answer. Cells are matched to the course notebook by cell id, else by
+    nbgrader grade_id, else by identical source, so a notebook without ids (nbformat < 4.5, or ids replaced by
+    another tool) is graded the same way. The student's copies of a check keep their code (an identical copy is
+    dropped) but not its metadata. Every cell gets a unique id, so each outcome is recorded apart.
+    """
     nb = strip_outputs(submission)
     cells = nb["cells"]
     official_cells = official["cells"]
+    check_gids = {_grade_id(c) for c in official_cells if _is_check(c)} - {None}
+    found = _locate(cells, official_cells)
+    inserts: dict[int, list[dict]] = {}  # submission index -> the cells that go before it (len(cells): at the end)
+    dropped = set()
     for index, reference in enumerate(official_cells):
         if not _is_check(reference):
             continue
-        gid = _grade_id(reference)
-        restored = copy.deepcopy(reference)
-        restored["outputs"], restored["execution_count"] = [], None
-        # Student code ran in this kernel before: undo an exception handler of theirs that would hide a failing
-        # check; and the plugin counts a check as passed only when it printed its own "✓ <id>" line (a replaced
-        # minillm.grading.check prints none).
-        restored["source"] = f"{CHECK_GUARD}\n{_source(reference)}"
-        extra = (extra_tests / f"{gid}.py") if extra_tests else None
-        if extra is not None and extra.exists():
-            restored["source"] = f"{_source(restored)}\n\n# instructor's tests\n{extra.read_text()}"
-        here = [i for i, c in enumerate(cells) if _grade_id(c) == gid or c.get("id") == reference.get("id")]
-        # The official check goes where the official cell id is (else where the first cell with its grade_id
-        # is). Other cells with that grade_id (a check cell copied elsewhere, a solution cell that took the
-        # check's metadata) keep their code but lose the metadata: a copy above the exercise would otherwise
-        # be the one restored and run before the answer exists, and deleting one could delete the answer.
-        keep = next((i for i in here if cells[i].get("id") == reference.get("id")), here[0] if here else None)
-        for other in here:
-            if other != keep:
-                cells[other] = copy.deepcopy(cells[other])
-                cells[other].get("metadata", {}).pop("nbgrader", None)
-        if keep is not None:
-            cells[keep] = restored
-        else:
-            cells.insert(_insertion_point(cells, official_cells, index), restored)
+        official_id = reference.get("id")
+        copies = [i for i, c in enumerate(cells) if _grade_id(c) == _grade_id(reference)
+                  or (official_id is not None and c.get("id") == official_id) or _same_source(c, reference)]
+        dropped.update(i for i in copies if _same_source(cells[i], reference))
+        slot, note = _check_slot(cells, official_cells, found, index, copies)
+        inserts.setdefault(slot, []).extend([_guard_cell(), _restored_check(reference, extra_tests, note)])
+    out = []
+    for i, cell in enumerate(cells):
+        out.extend(inserts.get(i, []))
+        if i in dropped:
+            continue
+        meta = cell.get("metadata", {})
+        if _is_check(cell) or _grade_id(cell) in check_gids or "minillm_grade" in meta:
+            # A copy of a check, an answer cell that took a check's metadata, a graded cell of the student's own:
+            # the code runs, but only the official checks are graded.
+            cell = {**cell, "metadata": {k: v for k, v in meta.items() if k not in ("nbgrader", "minillm_grade")}}
+        out.append(cell)
+    out.extend(inserts.get(len(cells), []))
+    restored = [c for cells_here in inserts.values() for c in cells_here]
+    nb["cells"] = _unique_ids(out, reserved={c.get("id") for c in official_cells if _is_check(c)},
+                              keep={id(c) for c in restored if "minillm_grade" in c["metadata"]})
+    if not isinstance(nb.get("nbformat_minor"), int) or nb["nbformat_minor"] < 5:
+        nb["nbformat_minor"] = 5  # nbformat 4.5: the version with cell ids
     return nb
 
 
-CHECK_GUARD = "get_ipython().custom_exceptions = ()  # minillm grade: no handler of the student's hides an error"
+# The cell the grader runs before each check: student code ran in this kernel before, so undo what it may have
+# changed in how IPython runs a cell (input or AST transformers that rewrite the check, say, wrapping it in a
+# try/except) and reports an exception (a handler that hides it). One simple statement a line and no line of
+# comment only, so that a transformer that rewrites each line (into a try block, say) still lets every one run.
+GUARD = """from IPython.core.inputtransformer2 import TransformerManager as _minillm_grade_transformers  # by minillm
+get_ipython().custom_exceptions = ()  # grade: undo what the notebook changed in how IPython runs cells, shows errors
+get_ipython().input_transformer_manager = _minillm_grade_transformers()
+get_ipython().input_transformers_post = []
+get_ipython().ast_transformers = []
+del _minillm_grade_transformers"""
+# The first line of each restored check: the grading modules as shipped, not as the notebook may have patched them
+# (a replaced minillm.grading.check, a checker registered anew).
+FRESH_CHECKS = ("import sys; [sys.modules.pop(name) for name in list(sys.modules) if name == 'minillm.grading' or "
+                "name.startswith('minillm.checks.')]; import minillm.grading  # minillm grade: the checks as shipped")
+TOKEN_PREFIX = "minillm grade: the check ran to its end "  # its last line prints it with a token of its own
 
 
 def _source(cell) -> str:
@@ -281,13 +310,119 @@ def _source(cell) -> str:
     return "".join(src) if isinstance(src, list) else src
 
 
-def _insertion_point(cells: list, official_cells: list, official_index: int) -> int:
-    """After the nearest earlier official cell that the submission still has (normally the exercise)."""
-    ids = {c.get("id"): i for i, c in enumerate(cells)}
-    for reference in reversed(official_cells[:official_index]):
-        if reference.get("id") in ids:
-            return ids[reference["id"]] + 1
-    return len(cells)
+def _same_source(cell, reference) -> bool:
+    return cell.get("cell_type") == reference.get("cell_type") and _source(cell).strip() == _source(reference).strip()
+
+
+def _is_course_code(cell) -> bool:
+    """A code cell of the course's own (not an exercise's answer, not a check)."""
+    nbgrader = _nbgrader(cell)
+    return cell.get("cell_type") == "code" and not nbgrader.get("grade") and not nbgrader.get("solution")
+
+
+def _locate(cells: list, official_cells: list) -> list[list[int]]:
+    """For each cell of the course notebook, where the submission has it: by cell id, else by grade_id, else by
+    identical source (when no other course cell has that source, and the submission cell's id is no course id)."""
+    official_ids = {c.get("id") for c in official_cells} - {None}
+    sources: dict[tuple, int] = {}
+    for c in official_cells:
+        key = (c.get("cell_type"), _source(c).strip())
+        sources[key] = sources.get(key, 0) + 1
+    found = []
+    for reference in official_cells:
+        rid, gid = reference.get("id"), _grade_id(reference)
+        key = (reference.get("cell_type"), _source(reference).strip())
+        where = [i for i, c in enumerate(cells) if rid is not None and c.get("id") == rid]
+        if not where and gid:
+            where = [i for i, c in enumerate(cells) if _grade_id(c) == gid]
+        if not where and key[1] and sources[key] == 1:
+            where = [i for i, c in enumerate(cells)
+                     if (c.get("cell_type"), _source(c).strip()) == key and c.get("id") not in official_ids]
+        found.append(where)
+    return found
+
+
+def _check_slot(cells: list, official_cells: list, found: list, index: int, copies: list) -> tuple[int, str]:
+    """Where the official check official_cells[index] goes (the submission index it goes before), and a note for
+    the report when the exercise's cell was not found."""
+    earlier = [k for k in range(index - 1, -1, -1) if not _is_check(official_cells[k])]
+    exercise = earlier[0] if earlier else None         # the exercise's answer cell, normally
+    before = next((k for k in earlier if found[k]), None)
+    start = min(found[before]) if before is not None else None
+    # The first course code cell after the exercise: a check that ran after it could test the library's version
+    # of the answer (cells like `from minillm.cost import copy_bytes` follow the exercises).
+    later = [(i, k) for k in range(index + 1, len(official_cells)) if _is_course_code(official_cells[k])
+             for i in found[k] if start is None or i > start]
+    cap, cap_k = min(later) if later else (None, None)
+    inside = [i for i in copies if (start is None or i > start) and (cap is None or i < cap)]
+    official_id = official_cells[index].get("id")
+    own = [i for i in inside if official_id is not None and cells[i].get("id") == official_id]
+    if inside:
+        slot = (own or inside)[0] + 1
+    elif start is not None:
+        slot = start + 1
+    elif cap is not None:
+        slot = cap
+    else:  # at the end it could run after course code that binds the library's answer: better no grade
+        raise GraderError(f"cannot place the check {_grade_id(official_cells[index])}: no cell of the course notebook "
+                          "was recognized (cell ids, nbgrader metadata and sources all differ); ask the student to "
+                          "copy their answers into a fresh copy of the chapter's notebook and grade that")
+    note = ""
+    if not inside and exercise is not None and before != exercise:
+        name = _cell_name(official_cells[exercise])
+        where = (f"after the course cell {official_cells[before].get('id')!r}" if before is not None else
+                 f"before the course cell {official_cells[cap_k].get('id')!r}")
+        note = (f"the check ran {where}: the exercise's cell ({name}) was not found; if the answer is in the "
+                "notebook, give its cell that metadata back and grade again")
+    return slot, note
+
+
+def _cell_name(cell) -> str:
+    gid = _grade_id(cell)
+    return f"cell id {cell.get('id')!r}" + (f", grade_id {gid!r}" if gid else "")
+
+
+def _guard_cell() -> dict:
+    return {"cell_type": "code", "execution_count": None, "id": "minillm-guard", "metadata": {}, "outputs": [],
+            "source": GUARD}
+
+
+def _restored_check(reference: dict, extra_tests: Path | None, note: str) -> dict:
+    """The official check cell, with the grading modules reloaded, the instructor's tests, and a last line that
+    prints a token of its own: the plugin counts the check as passed only when that line ran (an error hidden
+    by the notebook's code stops the cell before it)."""
+    restored = copy.deepcopy(reference)
+    restored["outputs"], restored["execution_count"] = [], None
+    gid = _grade_id(reference)
+    token = secrets.token_hex(8)
+    source = f"{FRESH_CHECKS}\n{_source(reference)}"
+    extra = (extra_tests / f"{gid}.py") if extra_tests else None
+    if extra is not None and extra.exists():
+        source = f"{source}\n\n# instructor's tests\n{extra.read_text()}"
+    restored["source"] = f"{source}\nprint({TOKEN_PREFIX + token!r})"
+    restored["metadata"]["minillm_grade"] = {"token": TOKEN_PREFIX + token, **({"note": note} if note else {})}
+    return restored
+
+
+def _unique_ids(cells: list, reserved: set, keep: set) -> list:
+    """The cells, each with a valid id of its own. The restored checks (`keep`, by object) keep theirs; any other
+    cell without an id, with a duplicate or malformed one, or with an id in `reserved` (the checks') gets a new one."""
+    used = {c["id"] for c in cells if id(c) in keep}
+    for number, cell in enumerate(cells):
+        if id(cell) in keep:
+            continue
+        cid = cell.get("id")
+        if not (isinstance(cid, str) and _VALID_ID.match(cid)) or cid in used or cid in reserved:
+            base = "minillm-guard" if cell.get("source") == GUARD else f"minillm-cell-{number}"
+            cid, suffix = base, 1
+            while cid in used or cid in reserved:
+                cid, suffix = f"{base}-{suffix}", suffix + 1
+            cell["id"] = cid
+        used.add(cid)
+    return cells
+
+
+_VALID_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # nbformat 4.5's rule
 
 
 # --- running it --------------------------------------------------------------------------------------
@@ -347,17 +482,25 @@ def _kill_group(pid: int) -> None:
             continue
 
 
-def score(official: dict, outcomes: dict, note: str) -> list[ExerciseResult]:
-    results = []
+def score(official: dict, outcomes: dict, note: str, prepared: dict | None = None) -> list[ExerciseResult]:
+    """A result per official check, from the outcomes of the cells of `prepared` (the notebook that ran; default:
+    the official one), in the order they ran: a cell that timed out costs the next check that ran after it."""
+    checks = {c.get("id"): c for c in official["cells"] if _is_check(c)}
+    ran: dict[str, tuple] = {}  # check id -> (its outcome, a timeout message, its placement note)
     timeout_message = None  # set when a cell since the last check ran past its timeout
-    for cell in official["cells"]:
+    for cell in (prepared or official)["cells"]:
         outcome = outcomes.get(cell.get("id"))
         if outcome and outcome["status"] == "timeout":
             timeout_message = outcome.get("message") or "a cell of this exercise ran past the per-cell timeout"
-        if not _is_check(cell):
+        if cell.get("id") not in checks or not _is_check(cell) or cell.get("id") in ran:
             continue
+        ran[cell["id"]] = (outcome, timeout_message, cell.get("metadata", {}).get("minillm_grade", {}).get("note"))
+        timeout_message = None
+    results = []
+    for cell_id, cell in checks.items():
         meta = cell["metadata"]["nbgrader"]
         result = ExerciseResult(meta["grade_id"], int(meta.get("points", 1)))
+        outcome, timeout_message, placement = ran.get(cell_id, (None, None, None))
         if outcome is None:
             result.status, result.message = ("timeout", note) if note else ("missing", "the check cell did not run")
         elif timeout_message is not None:
@@ -369,8 +512,9 @@ def score(official: dict, outcomes: dict, note: str) -> list[ExerciseResult]:
             result.status, result.points = "passed", result.points_possible
         else:
             result.status, result.message = outcome["status"], outcome.get("message", "")
+        if placement and result.status != "passed":
+            result.message = f"{result.message} ({placement})" if result.message else placement
         results.append(result)
-        timeout_message = None
     return results
 
 
@@ -455,14 +599,14 @@ def _grade_one(sub: Submission, chapter, extra, cell_timeout, notebook_timeout, 
     with tempfile.TemporaryDirectory(prefix="minillm-grade-") as tmp:
         workdir = Path(tmp)
         path = workdir / f"{sub.chapter}_submission.ipynb"
-        path.write_text(prepared, encoding="utf-8")
+        path.write_text(dumps(prepared), encoding="utf-8")
         outcomes, note = run_submission(path, cell_timeout, notebook_timeout, workdir)
     sub.cell_outcomes = outcomes
-    sub.exercises = score(official, outcomes, note)
+    sub.exercises = score(official, outcomes, note, prepared)
 
 
-def _prepare_one(sub: Submission, nb: dict, chapter, extra, officials) -> tuple[dict, str]:
-    """The official notebook of the submission's chapter, and the text of the notebook to run."""
+def _prepare_one(sub: Submission, nb: dict, chapter, extra, officials) -> tuple[dict, dict]:
+    """The official notebook of the submission's chapter, and the notebook to run."""
     found = identify_chapter(nb)
     wanted = chapter.zfill(2) if chapter else found
     if wanted is None:
@@ -476,7 +620,7 @@ def _prepare_one(sub: Submission, nb: dict, chapter, extra, officials) -> tuple[
         except ValueError as error:
             raise GraderError(str(error)) from None
     official = officials[wanted]
-    return official, dumps(prepare(nb, official, extra))
+    return official, prepare(nb, official, extra)
 
 
 # --- reports -----------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ It records how every notebook cell that nbval ran ended, keyed by the cell's id:
 (AssertionError, a wrong answer); error (any other exception); timeout (nbval's per-cell timeout). The
 record is rewritten after every cell (atomically: a temporary file, then a rename) to the JSON file named
 by MINILLM_GRADER_RESULTS, with the kernel's process id, so that when the grader stops a notebook at its
-time limit the checks that ran before still count and the kernel can be stopped too.
+time limit the checks that ran before still count and the kernel can be stopped too. A check cell passes only
+when it printed its "✓ <grade_id>" line and, when the grader restored it, the token its last line prints.
 """
 from __future__ import annotations
 
@@ -57,19 +58,26 @@ def pytest_runtest_makereport(item, call):
     error = next((o for o in getattr(item, "test_outputs", None) or [] if o.get("output_type") == "error"), None)
     text = str(report.longrepr or "")
     ename = error.get("ename") if error else None
-    nbgrader = (cell.get("metadata") or {}).get("nbgrader") or {}
-    confirmed = True
+    meta = cell.get("metadata") or {}
+    nbgrader = meta.get("nbgrader") or {}
+    unconfirmed = ""
     if report.passed and nbgrader.get("grade") and nbgrader.get("grade_id"):
-        # A check passes by printing its own "✓ <grade_id>" line, not merely by raising nothing.
+        # A check passes by printing its own "✓ <grade_id>" line, not merely by raising nothing; and a check the
+        # grader restored, by running to its last line, which prints the token in its metadata: an exception that
+        # the notebook's code hid from nbval stops the cell before that line.
         printed = "".join(str(o.get("text", "")) for o in getattr(item, "test_outputs", None) or []
                           if o.get("output_type") == "stream")
-        confirmed = f"✓ {nbgrader['grade_id']}" in printed
-    if report.passed and confirmed:
+        token = (meta.get("minillm_grade") or {}).get("token")
+        if f"✓ {nbgrader['grade_id']}" not in printed:
+            unconfirmed = (f"the check did not print its '✓ {nbgrader['grade_id']}' line, so the answer was not "
+                           "confirmed (did the notebook change minillm.grading or how errors are shown?)")
+        elif token and token not in printed:
+            unconfirmed = ("the check cell stopped before its last line without showing an error, so the answer was "
+                           "not confirmed (did the notebook change how errors are shown, or how cells run?)")
+    if report.passed and not unconfirmed:
         record = {"status": "passed"}
     elif report.passed:
-        record = {"status": "failed", "ename": None,
-                  "message": f"the check did not print its '✓ {nbgrader['grade_id']}' line, so the answer was not "
-                             "confirmed (did the notebook change minillm.grading or how errors are shown?)"}
+        record = {"status": "failed", "ename": None, "message": unconfirmed}
     elif "Kernel dead on test start" in text:
         # nbval stops the kernel after a cell it could not interrupt (a kernel that died, or code that
         # ignores Ctrl-C); the cells after that one do not run.

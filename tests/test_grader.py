@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.grader import GraderError, find_submissions, grade, prepare, write_reports
+from minillm.grader import GUARD, GraderError, find_submissions, grade, prepare, write_reports
 from minillm.notebooks import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,28 @@ def with_source(nb, cell_id, source):
     return nb
 
 
+def without(nb, cell_id):
+    return {**nb, "cells": [c for c in nb["cells"] if c["id"] != cell_id]}
+
+
+def moved(nb, cell_id, index):
+    """`nb` with cell `cell_id` moved to position `index` (None: the end)."""
+    nb = copy.deepcopy(nb)
+    moving = cell(nb, cell_id)
+    nb["cells"].remove(moving)
+    nb["cells"].insert(len(nb["cells"]) if index is None else index, moving)
+    return nb
+
+
+def without_ids(nb):
+    """`nb` as nbformat 4.4 saves it (Jupyter before 2021, some other tools): no cell ids."""
+    nb = copy.deepcopy(nb)
+    nb["nbformat_minor"] = 4
+    for c in nb["cells"]:
+        del c["id"]
+    return nb
+
+
 def write(folder: Path, student: str, nb: dict) -> None:
     (folder / student).mkdir(parents=True)
     (folder / student / "00_setup.ipynb").write_text(json.dumps(nb))
@@ -38,6 +60,15 @@ def write(folder: Path, student: str, nb: dict) -> None:
 
 WRONG_FLOPS = "def matmul_flops(m, k, n):\n    return m * k * n\n"
 FLOAT_FLOPS = "def matmul_flops(m, k, n):\n    return 2.0 * m * k * n\n"
+WRONG_BYTES = "def copy_bytes(n_elements, bytes_per_element):\n    return n_elements * bytes_per_element\n"
+LOOP = "def matmul_flops(m, k, n):\n    return 2*m*k*n\nwhile True:\n    pass\n"
+# Wrong answers that print the check's line themselves, with the check's AssertionError hidden: by the function
+# that shows errors, or by an input transformer that wraps each line of every later cell in a try/except.
+HIDDEN_ERROR = "get_ipython()._showtraceback = lambda *a, **k: None\ndef matmul_flops(m, k, n):\n" \
+               "    print('✓ ex00.1')\n    return m * k * n\n"
+SWALLOWED = "get_ipython().input_transformers_post.append(lambda lines: [f'try:\\n    {line.rstrip()}\\n" \
+            "except BaseException:\\n    pass\\n' for line in lines])\n" \
+            "def matmul_flops(m, k, n):\n    print('✓ ex00.1')\n    return m * k * n\n"
 
 CLASS = {
     "all_correct": (SOLUTION, {"ex00.1": "passed", "ex00.2": "passed"}, 2),
@@ -46,8 +77,7 @@ CLASS = {
                              {"ex00.1": "failed", "ex00.2": "passed"}, 1),
     "check_deleted": ({**SOLUTION, "cells": [c for c in SOLUTION["cells"] if c["id"] != "check-ex00-2"]},
                       {"ex00.1": "passed", "ex00.2": "passed"}, 2),
-    "infinite_loop": (with_source(SOLUTION, "ex00-1", "def matmul_flops(m, k, n):\n    return 2*m*k*n\nwhile True:\n    pass\n"),
-                      {"ex00.1": "timeout", "ex00.2": "passed"}, 1),
+    "infinite_loop": (with_source(SOLUTION, "ex00-1", LOOP), {"ex00.1": "timeout", "ex00.2": "passed"}, 1),
     "syntax_error": (with_source(SOLUTION, "ex00-2", "def copy_bytes(n, b)\n    return 2 * n * b\n"),
                      {"ex00.1": "passed", "ex00.2": "error"}, 1),
     "untouched_stubs": (STUDENT, {"ex00.1": "error", "ex00.2": "error"}, 0),
@@ -61,7 +91,26 @@ CLASS = {
                              {"ex00.1": "failed", "ex00.2": "passed"}, 1),
     "check_replaced": (with_source(SOLUTION, "ex00-1", "import minillm.grading\nminillm.grading.check = "
                                    "lambda *a, **k: print('✓')\n" + WRONG_FLOPS),
-                       {"ex00.1": "failed", "ex00.2": "failed"}, 0),
+                       {"ex00.1": "failed", "ex00.2": "passed"}, 1),
+    "check_replaced_prints_its_line": (with_source(SOLUTION, "ex00-1", "import minillm.grading\nminillm.grading."
+                                                   "check = lambda gid, *a, **k: print(f'✓ {gid}')\n" + WRONG_FLOPS),
+                                       {"ex00.1": "failed", "ex00.2": "passed"}, 1),
+    "error_output_hidden": (with_source(SOLUTION, "ex00-1", HIDDEN_ERROR), {"ex00.1": "failed", "ex00.2": "passed"},
+                            1),
+    "error_swallowed_by_transformer": (with_source(SOLUTION, "ex00-1", SWALLOWED),
+                                       {"ex00.1": "failed", "ex00.2": "passed"}, 1),
+    # a check moved below course code that imports the library's copy_bytes would test that one, not the answer
+    "check_moved_to_the_end": (moved(with_source(SOLUTION, "ex00-2", WRONG_BYTES), "check-ex00-2", None),
+                               {"ex00.1": "passed", "ex00.2": "failed"}, 1),
+    "check_moved_to_the_top": (moved(SOLUTION, "check-ex00-2", 2), {"ex00.1": "passed", "ex00.2": "passed"}, 2),
+    # notebooks without cell ids: a deleted check goes after its exercise (was: at the end, after time-one's
+    # `from minillm.cost import matmul_flops`), and a cell of the exercise that times out costs its points
+    "no_ids_check_deleted_wrong": (without_ids(without(with_source(SOLUTION, "ex00-1", WRONG_FLOPS),
+                                                       "check-ex00-1")), {"ex00.1": "failed", "ex00.2": "passed"}, 1),
+    "no_ids_check_deleted": (without_ids(without(SOLUTION, "check-ex00-2")), {"ex00.1": "passed", "ex00.2": "passed"},
+                             2),
+    "no_ids_infinite_loop": (without_ids(with_source(SOLUTION, "ex00-1", LOOP)),
+                             {"ex00.1": "timeout", "ex00.2": "passed"}, 1),
 }
 
 
@@ -114,8 +163,107 @@ def test_reports_are_written(graded, tmp_path):
 
 def test_prepare_reinserts_deleted_check_after_its_exercise():
     nb = {**SOLUTION, "cells": [c for c in SOLUTION["cells"] if c["id"] != "check-ex00-1"]}
-    ids = [c["id"] for c in prepare(nb, SOLUTION)["cells"]]
-    assert ids.index("check-ex00-1") == ids.index("ex00-1") + 1
+    cells = prepare(nb, SOLUTION)["cells"]
+    ids = [c["id"] for c in cells]
+    assert ids.index("check-ex00-1") == ids.index("ex00-1") + 2   # after the grader's guard cell
+    assert cells[ids.index("ex00-1") + 1]["source"] == GUARD
+
+
+def shape(nb):
+    """What runs, in order: each code cell's first 60 characters (a restored check's differ only after those)."""
+    return [source(c)[:60] for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def source(c):
+    return "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+
+
+def test_a_notebook_without_cell_ids_is_prepared_as_one_with_them():
+    """Ids stripped (nbformat 4.4) or replaced by another tool, a check deleted or moved: each check still runs
+    right after its exercise and before the course's next code cell. (Without ids a deleted ex00.1 check went to
+    the end, after time-one's `from minillm.cost import matmul_flops`, so a wrong answer passed; a check moved to
+    the end ran after bandwidth's `from minillm.cost import copy_bytes`.)"""
+    import nbformat
+
+    renamed = copy.deepcopy(SOLUTION)
+    for c in renamed["cells"]:
+        c["id"] = f"new-{c['id']}"      # other ids, as a tool that makes new ones gives
+    expected = shape(prepare(SOLUTION, SOLUTION))
+    variants = {
+        "no ids": without_ids(SOLUTION), "new ids": renamed,
+        "no ids, ex00.1 check deleted": without_ids(without(SOLUTION, "check-ex00-1")),
+        "no ids, ex00.2 check deleted": without_ids(without(SOLUTION, "check-ex00-2")),
+        "new ids, both checks deleted": without(without(renamed, "new-check-ex00-1"), "new-check-ex00-2"),
+        "check moved to the end": moved(SOLUTION, "check-ex00-2", None),
+        "check moved to the top": moved(SOLUTION, "check-ex00-1", 0),
+        "no ids, check moved to the end": without_ids(moved(SOLUTION, "check-ex00-1", None)),
+    }
+    for name, nb in variants.items():
+        given = copy.deepcopy(nb)
+        prepared = prepare(nb, SOLUTION)
+        assert nb == given, name                                   # the student's notebook is not changed
+        assert shape(prepared) == expected, name
+        nbformat.validate(nbformat.from_dict(prepared))          # format 4.5, every cell with a valid id
+        ids = [c["id"] for c in prepared["cells"]]
+        assert len(ids) == len(set(ids)), name
+        assert [c["id"] for c in prepared["cells"] if c["metadata"].get("nbgrader", {}).get("grade")] \
+            == ["check-ex00-1", "check-ex00-2"], name
+
+
+def test_copies_of_a_check_keep_their_code_and_only_the_official_check_is_graded():
+    nb = copy.deepcopy(SOLUTION)
+    check = cell(nb, "check-ex00-2")
+    nb["cells"] += [{**copy.deepcopy(check), "id": "mine", "source": "print('✓ ex00.2')"},   # a copy, edited
+                    {**copy.deepcopy(cell(nb, "env")), "id": "check-ex00-2", "source": "x = 1"}]  # took its id
+    check["metadata"]["nbgrader"]["grade_id"] = "ex00.9"        # the check's metadata changed
+    for prepared in (prepare(nb, SOLUTION), prepare(without_ids(nb), SOLUTION)):
+        cells = prepared["cells"]
+        graded = [c for c in cells if c["metadata"].get("nbgrader", {}).get("grade")]
+        assert [c["id"] for c in graded] == ["check-ex00-1", "check-ex00-2"]
+        assert all("minillm grade: the check ran to its end" in source(c) for c in graded)
+        ids = [c["id"] for c in cells]
+        assert len(ids) == len(set(ids))
+        kept = [source(c) for c in cells]
+        assert "print('✓ ex00.2')" in kept and "x = 1" in kept    # the student's code stays, ungraded
+        at = {source(c): i for i, c in enumerate(cells)}
+        assert cells.index(graded[1]) < at[source(cell(SOLUTION, "bandwidth"))]
+        assert cells.index(graded[1]) > at[source(cell(SOLUTION, "ex00-2"))]
+
+
+def test_a_check_whose_exercise_cannot_be_found_says_where_it_ran():
+    from minillm.grader import score
+
+    nb = without_ids(without(SOLUTION, "check-ex00-1"))
+    answer = next(c for c in nb["cells"] if "def matmul_flops" in source(c))
+    answer["metadata"], answer["source"] = {}, WRONG_FLOPS      # neither its id, nor its grade_id, nor its source
+    prepared = prepare(nb, SOLUTION)
+    cells = prepared["cells"]
+    at = next(i for i, c in enumerate(cells) if c.get("id") == "check-ex00-1")
+    assert source(cells[at - 2]) == source(cell(SOLUTION, "flops-md"))   # after the last cell it could place
+    note = cells[at]["metadata"]["minillm_grade"]["note"]
+    assert "'flops-md'" in note and "'ex00-1'" in note and "'ex00.1-solution'" in note
+    outcomes = {"check-ex00-1": {"status": "error", "ename": "NameError", "message": "NameError: matmul_flops"},
+                "check-ex00-2": {"status": "passed"}}
+    results = score(SOLUTION, outcomes, "", prepared)
+    assert results[0].message == f"NameError: matmul_flops ({note})" and results[1].message == ""
+    unrecognizable = without_ids(SOLUTION)
+    for c in unrecognizable["cells"]:
+        c["metadata"], c["source"] = {}, source(c) + "\n# mine"
+    unrecognizable["cells"].append(copy.deepcopy(cell(SOLUTION, "check-ex00-1")))   # only the ex00.1 check kept
+    with pytest.raises(GraderError, match="cannot place the check ex00.2: no cell of the course notebook was"):
+        prepare(unrecognizable, SOLUTION)   # it would have to go at the end, after bandwidth's import
+
+
+def test_a_timeout_in_a_cell_without_an_official_id_costs_its_exercise():
+    from minillm.grader import score
+
+    prepared = prepare(without_ids(SOLUTION), SOLUTION)
+    outcomes = {c["id"]: {"status": "passed"} for c in prepared["cells"] if c["cell_type"] == "code"}
+    answer = next(c["id"] for c in prepared["cells"] if "def matmul_flops" in source(c))
+    outcomes[answer] = {"status": "timeout", "message": "Timeout of 9 seconds exceeded executing cell"}
+    results = score(SOLUTION, outcomes, "", prepared)
+    assert [(e.status, e.points) for e in results] == [("timeout", 0), ("passed", 1)]   # was: passed
+    assert "Timeout of 9 seconds" in results[0].message
 
 
 def test_wrong_chapter_and_unreadable_files_are_grader_errors(tmp_path):
