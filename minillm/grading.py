@@ -11,8 +11,11 @@ Instructors grade whole notebooks with `minillm grade` (see docs/INSTRUCTORS.md)
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+import numbers
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -61,12 +64,74 @@ def get_exercise(grade_id: str) -> Exercise:
 
 
 def check(grade_id: str, *answer: Any, **options: Any) -> int:
-    """Run the registered checker on the student's answer; print one line and return the points earned."""
+    """Run the registered checker on the student's answer; print one line and return the points earned.
+
+    What the student's functions return reaches the checker as plain values (see `plain`)."""
     ex = get_exercise(grade_id)
-    verdict = ex.checker(*answer, **options) or "matches the reference"
+    verdict = ex.checker(*map(_returning_plain, answer), **options) or "matches the reference"
     plural = "s" if ex.points != 1 else ""
     print(f"✓ {ex.grade_id} {ex.title} {verdict} ({ex.points} point{plural})")
     return ex.points
+
+
+def plain(value):
+    """`value` as the built-in type it claims to be, inside tuples, lists and dicts too: an instance of a subclass
+    of bool, int, float, str, tuple, list, dict or torch.Tensor becomes one of that type. So an answer cannot
+    decide for itself that it matches the reference (an int subclass whose == is always True, a tensor subclass
+    whose __torch_function__ makes torch.allclose say True)."""
+    if isinstance(value, torch.Tensor):
+        if type(value) is torch.Tensor:
+            return value
+        with torch._C.DisableTorchFunctionSubclass():  # the subclass's own __torch_function__ does not run
+            return torch.Tensor.as_subclass(value, torch.Tensor)
+    for kind, convert in ((bool, bool), (int, int.__int__), (float, float.__float__), (str, str.__str__)):
+        if isinstance(value, kind):
+            return value if type(value) is kind else convert(value)
+    if isinstance(value, (tuple, list)):
+        items = [plain(item) for item in (tuple.__iter__ if isinstance(value, tuple) else list.__iter__)(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {plain(key): plain(item) for key, item in dict.items(value)}
+    return value
+
+
+def _builtin(value):
+    """A `plain` value with its numbers of other kinds as Python numbers: a one-element tensor, a numpy integer."""
+    if isinstance(value, (tuple, list)):
+        items = [_builtin(item) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {_builtin(key): _builtin(item) for key, item in value.items()}
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if not isinstance(value, (bool, int, float, str, torch.Tensor)):
+        if hasattr(type(value), "__index__"):   # numpy and other integers
+            return int.__int__(operator.index(value))
+        if isinstance(value, numbers.Real):   # numpy floats (np.float32 is no float subclass)
+            return float.__float__(float(value))
+    return value
+
+
+def _is_builtin(value) -> bool:
+    """True when `value` is made of built-in values only (None, bool, int, float, str, tuple, list, dict)."""
+    if type(value) in (tuple, list):
+        return all(_is_builtin(item) for item in value)
+    if type(value) is dict:
+        return all(_is_builtin(key) and _is_builtin(item) for key, item in value.items())
+    return value is None or type(value) in (bool, int, float, str)
+
+
+def _returning_plain(answer):
+    """A student's function (or other callable) whose results are `plain`; anything else as it is: a value, or a
+    Triton kernel (launched as kernel[grid](...), it returns nothing and checkers look at its type and source)."""
+    # A class, a module (an nn.Module is callable too) or a Triton kernel (kernel[grid]) keeps its attributes.
+    if not callable(answer) or isinstance(answer, (type, torch.nn.Module)) or hasattr(answer, "__getitem__"):
+        return answer
+
+    @functools.wraps(answer)
+    def returning_plain(*args, **kwargs):
+        return plain(answer(*args, **kwargs))
+    return returning_plain
 
 
 # Helpers for writing checkers: each raises AssertionError with a message a student can act on.
@@ -74,6 +139,7 @@ def check(grade_id: str, *answer: Any, **options: Any) -> int:
 def expect_close(got, expected, what: str, rtol: float = 1e-5, atol: float = 1e-8, hint: str = "") -> None:
     """Assert two numbers or tensors agree; the message shows what was expected and what came back."""
     suffix = f" Hint: {hint}" if hint else ""
+    got = plain(got)
     if isinstance(expected, torch.Tensor):
         if not isinstance(got, torch.Tensor):
             raise AssertionError(f"{what}: expected a torch.Tensor, got {type(got).__name__}.{suffix}")
@@ -93,6 +159,7 @@ def as_number(got, what: str, hint: str = "") -> float:
 
     Text is refused even when it spells a number: float("123") would accept a string where a number is due."""
     suffix = f" Hint: {hint}" if hint else ""
+    got = plain(got)
     if isinstance(got, (str, bytes, bytearray)):
         raise AssertionError(f"{what}: expected a number, got the {type(got).__name__} {got!r}; return the number "
                              f"itself, not its text.{suffix}")
@@ -126,6 +193,16 @@ def expect_unchanged(saved: dict[str, tuple[torch.Tensor, torch.Tensor]], what: 
 
 
 def expect_equal(got, expected, what: str, hint: str = "") -> None:
-    if got != expected:
-        suffix = f" Hint: {hint}" if hint else ""
+    """Assert got == expected. When the reference is made of built-in values, so must the answer be (after
+    `plain`): an object of another type would decide the comparison itself."""
+    suffix = f" Hint: {hint}" if hint else ""
+    got = plain(got)
+    if _is_builtin(expected):
+        got = _builtin(got)
+        if not _is_builtin(got):
+            shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+            raise AssertionError(f"{what}: expected {expected!r}, got {type(got).__name__} {shown}; return built-in "
+                                 f"Python values (lists, tuples, ints, floats, strings), not objects of other types."
+                                 f"{suffix}")
+    if expected != got:
         raise AssertionError(f"{what}: expected {expected!r}, got {got!r}.{suffix}")

@@ -342,3 +342,76 @@ def test_a_kernel_refused_for_its_dtype_gets_the_fp32_hint_and_others_the_pointe
     with pytest.raises(AssertionError, match="pointer arithmetic and mask") as caught:
         ch02._launch(FakeKernel("other"), (1,))
     assert "float32" not in str(caught.value)
+
+
+# --- an answer cannot decide for itself that it matches the reference ------------------------------------------
+
+class _AlwaysEqualInt(int):
+    __hash__ = int.__hash__
+
+    def __eq__(self, other):
+        return True
+
+    def __ne__(self, other):
+        return False
+
+
+class _AlwaysEqualList(list):
+    __eq__, __ne__ = _AlwaysEqualInt.__eq__, _AlwaysEqualInt.__ne__
+
+
+class _EqualToAnything:
+    __eq__, __ne__ = _AlwaysEqualInt.__eq__, _AlwaysEqualInt.__ne__
+
+
+class _AgreeingTensor(torch.Tensor):
+    """A tensor that answers torch.allclose and torch.equal itself: True."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.allclose, torch.equal):
+            return True
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_an_answer_that_decides_its_own_comparison_fails():
+    """Each of these swallowed the check's comparison, so a wrong answer passed."""
+    with pytest.raises(AssertionError, match="values differ"):
+        grading.check("ex01.1", lambda ids, size: torch.zeros(size, size).as_subclass(_AgreeingTensor))
+    with pytest.raises(AssertionError, match="values differ"):
+        grading.expect_close(torch.zeros(3).as_subclass(_AgreeingTensor), torch.ones(3), "a tensor")
+
+    class Router:   # a callable object, not a function; its tensors agree with torch.equal and torch.allclose
+        def __call__(self, logits, bias, top_k, scale):
+            zeros = torch.zeros(logits.shape[0], top_k).as_subclass(_AgreeingTensor)
+            return zeros.long(), zeros
+    with pytest.raises(AssertionError, match="different experts"):
+        grading.check("ex04.1", Router())
+    for wrong in (_AlwaysEqualList([0]), [_AlwaysEqualInt(0)], _EqualToAnything(), (_EqualToAnything(),)):
+        with pytest.raises(AssertionError, match="expected"):
+            grading.expect_equal(wrong, [1], "a list")
+    with pytest.raises(AssertionError, match="built-in Python values"):
+        grading.expect_equal([_EqualToAnything()], [1], "a list")
+    with pytest.raises(AssertionError, match="expected 7"):
+        grading.expect_equal(_AlwaysEqualInt(0), 7, "a number")
+
+
+def test_answers_of_other_plain_types_still_pass():
+    grading.expect_equal([np.int64(1), torch.tensor(2), 3], [1, 2, 3], "numbers of numpy and torch")
+    grading.expect_equal(torch.Size([2, 3]), (2, 3), "a shape")
+    grading.expect_equal(_AlwaysEqualInt(7), 7, "an int subclass of the right value")
+    grading.expect_close(torch.nn.Parameter(torch.ones(2)), torch.ones(2), "a parameter")
+    assert type(grading.plain(torch.ones(2).as_subclass(_AgreeingTensor))) is torch.Tensor
+    assert grading.plain({"a": (_AlwaysEqualInt(1), [2.5])}) == {"a": (1, [2.5])}
+    # numpy floats are no float subclass, but an equal one is a right answer; an unequal one is not
+    grading.expect_equal([np.float32(0.5), np.float64(1.25)], [0.5, 1.25], "numpy floats")
+    with pytest.raises(AssertionError, match="expected"):
+        grading.expect_equal(np.float32(0.25), 0.5, "a numpy float")
+
+
+def test_only_functions_are_wrapped_modules_and_classes_keep_their_attributes():
+    layer = torch.nn.Linear(2, 2)
+    assert grading._returning_plain(layer) is layer   # .parameters() and friends must stay reachable
+    assert grading._returning_plain(torch.nn.Linear) is torch.nn.Linear
+    wrapped = grading._returning_plain(lambda: [_AlwaysEqualInt(3)])
+    assert type(wrapped()[0]) is int
