@@ -35,7 +35,14 @@ __all__ = ["bigram_counts", "bigram_probabilities", "bigram_nll", "perplexity", 
 
 def _as_ids(ids, where: str, vocab_size: int | None = None) -> torch.Tensor:
     from_tensor = isinstance(ids, torch.Tensor)
-    ids = torch.as_tensor(ids)
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{where}: expected a 1-D sequence of integer token ids, got text ({type(ids).__name__}); "
+                         "encode it with a tokenizer first, e.g. tokenizer.encode(text)")
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as error:  # None, strings in a list, ragged lists...
+        raise ValueError(f"{where}: expected a 1-D sequence of integer token ids, got {type(ids).__name__} that "
+                         f"torch cannot read as one ({error}); encode the text with a tokenizer first") from None
     if not from_tensor and ids.numel() == 0:
         ids = ids.long()  # torch makes an empty list float32; it is still an empty sequence of ids
     if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -78,13 +85,30 @@ def bigram_probabilities(counts: torch.Tensor, smoothing: float = 1.0) -> torch.
             or not math.isfinite(smoothing)):
         raise ValueError(f"bigram_probabilities: smoothing={smoothing!r} must be a finite number >= 0 "
                          "(0: no smoothing, 1: add-one)")
-    if counts.numel() and (counts.is_complex() or not bool((counts.double() >= 0).all())):
-        raise ValueError("bigram_probabilities: counts must be numbers >= 0 (no negatives, NaN or complex); "
-                         "build them with bigram_counts(ids, vocab_size)")
+    if counts.numel() == 0:
+        raise ValueError("bigram_probabilities: counts is an empty (0, 0) table; a vocabulary has at least one "
+                         "token: build it with bigram_counts(ids, vocab_size)")
+    if counts.is_complex() or not bool(((counts.double() >= 0) & (counts.double() < math.inf)).all()):
+        raise ValueError("bigram_probabilities: counts must be numbers >= 0 and finite (no negatives, NaN, inf "
+                         "or complex); build them with bigram_counts(ids, vocab_size)")
     table = counts.double() + smoothing
     totals = table.sum(dim=1, keepdim=True)
     uniform = torch.full_like(table, 1.0 / table.shape[1])
     return torch.where(totals > 0, table / totals.clamp_min(1e-300), uniform)
+
+
+def _check_probability_table(probabilities: torch.Tensor, where: str) -> None:
+    """Refuse a table whose entries are not probabilities (counts, negatives, NaN): its loss means nothing."""
+    if probabilities.is_complex() or probabilities.dtype == torch.bool:
+        raise ValueError(f"{where}: probabilities must be real numbers in [0, 1], got dtype {probabilities.dtype}")
+    if probabilities.numel():
+        table = probabilities.double()
+        low, high = torch.stack([table.min(), table.max()]).tolist()
+        # NaN compares false both ways; 1e-6 leaves room for a float32 softmax that rounds up
+        if not (low >= 0 and high <= 1 + 1e-6):
+            got = "NaN" if math.isnan(low) else f"values in [{low}, {high}]"
+            raise ValueError(f"{where}: probabilities must be numbers in [0, 1], got {got}; "
+                             "for a table of counts use bigram_probabilities(counts, smoothing)")
 
 
 def bigram_nll(probabilities: torch.Tensor, ids) -> float:
@@ -92,6 +116,7 @@ def bigram_nll(probabilities: torch.Tensor, ids) -> float:
     if not isinstance(probabilities, torch.Tensor) or probabilities.dim() != 2 \
             or probabilities.shape[0] != probabilities.shape[1]:
         raise ValueError("bigram_nll: probabilities must be a (vocab, vocab) tensor from bigram_probabilities")
+    _check_probability_table(probabilities, "bigram_nll")
     ids = _as_ids(ids, "bigram_nll", probabilities.shape[0])
     if len(ids) < 2:
         raise ValueError(f"bigram_nll: {len(ids)} token(s) hold no (previous, next) pair; give at least 2")
@@ -99,11 +124,30 @@ def bigram_nll(probabilities: torch.Tensor, ids) -> float:
     return float(-chosen.log().mean())
 
 
+def _as_loss(value, where: str) -> float:
+    """A loss as a Python float: a number, or a one-element tensor or array such as a model's `loss`."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    else:
+        kind = getattr(getattr(value, "dtype", None), "kind", None)  # numpy arrays and scalars have a dtype
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) if kind is None \
+            else kind in "iuf" and getattr(value, "size", 0) == 1
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+        raise TypeError(f"{where}: mean_nll={shown} must be one number (nats per token), e.g. loss.item() or "
+                        "evaluate_nll(model, tokens)")
+    return float(value.item() if hasattr(value, "item") else value)
+
+
 def perplexity(mean_nll: float) -> float:
     """exp(mean NLL in nats): a loss of ln(V) is perplexity V, as unsure as a uniform pick among V tokens."""
+    mean_nll = _as_loss(mean_nll, "perplexity")
     if math.isnan(mean_nll):
         return math.nan  # an undefined loss has an undefined perplexity, not an infinite one
-    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:  # above ~709.78 nats
+        return math.inf
 
 
 def bits_per_byte(mean_nll: float, n_tokens: int, n_bytes: int) -> float:
@@ -112,6 +156,7 @@ def bits_per_byte(mean_nll: float, n_tokens: int, n_bytes: int) -> float:
     The text's total loss is mean_nll * n_tokens nats; divided by ln 2 it is in bits, divided by the
     bytes it covers it no longer depends on how the text was cut into tokens.
     """
+    mean_nll = _as_loss(mean_nll, "bits_per_byte")
     counts = []
     for name, value in (("n_tokens", n_tokens), ("n_bytes", n_bytes)):
         # counts are whole numbers: a float (or a bool) here is a mix-up of arguments, not a count
@@ -164,29 +209,61 @@ class _LanguageModel(nn.Module):
     # GPT's AdamW set-up (decay matrices, not vectors) works for any module: reuse it, don't copy it.
     configure_optimizer = GPT.configure_optimizer
 
-    def _check_input(self, idx: torch.Tensor) -> None:
+    def _check_input(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Refuse what no text could give (wrong shape or dtype, ids outside the vocabulary); idx as int64.
+
+        Targets are checked here too, before any work: same shape as idx, integer ids in the vocabulary or
+        -100 (a masked position), and at least one that is not masked, else the mean loss is NaN.
+        """
         name = type(self).__name__
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"{name}.forward: idx must be a (batch, time) tensor of token ids, got {shape}; "
                              "for a single sequence pass idx.unsqueeze(0)")
+        # A float id is a mix-up; a bool or uint8 tensor would even index a table as a mask, silently.
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(f"{name}.forward: idx must hold integer token ids, got dtype {idx.dtype}; "
+                             "e.g. torch.tensor([tokenizer.encode(text)])")
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor):
+                raise ValueError(f"{name}.forward: targets must be a tensor of token ids like idx, "
+                                 f"got {type(targets).__name__}")
+            if targets.shape != idx.shape:
+                raise ValueError(f"{name}.forward: targets shape {tuple(targets.shape)} must equal idx "
+                                 f"shape {tuple(idx.shape)}")
+            if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool \
+                    or targets.device != idx.device:
+                raise ValueError(f"{name}.forward: targets must hold integer token ids (or -100 to mask a "
+                                 f"position) on idx's device ({idx.device}), got {targets.dtype} on {targets.device}")
+            if idx.numel() == 0:
+                raise ValueError(f"{name}.forward: idx of shape {tuple(idx.shape)} holds no tokens, so the mean "
+                                 "loss would be over nothing (NaN); give at least one token, or call without targets")
         vocab_size = self.config.vocab_size
-        if idx.numel() and not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool):
-            low, high = torch.stack([idx.min(), idx.max()]).tolist()
+        if idx.numel() and not torch.compiler.is_compiling():  # one wait for the device for all the checks
+            checks = [idx.min(), idx.max()]
+            if targets is not None:
+                masked = targets == -100
+                checks += [torch.where(masked, 0, targets).min(), targets.max(), (~masked).sum()]
+            low, high, *target_checks = torch.stack([value.long() for value in checks]).tolist()
             if low < 0 or high >= vocab_size:
                 raise ValueError(f"{name}.forward: token ids range over [{low}, {high}] but vocab_size is "
                                  f"{vocab_size}; were they made by another tokenizer?")
+            if target_checks:
+                target_low, target_high, unmasked = target_checks
+                if target_low < 0 or target_high >= vocab_size:
+                    bad = target_low if target_low < 0 else target_high
+                    raise ValueError(f"{name}.forward: target {bad} is outside the vocabulary (0..{vocab_size - 1}, "
+                                     "or -100 to mask a position); were the targets made by another tokenizer?")
+                if unmasked == 0:
+                    raise ValueError(f"{name}.forward: every target is -100 (masked), so the mean loss would be "
+                                     "over no tokens (NaN); leave at least one target unmasked, or call without "
+                                     "targets")
+        return idx.long()
 
     def _with_loss(self, logits: torch.Tensor, targets: torch.Tensor | None):
         if targets is None:
             return logits, None
-        if not isinstance(targets, torch.Tensor):
-            raise ValueError(f"{type(self).__name__}.forward: targets must be a tensor of token ids like idx, "
-                             f"got {type(targets).__name__}")
-        if targets.shape != logits.shape[:2]:
-            raise ValueError(f"{type(self).__name__}.forward: targets shape {tuple(targets.shape)} must equal idx "
-                             f"shape {tuple(logits.shape[:2])}")
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
                                ignore_index=-100)
         return logits, loss
 
@@ -209,15 +286,23 @@ class CountingBigram(_LanguageModel):
                 or probabilities.shape[0] != probabilities.shape[1]:
             raise ValueError("CountingBigram: probabilities must be a square (vocab, vocab) tensor; "
                              "use CountingBigram.from_tokens(ids, vocab_size) to count one")
+        if probabilities.is_complex() or probabilities.dtype == torch.bool:
+            raise ValueError(f"CountingBigram: probabilities must be real numbers >= 0, got dtype "
+                             f"{probabilities.dtype}")
+        table = probabilities.double()
+        # log of a negative or NaN entry is NaN, and a row of zeros gives a NaN loss and nothing to sample
+        if table.numel() and not bool(((table >= 0) & (table < math.inf)).all() and (table.sum(dim=1) > 0).all()):
+            raise ValueError("CountingBigram: probabilities must be finite numbers >= 0 with some mass in every "
+                             "row; build the table with bigram_probabilities(counts, smoothing)")
         self.config = BigramConfig(probabilities.shape[0], block_size)
-        self.register_buffer("log_probabilities", probabilities.double().log().float())
+        self.register_buffer("log_probabilities", table.log().float())
 
     @classmethod
     def from_tokens(cls, ids, vocab_size: int, smoothing: float = 1.0, block_size: int = 64) -> "CountingBigram":
         return cls(bigram_probabilities(bigram_counts(ids, vocab_size), smoothing), block_size)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        self._check_input(idx)
+        idx = self._check_input(idx, targets)
         return self._with_loss(self.log_probabilities[idx], targets)
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
@@ -241,7 +326,7 @@ class NeuralBigram(_LanguageModel):
         nn.init.zeros_(self.logits_table.weight)  # start uniform: loss ln(vocab)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        self._check_input(idx)
+        idx = self._check_input(idx, targets)
         return self._with_loss(self.logits_table(idx), targets)
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
@@ -272,7 +357,7 @@ class MLPLanguageModel(_LanguageModel):
         nn.init.zeros_(self.output.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        self._check_input(idx)
+        idx = self._check_input(idx, targets)
         context = self.config.context
         if idx.shape[1] == 0:  # nothing to predict; unfold below needs at least one position
             return self._with_loss(self.output.bias.new_zeros(idx.shape[0], 0, self.config.vocab_size), targets)

@@ -20,9 +20,20 @@ __all__ = ["top_k_filter", "top_p_filter", "next_token_probabilities", "sample_n
 
 
 def _check_logits(logits, where: str) -> None:
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] < 1:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"{where}: logits must be a tensor of shape (..., vocab), got {shape}")
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{where}: logits must be a tensor of shape (..., vocab), got {type(logits).__name__}; "
+                         "convert it with torch.as_tensor(logits)")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{where}: logits must be a tensor of shape (..., vocab), got {tuple(logits.shape)}")
+    if logits.dtype == torch.bool or logits.is_complex():
+        # argmax refuses bool, and a complex score would lose its imaginary part without a word
+        raise ValueError(f"{where}: logits must be real scores (a float tensor), got dtype {logits.dtype}")
+
+
+def _check_generator(generator, where: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}; "
+                        "for a seed, pass generator=torch.Generator().manual_seed(seed)")
 
 
 def _check_scores(logits: torch.Tensor, where: str) -> None:
@@ -95,7 +106,9 @@ def next_token_probabilities(logits: torch.Tensor, temperature: float = 1.0, top
     """The distribution `sample_next_token` draws from, as float32 probabilities of shape (..., vocab)."""
     _check_logits(logits, "next_token_probabilities")
     _check_options(temperature, top_k, top_p, "next_token_probabilities")
-    logits = logits.float()
+    # float64 scores are worked on in float64: in float32, 1e10 and 1e10 + 1 are the same number (and 1e300 is
+    # inf), which would change the distribution. The result is float32 either way.
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
     temperature = float(temperature)
     _check_scores(logits, "next_token_probabilities")
     if temperature == 0:
@@ -114,7 +127,7 @@ def next_token_probabilities(logits: torch.Tensor, temperature: float = 1.0, top
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
-    return F.softmax(logits, dim=-1)
+    return F.softmax(logits, dim=-1).float()
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -125,6 +138,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     """
     _check_logits(logits, "sample_next_token")
     _check_options(temperature, top_k, top_p, "sample_next_token")
+    _check_generator(generator, "sample_next_token")
     _check_scores(logits, "sample_next_token")
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -146,7 +160,26 @@ def _context_window(model) -> int:
     if window is None:
         raise TypeError(f"generate: {type(model).__name__} has neither context_window nor config.block_size; "
                         "give the model one of them so generate knows how much context to pass")
-    return min(window, block_size) if block_size else window
+    window = min(window, block_size) if block_size else window
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise TypeError(f"generate: {type(model).__name__}'s context window (context_window or config.block_size) "
+                        f"is {window!r}; it must be a whole number of tokens >= 1")
+    return int(window)
+
+
+def _last_logits(output, batch: int, model) -> torch.Tensor:
+    """The scores at the last position from `model(idx)`, which must return (logits (batch, time, vocab), loss)."""
+    logits = output[0] if isinstance(output, (tuple, list)) and len(output) == 2 else None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != batch:
+        if isinstance(output, torch.Tensor):
+            got = f"a tensor of shape {tuple(output.shape)}"
+        elif isinstance(logits, torch.Tensor):
+            got = f"logits of shape {tuple(logits.shape)}"
+        else:
+            got = type(output).__name__
+        raise TypeError(f"generate: {type(model).__name__}(idx) must return (logits, loss) with logits of shape "
+                        f"(batch={batch}, time, vocab), as GPT does; it returned {got}")
+    return logits[:, -1, :]
 
 
 @torch.no_grad()
@@ -156,29 +189,47 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
 
     Works for any model following GPT's protocol (`model(idx) -> (logits, loss)`): each step feeds the
     last `model.context_window` tokens (else `config.block_size`) and samples from the last position.
+    idx may have any integer dtype that holds the model's token ids; the result keeps it.
     """
     _check_options(temperature, top_k, top_p, "generate")
+    _check_generator(generator, "generate")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     max_new_tokens = int(max_new_tokens)
-    if not isinstance(idx, torch.Tensor) or idx.dim() not in (1, 2):
-        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise ValueError(f"generate: idx must have shape (time,) or (batch, time), got {shape}")
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"generate: idx must have shape (time,) or (batch, time), a torch tensor of token ids, "
+                         f"got {type(idx).__name__}; e.g. torch.tensor(tokenizer.encode(text))")
+    if idx.dim() not in (1, 2):
+        raise ValueError(f"generate: idx must have shape (time,) or (batch, time), got {tuple(idx.shape)}")
     if idx.shape[-1] == 0:
         raise ValueError("generate: the prompt is empty; give at least one token to start from")
     if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
         raise ValueError(f"generate: idx must hold integer token ids, got dtype {idx.dtype}; "
                          "e.g. torch.tensor(tokenizer.encode(text))")
     window = _context_window(model)
+    # The result keeps idx's dtype, so that dtype must hold every id the model can draw (uint8 stops at 255).
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    id_limit = torch.iinfo(idx.dtype).max
+    if isinstance(vocab_size, numbers.Integral) and vocab_size - 1 > id_limit:
+        raise ValueError(f"generate: idx has dtype {idx.dtype}, which holds ids up to {id_limit}, but the model's "
+                         f"vocab_size is {vocab_size}; pass idx.long()")
+    if max_new_tokens == 0:
+        return idx.clone()  # a new tensor, as for any other length
     squeeze = idx.dim() == 1
-    sequence = idx.unsqueeze(0) if squeeze else idx
+    # Models get int64 ids whatever the prompt's integer type (embeddings refuse int16, indexing reads uint8
+    # as a mask); the result is cast back to idx's dtype.
+    sequence = (idx.unsqueeze(0) if squeeze else idx).long()
     was_training = model.training
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            logits, _ = model(sequence[:, -window:])
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            sequence = torch.cat([sequence, next_token.unsqueeze(-1).to(sequence.dtype)], dim=1)
+            logits = _last_logits(model(sequence[:, -window:]), sequence.shape[0], model)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            sequence = torch.cat([sequence, next_token.unsqueeze(-1).to(sequence.device)], dim=1)
     finally:
         model.train(was_training)
+    if idx.dtype != torch.long and sequence.numel() and int(sequence.max()) > id_limit:
+        raise ValueError(f"generate: the model drew token id {int(sequence.max())}, which idx's dtype {idx.dtype} "
+                         f"cannot hold (at most {id_limit}); pass idx.long()")
+    sequence = sequence.to(idx.dtype)
     return sequence.squeeze(0) if squeeze else sequence

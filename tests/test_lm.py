@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from minillm import grading, lm
@@ -260,3 +261,107 @@ def test_models_refuse_token_ids_outside_the_vocabulary(make):
         model(torch.tensor([[0, 1]]), [[1, 2]])
     logits, _ = model(torch.zeros(2, 0, dtype=torch.long))
     assert logits.shape == (2, 0, 3)
+
+
+# ---- review: token-id dtypes, targets, tables and losses ------------------------------------------------
+
+def _three_models():
+    return [lm.CountingBigram.from_tokens([0, 1, 2, 1], 3), lm.NeuralBigram(lm.BigramConfig(3)),
+            lm.MLPLanguageModel(lm.MLPConfig(3, context=2))]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_models_read_any_integer_dtype_as_token_ids(dtype):
+    idx = torch.tensor([[0, 1], [1, 0]])
+    for model in _three_models():
+        # before: the counting bigram indexed with a uint8 tensor as a MASK (silently wrong logits of shape
+        # (2,)), the embeddings refused int8, int16 and uint8
+        logits, loss = model(idx.to(dtype), idx.flip(1).to(dtype))
+        expected_logits, expected_loss = model(idx, idx.flip(1))
+        assert torch.equal(logits, expected_logits) and torch.equal(loss, expected_loss)
+
+
+@pytest.mark.parametrize("idx", [torch.tensor([[True, False], [False, True]]), torch.tensor([[1.0, 0.0]])])
+def test_models_refuse_bool_and_float_ids(idx):
+    for model in _three_models():
+        # before: a bool tensor indexed the counting table as a mask, silently; floats failed deep in torch
+        with pytest.raises(ValueError, match="idx must hold integer token ids"):
+            model(idx)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (torch.tensor([[1.0, 0.0]]), "targets must hold integer token ids"),
+    (torch.tensor([[True, False]]), "targets must hold integer token ids"),
+    (torch.tensor([[1, 3]]), "target 3 is outside the vocabulary"),
+    (torch.tensor([[-5, 1]]), "target -5 is outside the vocabulary"),
+    (torch.tensor([[-100, -100]]), "every target is -100"),
+])
+def test_models_refuse_targets_that_give_no_loss(targets, message):
+    idx = torch.tensor([[0, 1]])
+    for model in _three_models():
+        # before: torch's "expected target dtype to be Long", "Target 3 is out of bounds", or a NaN loss
+        with pytest.raises(ValueError, match=message):
+            model(idx, targets)
+        with pytest.raises(ValueError, match="holds no tokens"):  # before: a NaN loss
+            model(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long))
+        _, masked_loss = model(idx, torch.tensor([[-100, 2]]))
+        torch.testing.assert_close(masked_loss, F.cross_entropy(model(idx)[0][0, 1:], torch.tensor([2])))
+        _, int32_loss = model(idx, torch.tensor([[1, 2]], dtype=torch.int32))  # before: a dtype error
+        torch.testing.assert_close(int32_loss, model(idx, torch.tensor([[1, 2]]))[1])
+
+
+@pytest.mark.parametrize("ids, message", [("hello", r"got text \(str\).*tokenizer.encode"),
+                                          (None, "got NoneType"), (["a", "b"], "got list")])
+def test_ids_that_are_not_ids_say_to_encode_the_text(ids, message):
+    # before: torch's "new(): invalid data type 'str'", "Could not infer dtype of NoneType", ...
+    with pytest.raises(ValueError, match=message):
+        lm.bigram_counts(ids, 5)
+    with pytest.raises(ValueError, match=message):
+        lm.bigram_nll(torch.full((5, 5), 0.2), ids)
+
+
+def test_bigram_probabilities_refuses_infinite_and_empty_counts():
+    # before: an inf count gave a row of NaN "probabilities", an empty table a ZeroDivisionError
+    with pytest.raises(ValueError, match="finite"):
+        lm.bigram_probabilities(torch.tensor([[math.inf, 1.0], [1.0, 1.0]]), 0)
+    with pytest.raises(ValueError, match=r"empty \(0, 0\) table"):
+        lm.bigram_probabilities(torch.zeros(0, 0), 1.0)
+
+
+@pytest.mark.parametrize("table, shown", [
+    (lm.bigram_counts([0, 1, 1, 0, 1], 2), r"values in \[0.0, 2.0\]"),   # counts, not probabilities
+    (torch.tensor([[-0.5, 1.5], [0.5, 0.5]]), r"values in \[-0.5, 1.5\]"),
+    (torch.tensor([[math.nan, 1.0], [0.5, 0.5]]), "NaN"),
+])
+def test_bigram_nll_refuses_a_table_that_is_not_probabilities(table, shown):
+    # before: -0.23 nats for the counts, -0.41 for the negative table, NaN for the NaN one, all without a word
+    message = f"probabilities must be numbers in \\[0, 1\\], got {shown}.*bigram_probabilities"
+    with pytest.raises(ValueError, match=message):
+        lm.bigram_nll(table, [0, 1, 1, 0])
+    rounded = torch.softmax(torch.randn(2, 2, generator=torch.Generator().manual_seed(0)), 1).float()
+    assert lm.bigram_nll(rounded, [0, 1, 1, 0]) > 0  # float32 rounding is fine
+
+
+@pytest.mark.parametrize("table", [torch.tensor([[-0.5, 1.5], [0.5, 0.5]]), torch.tensor([[math.nan, 1.0], [0.5, 0.5]]),
+                                   torch.tensor([[0.0, 0.0], [0.5, 0.5]]), torch.tensor([[math.inf, 1.0], [0.5, 0.5]])])
+def test_counting_bigram_refuses_a_table_without_a_distribution_in_every_row(table):
+    # before: NaN or -inf log-probabilities, and so a NaN loss (or nothing to sample) once that row came up
+    with pytest.raises(ValueError, match="finite numbers >= 0 with some mass in every row"):
+        lm.CountingBigram(table)
+
+
+def test_perplexity_is_finite_up_to_where_floats_overflow_and_losses_may_be_tensors():
+    # before: any loss >= 700 nats gave inf although exp(705) ~ 1.5e306 is a float
+    assert lm.perplexity(705.0) == pytest.approx(math.exp(705.0))
+    assert lm.perplexity(710.0) == math.inf
+    np = pytest.importorskip("numpy")
+    for loss in (torch.tensor(1.5), torch.tensor([1.5]), np.float32(1.5), np.array(1.5), np.array([1.5])):
+        assert type(lm.perplexity(loss)) is float and lm.perplexity(loss) == pytest.approx(math.exp(1.5))
+        # before: a tensor loss gave a tensor back
+        assert type(lm.bits_per_byte(loss, 10, 20)) is float
+        assert lm.bits_per_byte(loss, 10, 20) == pytest.approx(1.5 * 10 / (20 * math.log(2)))
+    for nonsense in ("1.5", None, True, torch.tensor([1.0, 2.0])):
+        with pytest.raises(TypeError, match="mean_nll=.* must be one number"):
+            lm.perplexity(nonsense)
+        with pytest.raises(TypeError, match="mean_nll=.* must be one number"):
+            lm.bits_per_byte(nonsense, 10, 20)

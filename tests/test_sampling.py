@@ -193,3 +193,150 @@ def test_generate_takes_numpy_counts_and_refuses_float_prompts():
     assert sampling.generate(model, torch.tensor([0]), np.int64(3), temperature=0).tolist() == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="integer token ids"):
         sampling.generate(model, torch.tensor([0.0]), 1)
+
+
+# ---- review: generators, dtypes, prompts and models -----------------------------------------------------
+
+def test_matches_transformers_logits_warpers():
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    for temperature, k, p in [(0.7, 10, 0.9), (1.3, 50, 0.5), (1.0, 3, 1.0), (0.2, 200, 0.99)]:
+        logits = torch.randn(3, 100, generator=g) * 3  # no ties: which of two tied tokens stays is arbitrary
+        scores = warpers.TemperatureLogitsWarper(temperature)(ids, logits.clone())
+        scores = warpers.TopPLogitsWarper(p)(ids, warpers.TopKLogitsWarper(k)(ids, scores))
+        ours = sampling.next_token_probabilities(logits, temperature, top_k=k, top_p=p)
+        assert torch.equal(ours > 0, torch.isfinite(scores))
+        torch.testing.assert_close(ours, torch.softmax(scores, -1))
+
+
+@pytest.mark.parametrize("generator", [0, "seed", pytest.param("numpy", id="numpy-generator")])
+def test_a_generator_that_is_not_a_torch_generator_is_a_clear_error(generator):
+    if generator == "numpy":
+        generator = pytest.importorskip("numpy").random.default_rng(0)
+    model = lm.CountingBigram(torch.tensor([[0.1, 0.9], [0.8, 0.2]]))
+    # before: AttributeError: 'int' object has no attribute 'device' (and generate at temperature 0 ignored it)
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator.*manual_seed"):
+        sampling.sample_next_token(LOGITS, 1.0, generator=generator)
+    for temperature in (0.0, 1.0):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+            sampling.generate(model, torch.tensor([0]), 2, temperature=temperature, generator=generator)
+
+
+def test_float64_logits_are_not_rounded_to_float32():
+    # before: float32 made 1e10 and 1e10 + 1 equal (probabilities 0.5, 0.5) and 1e300 inf (a "NaN or +inf" error)
+    for row in ([1e10, 1e10 + 1, 1e10 - 2], [1e300, 0.0, -1e300], [-1e300, -1e300 + 1e285, -1e300]):
+        logits = torch.tensor(row, dtype=torch.float64)
+        expected = torch.softmax(logits / 0.8, -1).float()
+        probabilities = sampling.next_token_probabilities(logits, 0.8)
+        assert probabilities.dtype == torch.float32
+        torch.testing.assert_close(probabilities, expected)
+        drawn = sampling.sample_next_token(logits.repeat(2000, 1), 0.8, generator=torch.Generator().manual_seed(0))
+        frequencies = torch.bincount(drawn, minlength=3).float() / 2000
+        assert (frequencies - expected).abs().max() < 0.05
+    with_top_k = sampling.next_token_probabilities(torch.tensor([1e10, 1e10 + 1, 0.0], dtype=torch.float64), 1.0, 2)
+    torch.testing.assert_close(with_top_k, torch.tensor([1 / (1 + math.e), math.e / (1 + math.e), 0.0]))
+
+
+@pytest.mark.parametrize("logits", [torch.tensor([True, False]), torch.tensor([1 + 1j, 2 + 0j])])
+def test_bool_and_complex_logits_are_refused(logits):
+    # before: bool logits failed in argmax at temperature 0 and were read as 0/1 otherwise; complex ones lost
+    # their imaginary part with only a warning
+    for call in (lambda: sampling.sample_next_token(logits, 0.0), lambda: sampling.sample_next_token(logits, 1.0),
+                 lambda: sampling.next_token_probabilities(logits), lambda: sampling.top_k_filter(logits, 1)):
+        with pytest.raises(ValueError, match="logits must be real scores"):
+            call()
+
+
+def test_logits_that_are_not_a_tensor_say_how_to_convert_them():
+    np = pytest.importorskip("numpy")
+    for logits in ([1.0, 2.0], np.array([1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"must be a tensor of shape .* convert it with torch.as_tensor"):
+            sampling.sample_next_token(logits)
+    with pytest.raises(ValueError, match=r"torch.tensor\(tokenizer.encode"):
+        sampling.generate(lm.CountingBigram(torch.full((2, 2), 0.5)), [0, 1], 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_generate_takes_prompts_of_any_integer_dtype_and_keeps_it(dtype):
+    table = torch.full((4, 4), 1e-9)
+    for a in range(4):
+        table[a, (a + 1) % 4] = 1.0
+    counting = lm.CountingBigram(lm.bigram_probabilities(table, 0))
+    mlp = lm.MLPLanguageModel(lm.MLPConfig(vocab_size=4, context=2, n_embd=4, hidden=8))
+    for model in (counting, mlp):
+        # before: the bigram read a uint8 prompt as a mask (IndexError), int8 and int16 failed in indexing or
+        # in the embedding, and the MLP could not pad a uint8 prompt
+        out = sampling.generate(model, torch.tensor([[2], [1]], dtype=dtype), 5, temperature=0)
+        assert out.dtype == dtype
+        assert torch.equal(out, sampling.generate(model, torch.tensor([[2], [1]]), 5, temperature=0).to(dtype))
+    assert sampling.generate(counting, torch.tensor([2], dtype=dtype), 3, temperature=0).tolist() == [2, 3, 0, 1]
+
+
+def test_generate_refuses_a_prompt_dtype_too_small_for_the_ids_it_would_draw():
+    model = lm.NeuralBigram(lm.BigramConfig(vocab_size=300))
+    with pytest.raises(ValueError, match=r"dtype torch.uint8, which holds ids up to 255.* vocab_size is 300"):
+        sampling.generate(model, torch.tensor([1], dtype=torch.uint8), 3)
+
+    class Unsized(torch.nn.Module):  # no config.vocab_size: checked on what it drew
+        context_window = 1
+
+        def forward(self, idx, targets=None):
+            logits = torch.full((*idx.shape, 300), -1e4)
+            logits[..., 299] = 0.0
+            return logits, None
+
+    # before: 299 was silently wrapped to 43 in uint8
+    with pytest.raises(ValueError, match="token id 299, which idx's dtype torch.uint8 cannot hold"):
+        sampling.generate(Unsized(), torch.tensor([1], dtype=torch.uint8), 2, temperature=0)
+    wide_enough = sampling.generate(Unsized(), torch.tensor([1], dtype=torch.int16), 2, temperature=0)
+    assert wide_enough.dtype == torch.int16 and wide_enough.tolist() == [1, 299, 299]
+
+
+def test_generate_of_zero_tokens_returns_a_new_tensor():
+    model = lm.CountingBigram(torch.full((3, 3), 1 / 3))
+    for prompt in (torch.tensor([1, 2]), torch.tensor([[1, 2]])):
+        out = sampling.generate(model, prompt, 0)
+        # before: the prompt itself (or a view of it), so writing into the result changed the prompt
+        assert torch.equal(out, prompt) and out.data_ptr() != prompt.data_ptr()
+
+
+def test_generate_explains_a_model_that_does_not_follow_the_protocol():
+    class LogitsOnly(torch.nn.Module):
+        context_window = 2
+
+        def forward(self, idx, targets=None):
+            return torch.zeros(*idx.shape, 5)
+
+    class LastPositionOnly(LogitsOnly):
+        def forward(self, idx, targets=None):
+            return torch.zeros(idx.shape[0], 5), None
+
+    class HalfAWindow(LogitsOnly):
+        context_window = 2.5
+
+        def forward(self, idx, targets=None):
+            return torch.zeros(*idx.shape, 5), None
+
+    # before: "not enough values to unpack", an IndexError, or "slice indices must be integers"
+    with pytest.raises(TypeError, match=r"must return \(logits, loss\) .* returned a tensor of shape \(1, 2, 5\)"):
+        sampling.generate(LogitsOnly(), torch.tensor([[1, 2]]), 1)
+    with pytest.raises(TypeError, match=r"returned logits of shape \(2, 5\)"):
+        sampling.generate(LastPositionOnly(), torch.tensor([[1, 2], [3, 4]]), 1)
+    with pytest.raises(TypeError, match="context window .* is 2.5"):
+        sampling.generate(HalfAWindow(), torch.tensor([1]), 1)
+
+
+def test_non_contiguous_inputs_give_the_same_results():
+    logits = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    strided = logits.t().contiguous().t()
+    assert not strided.is_contiguous()
+    for options in (dict(temperature=0.7, top_k=3), dict(temperature=1.3, top_p=0.6)):
+        assert torch.equal(sampling.next_token_probabilities(strided, **options),
+                           sampling.next_token_probabilities(logits, **options))
+        assert torch.equal(sampling.sample_next_token(strided, generator=torch.Generator().manual_seed(1), **options),
+                           sampling.sample_next_token(logits, generator=torch.Generator().manual_seed(1), **options))
+    model = lm.CountingBigram(torch.softmax(torch.randn(5, 5, generator=torch.Generator().manual_seed(2)), -1))
+    prompt = torch.tensor([[1, 2, 3], [4, 0, 1]]).t()  # (3, 2), not contiguous
+    assert torch.equal(sampling.generate(model, prompt, 4, generator=torch.Generator().manual_seed(3)),
+                       sampling.generate(model, prompt.contiguous(), 4, generator=torch.Generator().manual_seed(3)))
