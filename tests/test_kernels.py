@@ -79,7 +79,8 @@ def test_matmul_matches_reference(m, k, n, dtype):
 def test_matmul_takes_strided_inputs():
     a = randn(20, 33, seed=6)
     b = randn(17, 33, seed=7).t()  # (33, 17), column-major
-    torch.testing.assert_close(kernels.matmul(a, b), a @ b, rtol=1e-4 if not GPU else 1e-2, atol=1e-3 if not GPU else 5e-2)
+    torch.testing.assert_close(kernels.matmul(a, b), a @ b, rtol=1e-4 if not GPU else 1e-2,
+                               atol=1e-3 if not GPU else 5e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -361,7 +362,6 @@ def test_import_without_triton_falls_back_to_torch():
 
 
 def test_checks_accept_the_library_kernels(capsys):
-    from minillm.kernels import elementwise, rowwise, tiled_matmul
     grading.check("ex02.1", lambda m, k, n, size: 2 * m * k * n / ((m * k + k * n + m * n) * size))
     grading.check("ex02.2", elementwise.add_kernel)
     grading.check("ex02.3", rowwise.softmax_kernel)
@@ -563,3 +563,85 @@ def test_add_rmsnorm_cross_entropy_check_alike_on_every_backend(backend):
     targets = torch.tensor([0, -100, 3], dtype=torch.int32, device=DEVICE)
     torch.testing.assert_close(kernels.cross_entropy(x, targets, backend=backend),
                                torch.nn.functional.cross_entropy(x, targets.long()))
+
+
+def test_grouped_kernels_stay_inside_their_tensors_when_ends_go_negative(monkeypatch):
+    # The kernels themselves do not check ends (the dispatcher does); a negative entry gave negative rows,
+    # which the row masks let through: reads before a and c, and writes before the output (on the CPU a
+    # heap corruption, "free(): invalid next size"). Sentinel rows in front of each tensor see any such access.
+    if GPU:
+        pytest.skip("the sentinel trick reads the CPU tensors the interpreter works on")
+    guard = 4
+    a_buffer, c_buffer = randn(guard + 6, 8, seed=1), randn(guard + 6, 4, seed=2)
+    a_buffer[:guard], c_buffer[:guard] = float("nan"), float("nan")
+    a, c, b = a_buffer[guard:], c_buffer[guard:], randn(2, 8, 4, seed=3)
+    ends = torch.tensor([-3, 6], device=DEVICE)
+    g = grouped.grouped_weight_grad(a, c, ends)          # expert 1 started at row -3: nan from the sentinels
+    assert not g.isnan().any()
+    torch.testing.assert_close(g[1], a.t() @ c, **TOLERANCE[torch.float32])
+    outputs = []
+    real_empty = torch.empty
+
+    def empty_behind_sentinels(shape, **kwargs):         # the output, with sentinel rows in front of it
+        if len(shape) != 2:
+            return real_empty(shape, **kwargs)
+        buffer = real_empty((guard + shape[0], shape[1]), **kwargs).fill_(7.0)
+        outputs.append(buffer)
+        return buffer[guard:]
+    monkeypatch.setattr(torch, "empty", empty_behind_sentinels)
+    out = grouped.grouped_matmul(a, b, ends)
+    monkeypatch.undo()
+    assert len(outputs) == 1 and torch.equal(outputs[0][:guard], torch.full((guard, 4), 7.0))
+    torch.testing.assert_close(out, a @ b[1], **TOLERANCE[torch.float32])
+    for falling in ([-40, 6], [6, -40]):                  # no negative tile counts (repeat_interleave refused them)
+        assert grouped.grouped_matmul(a, b, torch.tensor(falling, device=DEVICE)).shape == (6, 4)
+
+
+def test_add_kernel_block_size_must_be_a_power_of_two():
+    # A negative block_size launched no program and returned torch.empty's uninitialised memory; 0 divided
+    # by zero and 1000 failed inside Triton.
+    x = randn(5, 7, seed=1)
+    for bad in (-4, 0, 1000, 4.0, True, "16"):
+        with pytest.raises(ValueError, match="power of 2"):
+            elementwise.add(x, x, block_size=bad)
+    for good in (1, 16, 1024):
+        assert torch.equal(elementwise.add(x, x, block_size=good), x + x)
+
+
+def test_rmsnorm_and_cross_entropy_have_second_derivatives_on_the_kernel_path():
+    # The Triton backward wrote its gradient with a kernel, which has no history: under create_graph=True a
+    # gradient penalty through it came out as if the gradient were constant (silently, e.g. 1s instead of
+    # the true second derivative). With create_graph the backward is now torch ops.
+    x, weight = randn(3, 4, 7, seed=1), randn(7, seed=2)
+    logits, targets = randn(4, 7, scale=3.0, seed=3), torch.tensor([0, -100, 6, 2], device=DEVICE)
+    upstream = {"rmsnorm": randn(3, 4, 7, seed=4), "cross_entropy": torch.tensor(1.5, device=DEVICE)}
+    calls = {"rmsnorm": (lambda x_, w_, backend: kernels.rmsnorm(x_, w_, backend=backend), (x, weight)),
+             "cross_entropy": (lambda l_, backend: kernels.cross_entropy(l_, targets, backend=backend), (logits,))}
+    for name, (call, inputs) in calls.items():
+        results = {}
+        for backend in ("triton", "torch"):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            grads = torch.autograd.grad(call(*leaves, backend=backend), leaves, upstream[name], create_graph=True)
+            penalty = sum((g * g).sum() for g in grads) + sum(leaf.sum() for leaf in leaves)
+            results[backend] = [g.detach() for g in grads] + list(torch.autograd.grad(penalty, leaves))
+        for got, expected in zip(results["triton"], results["torch"]):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="0-dimensional"):       # the kernel module's own check said "weight ()"
+        normalization.rmsnorm(randn(1, seed=5).reshape(()), randn(1, seed=6).reshape(()))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_cross_entropy_takes_ignore_index_as_torch_does(backend):
+    # torch's F.cross_entropy takes numpy integers and 0-d integer tensors as ignore_index; they were
+    # refused. A float is refused everywhere (the kernel module's int(1.5) silently ignored class 1).
+    import numpy as np
+
+    logits, targets = randn(3, 5, seed=1), torch.tensor([1, 2, 3], device=DEVICE)
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=1)
+    for ignore_index in (np.int64(1), np.int32(1), torch.tensor(1)):
+        torch.testing.assert_close(kernels.cross_entropy(logits, targets, ignore_index, backend=backend), expected)
+    for bad in (1.5, 1.0, True, torch.tensor(1.0), "1"):
+        with pytest.raises(TypeError, match="ignore_index"):
+            kernels.cross_entropy(logits, targets, bad, backend=backend)
+    with pytest.raises(TypeError, match="ignore_index"):
+        rowwise.cross_entropy(logits, targets, ignore_index=1.5)

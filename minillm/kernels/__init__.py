@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import reference
-from ._inputs import KERNEL_DTYPES, LastSeen, require_same_device
+from ._inputs import KERNEL_DTYPES, LastSeen, require_ignore_index, require_same_device
 
 __all__ = ["KERNELS", "BACKENDS", "add", "softmax", "matmul", "rmsnorm", "cross_entropy", "grouped_matmul",
            "grouped_weight_grad", "triton_available",
@@ -259,10 +259,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"cross_entropy: targets have dtype {str(targets.dtype).removeprefix('torch.')}; they must be "
                         "int64 (or int32) class indices (convert with .long())")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"cross_entropy: ignore_index={ignore_index!r} must be an int")
-    if not -2 ** 63 <= ignore_index < 2 ** 63:   # compared with int64 targets
-        raise ValueError(f"cross_entropy: ignore_index={ignore_index} must fit in int64 (e.g. the usual -100)")
+    ignore_index = require_ignore_index("cross_entropy", ignore_index)
     # Checked for every backend: torch's F.cross_entropy reads (N, C, d...) logits with class dim 1, a silent
     # different meaning for (batch, time, vocab) logits.
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 
 import torch
@@ -30,6 +31,19 @@ def require_targets_in_range(name: str, targets: torch.Tensor, n_classes: int, i
     if bool(out_of_range.any()):
         raise ValueError(f"{name}: targets must lie in [0, {n_classes}) or equal ignore_index={ignore_index}; "
                          f"found {targets[out_of_range][:5].tolist()}")
+
+
+def require_ignore_index(name: str, ignore_index) -> int:
+    """ignore_index as a Python int: any integer, as torch takes it (numpy's, a 0-d integer tensor), but no bool."""
+    try:
+        value = operator.index(ignore_index) if not isinstance(ignore_index, bool) else None
+    except TypeError:
+        value = None
+    if value is None:
+        raise TypeError(f"{name}: ignore_index={ignore_index!r} must be an int")
+    if not -2 ** 63 <= value < 2 ** 63:   # compared with int64 targets
+        raise ValueError(f"{name}: ignore_index={value} must fit in int64 (e.g. the usual -100)")
+    return value
 
 
 def require_rows(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ def add(x: torch.Tensor, y: torch.Tensor, block_size: int = 1024) -> torch.Tenso
     require_tensor("add", "x", x)
     require_tensor("add", "y", y)
     require_same_device("add", x, y)
+    # tl.arange needs a power of 2; 0 divides by zero, and a negative size launched no program at all and
+    # returned torch.empty's uninitialised memory
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 \
+            or block_size & (block_size - 1):
+        raise ValueError(f"add: block_size={block_size!r} must be a power of 2 such as 1024")
     if x.shape != y.shape or x.dtype != y.dtype:
         raise ValueError(f"add: x is {tuple(x.shape)} {x.dtype} but y is {tuple(y.shape)} {y.dtype}; the kernel "
                          "adds tensors of one shape and dtype (broadcast or convert first, or backend='torch')")

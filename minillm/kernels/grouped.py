@@ -39,7 +39,8 @@ def grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, en
     end = tl.load(ends_ptr + expert).to(tl.int64)
     rows = tl.load(tile_row_ptr + tile).to(tl.int64) + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = (rows < end) & (rows < M)   # < M too: never past a's rows, whatever ends says
+    # >= 0 and < M too: never outside a and c, whatever ends says (a negative entry gives negative rows)
+    row_ok = (rows >= 0) & (rows < end) & (rows < M)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -73,7 +74,7 @@ def grouped_weight_grad_kernel(a_ptr, c_ptr, g_ptr, starts_ptr, ends_ptr, M, K, 
     accumulator = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for first in range(start, end, BLOCK_R):
         rows = first + tl.arange(0, BLOCK_R)
-        row_ok = (rows < end) & (rows < M)
+        row_ok = (rows >= 0) & (rows < end) & (rows < M)
         a_t = tl.load(a_ptr + rows[None, :] * stride_am + ks[:, None] * stride_ak,
                       mask=k_ok[:, None] & row_ok[None, :], other=0.0)          # (BLOCK_K, BLOCK_R): A^T
         c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
@@ -127,7 +128,7 @@ def _tile_table(ends: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.T
         return table
     ends64 = ends.to(torch.int64)
     counts = torch.diff(ends64, prepend=ends64.new_zeros(1))
-    tiles = (counts + block_m - 1) // block_m
+    tiles = ((counts + block_m - 1) // block_m).clamp(min=0)   # falling ends (unchecked here): no tiles
     tile_expert = torch.repeat_interleave(torch.arange(ends.numel(), device=ends.device), tiles)
     tile_start = torch.cumsum(tiles, 0) - tiles
     first_row = (ends64 - counts)[tile_expert] + (torch.arange(tile_expert.numel(), device=ends.device)

@@ -2,6 +2,8 @@
 
 y = x / sqrt(mean(x²) + eps) * weight, row by row. The forward keeps 1/rms per row for the backward:
 dx = (w·dy - x̂ · mean(x̂ · w·dy)) / rms and dweight = Σ_rows dy · x̂, with x̂ = x / rms.
+Under create_graph=True (a gradient that is itself differentiated) the backward is the same formulas
+in torch ops: a kernel's output has no history, so a second derivative through it silently lacked its part.
 """
 from __future__ import annotations
 
@@ -62,13 +64,15 @@ class _RMSNorm(torch.autograd.Function):
         if rows.numel():
             rmsnorm_forward_kernel[(n_rows,)](rows, weight, out, inverse_rms, rows.stride(0), out.stride(0), n_cols,
                                               eps, BLOCK_SIZE=block, num_warps=_num_warps(block))
-        ctx.save_for_backward(rows, weight, inverse_rms)
-        ctx.block, ctx.shape = block, x.shape
+        ctx.save_for_backward(x, rows, weight, inverse_rms)
+        ctx.block, ctx.shape, ctx.eps = block, x.shape, eps
         return out.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
-        rows, weight, inverse_rms = ctx.saved_tensors
+        x, rows, weight, inverse_rms = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: torch ops, whose gradient has a gradient of its own
+            return (*_differentiable_backward(x, weight, grad_output, ctx.eps), None)
         n_rows, n_cols = rows.shape
         grad_out_rows = require_rows("rmsnorm backward", grad_output)
         grad_x = torch.empty((n_rows, n_cols), dtype=rows.dtype, device=rows.device)
@@ -81,12 +85,24 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x.reshape(ctx.shape), grad_weight, None
 
 
+def _differentiable_backward(x, weight, grad_output, eps):
+    """The backward kernel's formulas in torch ops (for a second derivative, which the kernel cannot give)."""
+    x32, weighted_grad = x.float(), grad_output.float() * weight.float()
+    inverse_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    x_hat = x32 * inverse_rms
+    grad_x = (weighted_grad - x_hat * (x_hat * weighted_grad).mean(dim=-1, keepdim=True)) * inverse_rms
+    grad_weight = (grad_output.float() * x_hat).reshape(-1, x.shape[-1]).sum(dim=0)
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm over the last dimension of x with a per-column weight; differentiable in x and weight."""
+    """RMSNorm over the last dimension of x with a per-column weight; differentiable in x and weight (twice)."""
     require_tensor("rmsnorm", "x", x)
     require_tensor("rmsnorm", "weight", weight)
     require_same_device("rmsnorm", x, weight)
-    if x.dim() == 0 or weight.shape != x.shape[-1:]:
+    if x.dim() == 0:
+        raise ValueError("rmsnorm: x is 0-dimensional; it normalises over the last dimension (reshape to (1,))")
+    if weight.shape != x.shape[-1:]:
         raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} must have shape (x.shape[-1],) = "
                          f"{tuple(x.shape[-1:])}")
     if x.shape[-1] > MAX_COLUMNS:

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._inputs import require_rows, require_same_device, require_targets_in_range, require_tensor
+from ._inputs import (require_ignore_index, require_rows, require_same_device, require_targets_in_range,
+                      require_tensor)
 
 # Rows up to this many columns are held whole in one block (one read, one write); longer rows are streamed
 # in blocks of LONG_ROW_BLOCK, reading the row three times (max, sum, write).
@@ -151,6 +152,8 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         logits, targets, logsumexp, counted = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: torch ops, whose gradient has a gradient of its own
+            return _differentiable_backward(logits, targets, counted, grad_output, ctx.ignore_index), None, None
         grad = torch.empty_like(logits)
         scale = (grad_output.to(torch.float32) / counted).reshape(1)
         n_rows, n_cols = logits.shape
@@ -160,14 +163,25 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
+def _differentiable_backward(logits, targets, counted, grad_output, ignore_index):
+    """The backward kernel's formula in torch ops, for a second derivative (a kernel's output has no history)."""
+    kept = targets != ignore_index
+    one_hot = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, torch.where(kept, targets, 0).long()[:, None],
+                                                                     1.0)
+    scale = torch.where(kept, grad_output.float() / counted, 0.0)[:, None]
+    return ((torch.softmax(logits.float(), dim=-1) - one_hot) * scale).to(logits.dtype)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of (rows × vocab) logits against int64 targets; softmax fused, never materialised.
 
-    Differentiable with respect to logits (the backward is a second kernel that writes the gradient).
+    Differentiable with respect to logits (the backward is a second kernel that writes the gradient; with
+    create_graph=True it is torch ops, so that a second derivative exists).
     """
     require_tensor("cross_entropy", "logits", logits)
     require_tensor("cross_entropy", "targets", targets, dtypes=(torch.int64, torch.int32))
     require_same_device("cross_entropy", logits, targets)
+    ignore_index = require_ignore_index("cross_entropy", ignore_index)   # int(1.5) was a silent 1
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: expected "
                          "(rows, vocab) logits and (rows,) targets; flatten with logits.view(-1, vocab)")
@@ -177,7 +191,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         return logits.float().sum() / 0.0
     require_targets_in_range("cross_entropy", targets, logits.shape[1], ignore_index)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    return _CrossEntropy.apply(logits, targets.contiguous(), int(ignore_index))
+    return _CrossEntropy.apply(logits, targets.contiguous(), ignore_index)
 
 
 # Triton fixes compiled-or-interpreted when a kernel is defined (TRITON_INTERPRET at import time).
