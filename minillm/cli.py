@@ -156,10 +156,12 @@ def cmd_grade(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="minillm", description="the minillm course's command line")
+    parser.add_argument("--version", action="version", version=f"minillm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("env", help="check the installation ([OK]/[FAIL]) and describe this machine")
-    p.set_defaults(func=cmd_env)
+    p.set_defaults(func=cmd_env, parser=p)
     p = sub.add_parser("course", help="run the course's chapters headless")
     course = p.add_subparsers(dest="action", required=True)
     p = course.add_parser("run", help="execute chapters with nbclient into runs/course/ and print the report")
@@ -167,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="the quick pass (MINILLM_FAST=1): tiny sizes")
     p.add_argument("--timeout", type=_positive_int, default=3600,
                    help="seconds allowed per cell (default 3600; chapter 03's ladder is one long cell)")
-    p.set_defaults(func=cmd_course)
+    p.set_defaults(func=cmd_course, parser=p)
     p = sub.add_parser("report", help="print the ledger as tables and write a plot")
     p.add_argument("--ledger", help="ledger file (default runs/ledger.jsonl)")
     p.add_argument("--out", help="folder for the plot (default runs/)")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, parser=p)
     p = sub.add_parser("build-notebooks", help="write notebooks/ (student versions) from solutions/")
     p.add_argument("--check", action="store_true", help="only check that notebooks/ is in sync; exit 1 if not")
-    p.set_defaults(func=cmd_build)
+    p.set_defaults(func=cmd_build, parser=p)
     p = sub.add_parser("grade", help="grade student notebooks per exercise (see docs/INSTRUCTORS.md)")
     p.add_argument("submissions", nargs="+", help="notebooks, or folders with one notebook or sub-folder per student")
     p.add_argument("--chapter", help="the chapter being graded, e.g. 01 (default: read from the notebooks)")
@@ -184,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                    help="notebooks graded at once (default: up to 4, one per core)")
     p.add_argument("--out", default="grades", help="folder for grades.csv and grades.json (default ./grades)")
-    p.set_defaults(func=cmd_grade)
-    args = parser.parse_args(argv)
+    p.set_defaults(func=cmd_grade, parser=p)
+    # parse_args would name an unknown option with the top-level usage ("minillm [-h] {env,...}"); the
+    # subcommand's own usage lists the options it does take
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     def format_warning(message, category, filename, lineno, line=None) -> str:
         # one plain line ("minillm report: warning: Ledger ...: skipped 1 corrupt line(s) (line 2)..."), not
@@ -194,21 +200,31 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         return args.func(args)
+    except KeyboardInterrupt:   # Ctrl-C: the user's choice, not a crash to show a traceback for
+        print(f"minillm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as error:
+        if isinstance(error, FileNotFoundError) and error.errno is not None:   # from the OS: name the path
+            return _os_error(args.command, error)
         print(f"minillm {args.command}: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # a folder where a file should be, a file in the way of a folder, no permission...
-        # os.replace and os.rename name the destination second: the path the user gave, not a temp file
-        path = getattr(error, "filename2", None) or error.filename
-        where = f" ({path})" if path else ""
-        what = error.strerror or str(error)
-        if isinstance(error, (FileExistsError, NotADirectoryError)):  # mkdir or open through a file
-            what = f"{what}: a file is where a folder is needed"
-        print(f"minillm {args.command}: {what}{where}; check that path (and its permissions) and run the "
-              "command again", file=sys.stderr)
-        return 2
+    except OSError as error:
+        return _os_error(args.command, error)
     finally:
         warnings.formatwarning = formatwarning
+
+
+def _os_error(command: str, error: OSError) -> int:
+    """A folder where a file should be, a file in the way of a folder, no permission...: one line, exit 2."""
+    # os.replace and os.rename name the destination second: the path the user gave, not a temp file
+    path = getattr(error, "filename2", None) or error.filename
+    where = f" ({path})" if path else ""
+    what = error.strerror or str(error)
+    if isinstance(error, (FileExistsError, NotADirectoryError)):  # mkdir or open through a file
+        what = f"{what}: a file is where a folder is needed"
+    print(f"minillm {command}: {what}{where}; check that path (and its permissions) and run the command again",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

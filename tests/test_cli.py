@@ -53,3 +53,40 @@ def test_bench_bpe_on_an_empty_corpus_is_a_usage_error(tmp_path, capsys):
         main(["bpe", "--corpus", str(empty), "--vocab-size", "260"])
     assert exit_info.value.code == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_version_and_unknown_options_name_the_subcommand(capsys):
+    from minillm import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"minillm {__version__}"
+    # an unknown option used to print the top-level usage ("minillm [-h] {env,...}"), not the options there are
+    for argv, usage in [(["build-notebooks", "--bogus"], "usage: minillm build-notebooks [-h] [--check]"),
+                        (["course", "run", "00", "--bogus"], "usage: minillm course run [-h] [--fast]"),
+                        (["env", "extra"], "usage: minillm env [-h]")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(usage), err
+        assert "unrecognized arguments: " + argv[-1] in err
+
+
+def test_interrupts_and_os_file_not_found_are_one_line(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_env", interrupted)
+    try:
+        code = cli.main(["env"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended `minillm env` with a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "minillm env: interrupted\n"
+
+    def missing(args):                                    # the OS's error: "[Errno 2] ..." and no advice
+        raise FileNotFoundError(2, "No such file or directory", "/gone/report.png")
+    monkeypatch.setattr(cli, "cmd_report", missing)
+    assert cli.main(["report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minillm report: No such file or directory (/gone/report.png); check that path"), err
+    assert "Errno" not in err
