@@ -104,6 +104,9 @@ def _create_unique_temp(path: Path) -> tuple[int, Path]:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:  # 48 random bits taken already: practically never, try another name
             continue
+        except OSError as error:   # name the file the caller asked for, not this temp name
+            raise type(error)(error.errno, f"cannot write {path} (creating a file in {path.parent} failed: "
+                              f"{error.strerror}); choose a folder you can write to", str(path)) from None
         return fd, tmp
     raise FileExistsError(f"atomic_write: could not create a temp file next to {path}; clear out "
                           f"the .{path.name}.*.tmp files there")

@@ -557,6 +557,19 @@ def test_atomic_write_keeps_normal_permissions_and_cleans_up_on_failure(tmp_path
     assert (tmp_path / "a.txt").read_text() == "hello"
 
 
+def test_atomic_write_error_names_the_target_not_the_temp_file(tmp_path, monkeypatch):
+    from minillm import paths
+
+    def refused(path, flags, mode=0o777):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(paths.os, "open", refused)
+    target = tmp_path / "report.png"
+    with pytest.raises(PermissionError, match="cannot write .*report.png .*Permission denied.*folder you can write"
+                       ) as info:
+        paths.atomic_write_text(target, "x")
+    assert ".tmp" not in str(info.value)
+
+
 # --- minillm report on the command line -----------------------------------------------------------
 
 def _timed_ledger(path):
