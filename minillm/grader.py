@@ -440,24 +440,30 @@ def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, wor
     command = [sys.executable, "-m", "pytest", str(path), "--nbval-lax", "--nbval-current-env",
                f"--nbval-cell-timeout={cell_timeout:g}", "-p", "minillm.grader_plugin", "-q",
                "-p", "no:cacheprovider", "--rootdir", str(workdir), "-o", "addopts=", "-o", "testpaths="]
-    note = ""
     log_path = workdir / "pytest.log"
-    with open(log_path, "w", encoding="utf-8") as log:
-        # pytest stays in the grader's process group, so a Ctrl-C at the terminal reaches it too (and nbval
-        # then shuts the kernel down).
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(KERNEL_START_ATTEMPTS):
+        results_file.unlink(missing_ok=True)
+        note = ""
+        with open(log_path, "w", encoding="utf-8") as log:
+            # pytest stays in the grader's process group, so a Ctrl-C at the terminal reaches it too (and nbval
+            # then shuts the kernel down).
+            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                process.wait(timeout=notebook_timeout)
+            except subprocess.TimeoutExpired:
+                note = f"the notebook ran past the {notebook_timeout:g} s limit"
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
         try:
-            process.wait(timeout=notebook_timeout)
-        except subprocess.TimeoutExpired:
-            note = f"the notebook ran past the {notebook_timeout:g} s limit"
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    try:
-        results = json.loads(results_file.read_text())
-    except (OSError, ValueError):
-        results = {}
+            results = json.loads(results_file.read_text())
+        except (OSError, ValueError):
+            results = {}
+        # A kernel that died while starting, before any cell (two kernels started at once can be given the same
+        # free port): not the notebook's doing, so start it again.
+        if results.get("cells") or note or not _kernel_failed_to_start(log_path):
+            break
     if note and results.get("kernel_pid"):
         # jupyter_client starts the kernel in a process group of its own; it would notice that pytest is gone
         # within a second or so, but not the processes it started (DataLoader workers, say): stop them all.
@@ -470,6 +476,19 @@ def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, wor
         raise GraderError(f"nbval could not run the notebook (pytest exit status {process.returncode}): "
                           f"{' | '.join(lines[-3:]) or 'no output'}")
     return outcomes, note
+
+
+KERNEL_START_ATTEMPTS = 3
+_KERNEL_START_FAILURES = ("Kernel died before replying to kernel_info", "Kernel didn't respond in",
+                          "Address already in use")
+
+
+def _kernel_failed_to_start(log_path: Path) -> bool:
+    try:
+        log = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(failure in log for failure in _KERNEL_START_FAILURES)
 
 
 def _kill_group(pid: int) -> None:

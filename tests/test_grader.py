@@ -495,3 +495,45 @@ def test_prepare_keeps_an_answer_cell_that_took_a_checks_metadata():
     assert ids.index("ex00-1") < ids.index("check-ex00-1")        # was: the answer replaced by the check
     assert "def matmul_flops" in "".join(cell(prepared, "ex00-1")["source"])
     assert "nbgrader" not in cell(prepared, "ex00-1")["metadata"]
+
+
+class _FakePytest:
+    """Stands in for the nbval process: writes `log` to its stdout and, when given, `cells` as the results."""
+    runs = []
+
+    def __init__(self, command, cwd, env, stdout, stderr, *, log, cells):
+        _FakePytest.runs.append(command)
+        stdout.write(log)
+        if cells is not None:
+            Path(env["MINILLM_GRADER_RESULTS"]).write_text(json.dumps({"cells": cells}))
+        self.returncode = 0 if cells else 1
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    def poll(self):
+        return self.returncode
+
+
+@pytest.mark.parametrize("first_log, retried", [
+    ("ERROR sub.ipynb::Cell 0 - RuntimeError: Kernel died before replying to kernel_info", True),
+    ("ERROR collecting sub.ipynb - nbformat.reader.NotJSONError", False),
+])
+def test_a_kernel_that_dies_while_starting_is_started_again(tmp_path, monkeypatch, first_log, retried):
+    from minillm import grader
+
+    outcomes = iter([(first_log, None), ("1 passed", {"a": {"status": "passed"}})])
+
+    def popen(command, **kwargs):
+        log, cells = next(outcomes)
+        return _FakePytest(command, log=log, cells=cells, **kwargs)
+    _FakePytest.runs = []
+    monkeypatch.setattr(grader.subprocess, "Popen", popen)
+    assert grader.RESULTS_ENV == "MINILLM_GRADER_RESULTS"
+    if retried:
+        assert grader.run_submission(tmp_path / "sub.ipynb", 5, 60, tmp_path) == ({"a": {"status": "passed"}}, "")
+        assert len(_FakePytest.runs) == 2
+    else:   # the notebook itself is at fault: no second run, a grader error that shows the log
+        with pytest.raises(GraderError, match="NotJSONError"):
+            grader.run_submission(tmp_path / "sub.ipynb", 5, 60, tmp_path)
+        assert len(_FakePytest.runs) == 1
