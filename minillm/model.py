@@ -42,6 +42,11 @@ class GPTConfig:
         for field_ in dataclasses.fields(self):   # plain_number leaves strings, bools and the MoE config alone
             setattr(self, field_.name, plain_number(getattr(self, field_.name)))
         if isinstance(self.moe, dict):  # a config saved with dataclasses.asdict (checkpoints)
+            known = {field_.name for field_ in dataclasses.fields(MoEConfig)}
+            unknown = [key for key in self.moe if key not in known]
+            if unknown:   # (MoEConfig(**moe) would say only "unexpected keyword argument")
+                raise TypeError(f"GPTConfig: moe has unknown field(s) {', '.join(map(repr, unknown))}; MoEConfig's "
+                                f"fields are {', '.join(sorted(known))}")
             self.moe = MoEConfig(**self.moe)
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ValueError(f"GPTConfig: moe={self.moe!r} must be a MoEConfig (or None for dense MLPs)")
@@ -280,11 +285,8 @@ class GPT(nn.Module):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][0].item()
             raise ValueError(f"GPT.forward: token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1}); "
                              "was the text encoded with a tokenizer of a different vocab_size?")
-        x = self.dropout(self.token_embedding(idx))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.norm_final(x))
-        loss = None
+        # Targets are checked before the blocks run: a refused call must not leave a train-mode forward's
+        # tokens in the MoE layers' load counters (they would steer the next step's bias update).
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"GPT.forward: targets shape {tuple(targets.shape)} must equal idx shape "
@@ -301,6 +303,12 @@ class GPT(nn.Module):
                     raise ValueError(f"GPT.forward: target {targets[outside][0].item()} is outside the vocabulary "
                                      f"(0..{self.config.vocab_size - 1}, or -100 to mask a position); were the "
                                      "targets encoded with a tokenizer of a different vocab_size?")
+        x = self.dropout(self.token_embedding(idx))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm_final(x))
+        loss = None
+        if targets is not None:
             loss = F.cross_entropy(_wide(logits).view(-1, logits.shape[-1]),
                                    targets.reshape(-1).long(),
                                    ignore_index=-100)

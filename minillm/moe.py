@@ -45,7 +45,9 @@ DISPATCH_KINDS = ("auto", "fused", "triton", "grouped", "slices")
 class MoEConfig:
     n_routed: int = 16             # fine-grained routed experts
     n_shared: int = 1              # always-on experts (run as one MLP n_shared times wider)
-    top_k: int = 2                 # routed experts per token
+    top_k: int = 2                 # routed experts per token (with 1, the normalised gate weight is always
+                                   # route_scale: the loss gives the router no gradient, as in DeepSeek-V3 and
+                                   # transformers; only aux_loss_weight > 0 trains it then)
     expert_hidden: int = 64        # hidden width of each expert (SwiGLU)
     route_scale: float = 1.0       # gate weights sum to this (DeepSeek-V3: 2.5)
     n_groups: int = 1              # group-limited routing: experts split into n_groups groups ...
@@ -107,6 +109,15 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
     """Choose top_k experts per token on sigmoid(logits) + bias; weigh them by the unbiased affinities."""
     if router_logits.dim() != 2:
         raise ValueError(f"route: router_logits must have shape (tokens, n_routed), got {tuple(router_logits.shape)}")
+    for name, value in (("top_k", top_k), ("n_groups", n_groups), ("top_groups", top_groups)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):   # True would mean 1, 2.0 fail in topk
+            raise TypeError(f"route: {name}={value!r} must be an integer (a number of experts or groups)")
+    top_k, n_groups, top_groups = int(top_k), int(n_groups), int(top_groups)
+    if not isinstance(route_scale, torch.Tensor) and (isinstance(route_scale, bool)
+                                                       or not isinstance(route_scale, numbers.Real)
+                                                       or not math.isfinite(route_scale) or route_scale <= 0):
+        raise ValueError(f"route: route_scale={route_scale!r} must be a finite number > 0 (the gate weights' sum; "
+                         f"1.0, or DeepSeek-V3's 2.5); a negative or NaN one would flip or erase the experts' outputs")
     n_routed = router_logits.shape[-1]
     if not 1 <= n_groups <= n_routed or n_routed % n_groups or not 1 <= top_groups <= n_groups:
         raise ValueError(f"route: n_groups={n_groups} must divide the {n_routed} experts and top_groups={top_groups} "
@@ -139,11 +150,23 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
 @torch.no_grad()
 def update_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
     """The auxiliary-loss-free update: overloaded experts (above the mean load) -rate, underloaded +rate."""
+    if isinstance(rate, torch.Tensor) and rate.numel() == 1:
+        rate = rate.item()
+    if isinstance(rate, torch.Tensor):   # one rate per expert
+        bad = rate.is_complex() or not bool((torch.isfinite(rate) & (rate >= 0)).all())
+    else:
+        bad = isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not math.isfinite(rate) or rate < 0
+    if bad:
+        raise ValueError(f"update_bias: rate={rate!r} must be a finite number >= 0 (gamma, e.g. 0.001); a negative "
+                         f"rate would push load towards the busiest experts, a NaN one would erase the bias")
     tokens_per_expert = torch.as_tensor(tokens_per_expert, device=bias.device)   # a list of counts works too
     if tokens_per_expert.shape != bias.shape:
         raise ValueError(f"update_bias: tokens_per_expert has shape {tuple(tokens_per_expert.shape)} but bias has "
                          f"{tuple(bias.shape)}; pass one count per expert")
     load = tokens_per_expert.float()
+    if load.numel() and not bool((load >= 0).all()):   # NaN fails too
+        raise ValueError(f"update_bias: tokens_per_expert={tokens_per_expert.tolist()} holds a negative or NaN "
+                         f"count; pass how many tokens each expert received")
     return bias + rate * torch.sign(load.mean() - load).to(bias.dtype)
 
 
@@ -169,6 +192,10 @@ def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, ba
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1 or tokens % batch:
         raise ValueError(f"sequence_balance_loss: batch={batch!r} must be a positive integer dividing the {tokens} "
                          f"tokens (the rows of affinity are batch sequences of equal length, one after another)")
+    if not isinstance(alpha, torch.Tensor) and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                                 or not math.isfinite(alpha) or alpha < 0):
+        raise ValueError(f"sequence_balance_loss: alpha={alpha!r} must be a finite number >= 0 (e.g. 0.0001); a "
+                         f"negative one would reward imbalance")
     top_k = expert_index.shape[-1]
     length = tokens // batch
     if length == 0:   # empty sequences: nothing to balance (and no 0 / 0)
@@ -578,8 +605,12 @@ class MoE(nn.Module):
     def _apply(self, fn, recurse=True):
         # layer.to(torch.bfloat16) casts every floating buffer; the balancing bias stays float32: in bf16 a
         # step of 0.001 vanishes once the bias nears 0.5 (its spacing there is 0.002), and balancing stalls.
+        # It keeps its float32 value too: cast to bf16 and back, a trained bias would be rounded to that spacing.
+        bias = self.expert_bias
         super()._apply(fn, recurse)
-        self.expert_bias = self.expert_bias.float()
+        if self.expert_bias.dtype != torch.float32:   # a cast (a move or to_empty keeps the dtype)
+            kept = bias if bias.dtype == torch.float32 else self.expert_bias
+            self.expert_bias = kept.to(device=self.expert_bias.device, dtype=torch.float32)
         return self
 
     def reset_output_projections(self, std: float) -> None:
@@ -647,19 +678,24 @@ class MoE(nn.Module):
             output = output + self.shared_down(F.silu(gate) * up)
         self.aux_loss = None
         if self.training:
-            self.step_load += torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed)
-            if config.aux_loss_weight > 0:
+            # The loss first: a weight it refuses (negative, set after the config's check) leaves no tokens counted.
+            if config.aux_loss_weight != 0:   # != 0, not > 0: a negative one must be refused, not skipped
                 self.aux_loss = sequence_balance_loss(routing.affinity, routing.expert_index, batch,
                                                       config.aux_loss_weight)
+            self.step_load += torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed)
         return output.view(shape)
 
     def after_optimizer_step(self) -> None:
         """Record this step's load and, when enabled, nudge the biases towards balance; reset the counters."""
         if int(self.step_load.sum()) == 0:
             return
+        rate = self.config.bias_update_rate
+        # != 0, not > 0: update_bias refuses a negative or NaN rate set after the config checked it. The new bias
+        # comes first, so that a refused rate leaves this step's load and history as they were.
+        new_bias = update_bias(self.expert_bias, self.step_load, rate) if rate != 0 else None
         self.load_history.append(self.step_load.tolist())
-        if self.config.bias_update_rate > 0:
-            self.expert_bias.copy_(update_bias(self.expert_bias, self.step_load, self.config.bias_update_rate))
+        if new_bias is not None:
+            self.expert_bias.copy_(new_bias)
         self.step_load.zero_()
 
     def reset_load(self) -> None:
@@ -670,7 +706,7 @@ class MoE(nn.Module):
         """Tokens per expert in the last recorded step and its max/mean imbalance."""
         if not self.load_history:
             return {"tokens_per_expert": [], "max_over_mean": float("nan")}
-        last = self.load_history[-1]
+        last = list(self.load_history[-1])   # a copy: editing the result must not rewrite the history
         return {"tokens_per_expert": last, "max_over_mean": load_imbalance(torch.tensor(last))}
 
     def num_active_parameters(self) -> int:
