@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 
@@ -73,14 +74,26 @@ def cmd_env(args) -> int:
 def cmd_course(args) -> int:
     from .cost import report
     from .notebooks import run_course
-    runs = run_course(args.chapters or None, fast=args.fast, timeout=args.timeout)
-    text, png = report()
-    print(text)
+    chapters = []
+    for arg in args.chapters:
+        # "00,01" or "00 01" in one argument too; an empty one is kept, for run_course to refuse (not "all")
+        chapters += [c for c in re.split(r"[\s,]+", arg.strip()) if c] or [arg]
+    runs = run_course(chapters or None, fast=args.fast, timeout=args.timeout)
+    report_failed = False
+    try:   # the chapters' results below still print when the report cannot be made
+        text, png = report()
+        print(text)
+    except (OSError, ValueError) as error:
+        report_failed = True
+        print(f"minillm course: the cost report could not be made: {error}; `minillm report` makes it again",
+              file=sys.stderr)
     failed = [r for r in runs if not r.ok]
     for r in failed:
-        print(f"FAILED {r.path.name}: {r.error}\n  the executed notebook with the error: {r.output_path}")
+        where = (f"the executed notebook with the error: {r.output_path}" if r.output_path
+                 else "no executed notebook was saved")
+        print(f"FAILED {r.path.name}: {r.error}\n  {where}")
     print(f"{len(runs) - len(failed)} of {len(runs)} chapter(s) ran in {sum(r.seconds for r in runs):.0f} s")
-    return 1 if failed else 0
+    return 1 if failed or report_failed else 0
 
 
 def cmd_report(args) -> int:

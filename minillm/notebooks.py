@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,11 @@ REPO_URL = "https://github.com/minillm-course/minillm"
 REPO_BRANCH = "main"
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-# Anything that looks like a solution marker: any number of '#', any case, anything around it.
-_MARKER_LIKE = re.compile(r"#*[ \t]*\b(begin|end)[ \t]+solution\b", re.IGNORECASE)
+# Anything that looks like a solution marker: any number of '#', any case, anything around it, BEGIN_SOLUTION too.
+_MARKER_LIKE = re.compile(r"#*[ \t]*\b(begin|end)[ \t_]+solution\b", re.IGNORECASE)
 STUB_LINE = 'raise NotImplementedError("exercise {grade_id}: replace this line with your code")'
+# The stub of a region in a cell without an nbgrader grade_id (not "exercise this exercise: ...").
+_STUB_LINE_UNNAMED = 'raise NotImplementedError("replace this line with your code")'
 
 # First cell of every chapter. It must run before minillm is importable, so it is plain Python.
 BOOTSTRAP = f'''# Set-up: make `minillm` importable, here or on Colab. Run this cell first.
@@ -83,6 +87,7 @@ def _cell_source(cell) -> str:
 
 def stub_solution_regions(source: str, grade_id: str = "this exercise") -> str:
     """Replace each BEGIN/END SOLUTION region by a stub at the same indentation."""
+    stub = STUB_LINE.format(grade_id=grade_id) if grade_id != "this exercise" else _STUB_LINE_UNNAMED
     out, inside, indent = [], False, ""
     for number, line in enumerate(source.split("\n"), 1):
         stripped = line.strip()
@@ -95,7 +100,7 @@ def stub_solution_regions(source: str, grade_id: str = "this exercise") -> str:
                 raise ValueError(f"{grade_id}: line {number}: '{BEGIN}' inside another solution region")
             inside, indent = True, line[: len(line) - len(line.lstrip())]
             out.append(f"{indent}# YOUR CODE HERE")
-            out.append(indent + STUB_LINE.format(grade_id=grade_id))
+            out.append(indent + stub)
         elif stripped == END:
             if not inside:
                 raise ValueError(f"{grade_id}: line {number}: '{END}' without a '{BEGIN}'")
@@ -115,12 +120,49 @@ def _describe_cell(cell, index: int) -> str:
     return f"cell {index} (id {cell.get('id', '?')}, {cell.get('cell_type', '?')})"
 
 
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_shape(nb) -> None:
+    """ValueError naming what is malformed, instead of a KeyError or AttributeError deep in build_student."""
+    fix = "open and save it in Jupyter, or fix the JSON by hand"
+    if not isinstance(nb, dict):
+        raise ValueError(f"it holds {_json_type(nb)}, not a notebook (a JSON object with a list of cells); {fix}")
+    if not isinstance(nb.get("cells"), list):
+        raise ValueError(f"it has no list of cells (nbformat {nb.get('nbformat')!r}; format 4 is needed); {fix}")
+    if not isinstance(nb.get("metadata", {}), dict):
+        raise ValueError(f"its metadata is {_json_type(nb['metadata'])}, not an object; {fix}")
+    for index, cell in enumerate(nb["cells"]):
+        if not isinstance(cell, dict):
+            raise ValueError(f"cell {index} is {_json_type(cell)}, not a cell (a JSON object); {fix}")
+        where = _describe_cell(cell, index)
+        if cell.get("cell_type") not in ("code", "markdown", "raw"):
+            kind = f"cell_type {cell['cell_type']!r}" if "cell_type" in cell else "no cell_type"
+            raise ValueError(f"{where} has {kind}; a cell is 'code', 'markdown' or 'raw'; {fix}")
+        source = cell.get("source", "")
+        if not (isinstance(source, str) or isinstance(source, list) and all(isinstance(s, str) for s in source)):
+            raise ValueError(f"{where}: its source is {_json_type(source)}, not text or a list of lines; {fix}")
+        meta = cell.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: its metadata is {_json_type(meta)}, not an object; {fix}")
+        nbgrader = meta.get("nbgrader", {})
+        if not isinstance(nbgrader, dict):
+            raise ValueError(f"{where}: its nbgrader metadata is {_json_type(nbgrader)}, not an object; {fix}")
+        grade_id = nbgrader.get("grade_id")
+        if grade_id is not None and not isinstance(grade_id, str):
+            raise ValueError(f"{where}: its grade_id is {grade_id!r}, not a string such as 'ex01.3'; {fix}")
+
+
 def build_student(nb: dict) -> dict:
     """The student twin of a solution notebook: solutions stubbed, outputs and widget state cleared, same ids.
 
     Raises ValueError rather than ship a solution: near-miss markers, markers outside code cells, and cells
     flagged as solutions (nbgrader `solution: true`) that have no markers to stub.
     """
+    _check_shape(nb)
     student = copy.deepcopy(nb)
     # Saved widget state can hold a solution's outputs (a slider's value, a plot's data): never ship it.
     student.get("metadata", {}).pop("widgets", None)
@@ -167,9 +209,13 @@ def dumps(nb: dict) -> str:
 
 def load(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: a notebook saved by an editor that writes a byte-order mark is still a notebook
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not a valid notebook (JSON error: {error})") from None
+    except UnicodeDecodeError as error:  # named, with the path: the bare codec error names no file
+        raise ValueError(f"{path} is not a valid notebook: it is not UTF-8 text ({error.reason} at byte "
+                         f"{error.start}); notebooks are UTF-8 JSON, so save it again as UTF-8") from None
 
 
 def build_notebooks(check: bool = False, verbose: bool = True, source_dir: Path | None = None,
@@ -179,6 +225,10 @@ def build_notebooks(check: bool = False, verbose: bool = True, source_dir: Path 
     out_dir = Path(out_dir) if out_dir else source_dir.parent / "notebooks"
     problems = []
     solutions = chapter_paths(folder=source_dir)
+    if not solutions:  # else --check would say "in sync" about nothing at all
+        what = "does not exist" if not source_dir.is_dir() else "has no chapter notebooks (NN_name.ipynb)"
+        raise FileNotFoundError(f"{source_dir} {what}, so there is nothing to build notebooks/ from; run "
+                                "the command in a checkout of the course, whose solutions/ holds the chapters")
     texts = {}
     for path in solutions:  # build every twin before writing any, so that an error leaves notebooks/ as it was
         nb = load(path)
@@ -200,7 +250,8 @@ def build_notebooks(check: bool = False, verbose: bool = True, source_dir: Path 
     names = {p.name for p in solutions}
     for extra in sorted(out_dir.glob("[0-9][0-9]_*.ipynb")):
         if extra.name not in names:
-            problems.append(f"{out_dir.name}/{extra.name} has no source in {source_dir.name}/")
+            problems.append(f"{out_dir.name}/{extra.name} has no source in {source_dir.name}/ (delete it, or "
+                            f"add {source_dir.name}/{extra.name})")
     return problems
 
 
@@ -216,62 +267,170 @@ class ChapterRun:
     cells: int = 0
 
 
-def _describe_failure(nb, error, timeout: float | None = None) -> str:
-    if type(error).__name__ == "CellTimeoutError":
-        # nbclient numbers a cell (execution_count) as it starts, so the last numbered cell is the one that ran out.
-        for index, cell in reversed(list(enumerate(nb.cells))):
-            if cell.cell_type == "code" and cell.get("execution_count") is not None:
-                first = _cell_source(cell).strip().splitlines()
-                more = int(2 * timeout) if timeout else 7200
-                limit = f"the limit of {timeout:g} s per cell" if timeout else "the per-cell limit"
-                return (f"cell {index} ({cell.get('id', '?')}: {first[0][:60] if first else ''!r}) ran past "
-                        f"{limit}. A slower machine needs more time: `minillm course run --timeout {more}`, "
-                        f"or `make course TIMEOUT={more}`")
-    # nbclient's CellExecutionError does not carry the cell, so find the first cell with an error output.
-    for index, cell in enumerate(nb.cells):
+def _cell_label(cell, index: int) -> str:
+    first = _cell_source(cell).strip().splitlines()
+    return f"cell {index} ({cell.get('id', '?')}: {first[0][:60] if first else ''!r})"
+
+
+def _last_started_cell(nb):
+    """(index, cell) of the last code cell that started: nbclient numbers a cell (execution_count) as it starts."""
+    for index, cell in reversed(list(enumerate(nb.cells))):
+        if cell.cell_type == "code" and cell.get("execution_count") is not None:
+            return index, cell
+    return None
+
+
+def _failed_cell(nb):
+    """(index, cell, error output) of the cell that stopped the run, or None.
+
+    nbclient stops at the first error that a cell is not tagged `raises-exception` to expect, so that is the last
+    cell with an error output among the untagged ones (an expected error earlier in the notebook is not it).
+    """
+    for index, cell in reversed(list(enumerate(nb.cells))):
+        if "raises-exception" in cell.get("metadata", {}).get("tags", []):
+            continue
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
-                first = _cell_source(cell).strip().splitlines()
-                return (f"cell {index} ({cell.get('id', '?')}: {first[0][:60] if first else ''!r}) raised "
-                        f"{output.get('ename')}: {output.get('evalue')}")
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+                return index, cell, output
+    return None
+
+
+def _describe_failure(nb, error, timeout: float | None = None, running: int | None = None) -> str:
+    """One line: the cell and what went wrong. `running`: the index of the cell nbclient sent last, if known."""
+    started = (running, nb.cells[running]) if running is not None else _last_started_cell(nb)
+    if type(error).__name__ == "CellTimeoutError" and started:
+        more = int(2 * timeout) if timeout else 7200
+        limit = f"the limit of {timeout:g} s per cell" if timeout else "the per-cell limit"
+        return (f"{_cell_label(started[1], started[0])} ran past {limit}. A slower machine needs more time: "
+                f"`minillm course run --timeout {more}`, or `make course TIMEOUT={more}`")
+    # nbclient's CellExecutionError does not carry the cell, so find the cell with the error output.
+    failed = _failed_cell(nb)
+    if failed:
+        index, cell, output = failed
+        return f"{_cell_label(cell, index)} raised {output.get('ename')}: {output.get('evalue')}"
+    text = str(error).strip()
+    what = f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
+    if type(error).__name__ == "DeadKernelError" and started:
+        return (f"the kernel died while {_cell_label(started[1], started[0])} ran ({what}): out of memory, or a crash "
+                "in native code; with too little memory, try the quick pass (`minillm course run --fast`)")
+    return what
+
+
+def _interrupted(client, nb, error: BaseException) -> bool:
+    """Ctrl-C (or a SIGTERM) during a chapter, which nbclient turns into a failed cell or a dead kernel."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    # nbclient's own SIGINT/SIGTERM handler shuts the kernel down and leaves this future behind
+    future = getattr(client, "_async_cleanup_kernel_future", None)
+    if future is not None:
+        if future.done() and not future.cancelled():
+            future.exception()  # retrieved: no "Task exception was never retrieved" on the way out
+        return True
+    if type(error).__name__ == "CellTimeoutError":  # nbclient interrupts the kernel itself on a timeout
+        return False
+    failed = _failed_cell(nb)   # the kernel alone got the SIGINT
+    return failed is not None and failed[2].get("ename") == "KeyboardInterrupt"
+
+
+class ChapterInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a chapter; `run` holds what was executed up to then (saved to run.output_path)."""
+
+    def __init__(self, run: ChapterRun):
+        super().__init__(f"{run.path.name} interrupted")
+        self.run = run
 
 
 def run_chapter(path: Path, fast: bool, timeout: int = 3600, out_dir: Path | None = None) -> ChapterRun:
+    """Execute one chapter headless and save the executed notebook to out_dir (default runs/course/).
+
+    A failing cell, a cell past `timeout` or a dead kernel is reported in the result (ok=False, error naming the
+    cell); Ctrl-C raises ChapterInterrupted once the part that ran is saved.
+    """
     import nbclient
     import nbformat
 
+    path = Path(path)
     result = ChapterRun(path=path)
-    nb = nbformat.read(path, as_version=4)
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as error:  # one unreadable chapter is reported; the others still run
+        result.ok, result.error = False, f"cannot read {path}: {type(error).__name__}: {error}"
+        return result
     result.cells = sum(1 for c in nb.cells if c.cell_type == "code")
-    os.environ["MINILLM_FAST"] = "1" if fast else "0"
-    os.environ["MINILLM_HEADLESS"] = "1"
+    # The kernel's environment only: this process's own MINILLM_FAST / MINILLM_HEADLESS stay as they were.
+    env = {**os.environ, "MINILLM_FAST": "1" if fast else "0", "MINILLM_HEADLESS": "1"}
     # log_level=ERROR: keeps the kernel's start-up chatter (a TCP-transport warning) out of the course log;
     # errors in cells still come back as cell outputs.
+    # The cell sent last is the one that timed out or took the kernel down: a kernel that dies at once may not
+    # have numbered it (execution_count) yet.
+    running = []
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                      extra_arguments=["--IPKernelApp.log_level=ERROR"],
-                                     resources={"metadata": {"path": str(path.parent)}})
+                                     resources={"metadata": {"path": str(path.parent)}},
+                                     on_cell_execute=lambda cell, cell_index: running.append(cell_index))
+    interrupted = False
     start = time.perf_counter()
     try:
-        client.execute()
-    except Exception as error:  # a failing chapter is reported; the others still run
-        result.ok, result.error = False, _describe_failure(nb, error, timeout)
+        client.execute(env=env)
+    except (Exception, KeyboardInterrupt) as error:  # a failing chapter is reported; the others still run
+        interrupted = _interrupted(client, nb, error)
+        result.ok = False
+        result.error = ("interrupted (Ctrl-C)" if interrupted
+                        else _describe_failure(nb, error, timeout, running[-1] if running else None))
     result.seconds = time.perf_counter() - start
-    out_dir = out_dir or runs_dir() / "course"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result.output_path = out_dir / path.name
-    atomic_write_text(result.output_path, nbformat.writes(nb))
+    out_dir = Path(out_dir) if out_dir else runs_dir() / "course"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / path.name, nbformat.writes(nb))
+        result.output_path = out_dir / path.name
+    except OSError as error:  # the run is still reported, and the other chapters still run
+        result.ok = False
+        saving = (f"the executed notebook could not be saved as {out_dir / path.name} ({error.strerror or error}); "
+                  "clear that path or set MINILLM_RUNS to a folder you can write to")
+        result.error = f"{result.error}; {saving}" if result.error else saving
+    if interrupted:
+        raise ChapterInterrupted(result)
     return result
 
 
+def _check_writable(folder: Path) -> None:
+    """Fail before an hour of running, not after it, when the executed notebooks cannot be saved."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".minillm-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot save the executed notebooks in {folder} ({error.strerror}); "
+                          "set MINILLM_RUNS to a folder you can write to", str(folder)) from None
+    probe.unlink()
+
+
 def run_course(chapters: list[str] | None = None, fast: bool = False, timeout: int = 3600) -> list[ChapterRun]:
+    if chapters and any(not str(c).strip() for c in chapters):
+        # "".zfill(2) is "00": an empty argument (an unset shell variable) would quietly run chapter 00
+        have = ", ".join(p.name[:2] for p in chapter_paths())
+        raise ValueError(f"an empty chapter number was given; name chapters by number, e.g. 00 or 3 "
+                         f"(the chapters are: {have})")
     paths = chapter_paths(chapters)
+    if not paths:
+        raise FileNotFoundError(f"no chapter notebooks (NN_name.ipynb) in {solutions_dir()}; run the course "
+                                f"from a complete checkout of {REPO_URL}")
+    out_dir = runs_dir() / "course"
+    _check_writable(out_dir)
     mode = "fast" if fast else "full"
-    print(f"minillm course: {len(paths)} chapter(s), {mode} mode, executed outputs go to {runs_dir() / 'course'}")
+    print(f"minillm course: {len(paths)} chapter(s), {mode} mode, executed outputs go to {out_dir}")
     runs = []
     for number, path in enumerate(paths, 1):
         print(f"[{number}/{len(paths)}] {path.name} ...", flush=True)
-        run = run_chapter(path, fast=fast, timeout=timeout)
+        try:
+            run = run_chapter(path, fast=fast, timeout=timeout, out_dir=out_dir)
+        except KeyboardInterrupt as interruption:
+            run = getattr(interruption, "run", None)
+            saved = f"; the part that ran is in {run.output_path}" if run and run.output_path else ""
+            skipped = ", ".join(p.name[:2] for p in paths[number:])
+            print(f"[{number}/{len(paths)}] {path.name} interrupted{saved}"
+                  + (f"; not run: {skipped}" if skipped else ""), file=sys.stderr, flush=True)
+            raise
         status = "ok" if run.ok else f"FAILED: {run.error}"
         print(f"[{number}/{len(paths)}] {path.name} {status} ({run.seconds:.1f} s, {run.cells} code cells)", flush=True)
         runs.append(run)
@@ -299,7 +458,16 @@ def notebook_setup(seed: int = 0, quiet: bool = False) -> dict:
     if not quiet:
         from . import __version__
         print(f"minillm {__version__} | {format_hardware(hardware)} | {'fast' if fast_mode() else 'full'} mode")
+    fast = os.environ.get("MINILLM_FAST")
+    if fast is not None and fast != "1" and fast.strip().lower() not in _FAST_VALUES_MEANING_FULL:
+        # The chapters' FAST is MINILLM_FAST == "1" exactly; "yes" or "true" would quietly mean the full sizes.
+        print(f"minillm: MINILLM_FAST={fast!r} is neither 1 nor 0, so this run uses the full sizes; set "
+              "MINILLM_FAST=1 for the quick pass (and restart the kernel), or MINILLM_FAST=0", file=sys.stderr)
     return hardware
+
+
+# Values of MINILLM_FAST that plainly ask for the full run, so they need no warning.
+_FAST_VALUES_MEANING_FULL = {"", "0", "false", "no", "off"}
 
 
 def widgets_available() -> bool:
@@ -308,12 +476,14 @@ def widgets_available() -> bool:
     Headless runs (`minillm course run`, the nbval tests) have a kernel but nobody to move a slider;
     they set MINILLM_HEADLESS=1 and notebooks then show a static figure instead.
     """
-    if os.environ.get("MINILLM_HEADLESS", "0") == "1":
+    if os.environ.get("MINILLM_HEADLESS", "0").strip().lower() in ("1", "true", "yes", "on"):
         return False
     try:
         from IPython import get_ipython
-        import ipywidgets  # noqa: F401
+        importlib.import_module("ipywidgets")   # importable, not merely installed
     except ImportError:
         return False
     shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    # Any kernel shell, subclasses too: Colab's is google.colab._shell.Shell(ZMQInteractiveShell), whose own
+    # class name is "Shell"; a terminal IPython (TerminalInteractiveShell) has no front end for widgets.
+    return shell is not None and any(k.__name__ == "ZMQInteractiveShell" for k in type(shell).__mro__)
