@@ -313,33 +313,7 @@ def test_to_dtype_trains_generates_and_keeps_the_bias_in_float32(dtype):
 
 # ---- peers as references ----------------------------------------------------------------------------------
 
-def _deepseek_v3_peer(layer: MoE):
-    pytest.importorskip("transformers", reason="transformers (the `bench` extra) is the reference here")
-    try:
-        from transformers import DeepseekV3Config
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-    except ImportError:
-        pytest.skip("this transformers has no DeepSeek-V3 model")
-    c = layer.config
-    config = DeepseekV3Config(hidden_size=layer.n_embd, moe_intermediate_size=c.expert_hidden,
-                              n_routed_experts=c.n_routed, n_shared_experts=max(c.n_shared, 1),
-                              num_experts_per_tok=c.top_k, n_group=c.n_groups, topk_group=c.top_groups,
-                              routed_scaling_factor=c.route_scale, norm_topk_prob=True, hidden_act="silu")
-    peer = DeepseekV3MoE(config).to(layer.w_down.dtype)
-    shared = c.n_shared * c.expert_hidden
-    with torch.no_grad():
-        peer.gate.weight.copy_(layer.router.weight)
-        peer.gate.e_score_correction_bias.copy_(layer.expert_bias)
-        peer.experts.gate_up_proj.copy_(layer.w_gate_up.transpose(1, 2))
-        peer.experts.down_proj.copy_(layer.w_down.transpose(1, 2))
-        if c.n_shared:
-            peer.shared_experts.gate_proj.weight.copy_(layer.shared_gate_up.weight[:shared])
-            peer.shared_experts.up_proj.weight.copy_(layer.shared_gate_up.weight[shared:])
-            peer.shared_experts.down_proj.weight.copy_(layer.shared_down.weight)
-        else:
-            for p in peer.shared_experts.parameters():
-                p.zero_()
-    return peer
+from test_moe import _deepseek_v3_peer  # noqa: E402  (transformers' DeepseekV3MoE with a layer's weights)
 
 
 def _layer(**overrides) -> MoE:
