@@ -96,7 +96,7 @@ def _matmul_floor(layer: MoE, layout, device):
                 torch.bmm(grad_y, w2.transpose(1, 2))
                 torch.bmm(a.transpose(1, 2), grad_y)
                 torch.bmm(grad_h, w1.transpose(1, 2))
-                torch.bmm(grad_h.transpose(1, 2), xs)   # the weight gradient transposed, as the dispatch does
+                torch.bmm(xs.transpose(1, 2), grad_h)
             return batched
         rows = [(e, torch.randn(n, layer.n_embd, device=device), torch.randn(n, layer.n_embd, device=device),
                  torch.randn(n, 2 * hidden, device=device)) for e, n in enumerate(layout.sizes) if n]
