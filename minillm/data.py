@@ -128,6 +128,9 @@ def load_corpus(name: str | os.PathLike = PYDOCS, *, manifest: str | os.PathLike
     """
     if name == PYDOCS:
         return pydocs_text()
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"load_corpus: name must be a corpus name such as {PYDOCS!r} or the path of a UTF-8 text "
+                        f"file, got {type(name).__name__} ({name!r:.80})")
     corpora = read_manifest(manifest)
     if isinstance(name, str) and name in corpora:
         return _load_manifest_corpus(name, corpora[name], cache_dir, download)
@@ -148,11 +151,14 @@ def _load_manifest_corpus(name: str, entry: dict[str, Any], cache_dir: str | os.
     path = folder / entry["filename"]
     expected = entry["sha256"]
 
+    # MINILLM_DATA is only read when no cache_dir is given: name the knob that applies to this call.
+    elsewhere = (f"set the environment variable MINILLM_DATA to a folder that holds {entry['filename']}"
+                 if cache_dir is None else f"pass cache_dir= a folder that holds {entry['filename']}")
+
     def unavailable(reason: str) -> CorpusUnavailableError:
         return CorpusUnavailableError(
             f"corpus {name!r} is not available: {reason}. To use it offline, download {entry['url']} "
-            f"by hand and save it as {path} (or set the environment variable MINILLM_DATA to a folder "
-            f"that holds {entry['filename']}).")
+            f"by hand and save it as {path} (or {elsewhere}).")
 
     if path.exists():
         _verify_cached(path, expected, entry.get("size"))
@@ -244,6 +250,13 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str | None, size: i
                             digest.update(chunk)
                             received += len(chunk)
                             progress.update(len(chunk))
+                    # http.client ends the read quietly when the connection drops early; without a pinned
+                    # size or sha256 the truncated file would be kept (and its digest recorded as the truth).
+                    promised = _content_length(response)
+                    if promised is not None and received != promised and not response.headers.get(
+                            "Content-Encoding"):
+                        raise CorpusUnavailableError(f"could not download {url} (the connection ended after "
+                                                     f"{received} of {promised} bytes); try again")
             except _NETWORK_ERRORS as error:
                 raise CorpusUnavailableError(f"could not download {url} ({_describe(error)})") from error
             out.flush()
@@ -291,6 +304,9 @@ def split(data, val_fraction: float = 0.1) -> tuple:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 < val_fraction < 1.0:
         raise ValueError(f"split: val_fraction={val_fraction!r} must be between 0 and 1 (exclusive), "
                          "e.g. 0.1 for 10% validation")
+    if isinstance(data, (dict, set, frozenset)) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise TypeError(f"split: data must be a str, list, 1-D tensor or array (sliceable, with a length), got "
+                        f"{type(data).__name__}")
     if getattr(data, "ndim", 1) != 1:  # tensors and numpy arrays
         raise ValueError(f"split: expected a 1-D tensor of token ids, got shape {tuple(data.shape)}")
     length = len(data)
@@ -373,6 +389,14 @@ def get_batch(tokens: torch.Tensor, block_size: int, batch_size: int,
                         "encode the text with a tokenizer (see tokenize_corpus)")
     block_size = _check_int(block_size, "block_size", "get_batch", 1)
     batch_size = _check_int(batch_size, "batch_size", "get_batch", 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"get_batch: generator must be a torch.Generator or None, got {type(generator).__name__}; "
+                        "e.g. torch.Generator().manual_seed(0)")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"get_batch: device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+                         ) from error
     if len(tokens) < block_size + 1:
         raise ValueError(f"get_batch: need at least block_size+1={block_size + 1} tokens, got {len(tokens)}; "
                          "use a smaller block_size or more text")
@@ -380,7 +404,7 @@ def get_batch(tokens: torch.Tensor, block_size: int, batch_size: int,
     offsets = torch.arange(block_size + 1)
     windows = tokens[starts[:, None] + offsets[None, :]].long()
     x, y = windows[:, :-1], windows[:, 1:]
-    if torch.device(device).type != "cpu":
+    if device.type != "cpu":
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     return x.contiguous(), y.contiguous()
 

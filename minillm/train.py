@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -149,6 +150,13 @@ class CompileFallbackWarning(UserWarning):
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (1..steps): linear warmup to lr, then cosine to lr*min_lr_ratio."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"lr_at: config must be a TrainConfig, got {type(config).__name__}; "
+                        "e.g. lr_at(step, TrainConfig(steps=..., warmup_steps=...))")
+    step = plain_number(step)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step < 0:
+        raise ValueError(f"lr_at: step={step!r} must be a number >= 0 (steps are numbered from 1; past "
+                         "config.steps the lr stays at lr * min_lr_ratio)")
     if step < config.warmup_steps:
         return config.lr * step / config.warmup_steps
     min_lr = config.lr * config.min_lr_ratio
@@ -201,6 +209,8 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
         # Found now, not when the first checkpoint is written (possibly after the whole run).
         raise ValueError(f"train: checkpoint_path={config.checkpoint_path!r} is a folder; give a file path "
                          f"inside it, e.g. {os.path.join(config.checkpoint_path, 'checkpoint.pt')!r}")
+    if config.checkpoint_path is not None:   # an unwritable folder too: found now, not after the whole run
+        _check_writable_folder(config.checkpoint_path, "train: checkpoint_path")
     if not all(hasattr(model, name) for name in ("config", "configure_optimizer")):
         raise TypeError(f"train: model must be a minillm model (a GPT, or one of minillm.lm's models: they have "
                         f".config and .configure_optimizer), got {type(model).__name__}; e.g. GPT(GPTConfig(...))")
@@ -348,6 +358,9 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         "format": CHECKPOINT_FORMAT,
         "model_state": model.state_dict(),
         "model_config": model_config,
+        # Which class to rebuild with load_checkpoint(path): not every minillm model is a GPT (chapter 02's
+        # NeuralBigram and MLPLanguageModel train through train() too).
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "step": int(step),
@@ -355,6 +368,7 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         "rng": rng_state if rng_state is not None else _rng_state(),
         "extra": extra,
     }
+    _check_writable_folder(path, "save_checkpoint")
     # One temp file of its own, then a rename over `path`; the file gets the umask's mode (as a plain open
     # would), not mkstemp's owner-only 0o600.
     atomic_write_with(path, lambda file: torch.save(checkpoint, file))
@@ -367,6 +381,8 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
     With model=None a GPT is rebuilt from the saved config. Returns the checkpoint dict, with "model"
     set to the loaded model and "model_state", "model_config", "train_config", "step", "extra", ...
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_checkpoint: path must be a file path (str or Path), got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}; check the path, "
@@ -395,20 +411,25 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
     if model is None:
         if checkpoint["model_config"] is None:
             raise ValueError(f"load_checkpoint: {path} holds no model config; pass the model to load into")
-        model = _model_from_config(checkpoint["model_config"], path)
+        model = _model_from_config(checkpoint["model_config"], path, checkpoint.get("model_class"))
     else:
         model = getattr(model, "_orig_mod", model)
         config = getattr(model, "config", None)
         saved = checkpoint["model_config"]
+        saved_class, this_class = checkpoint.get("model_class"), f"{type(model).__module__}.{type(model).__qualname__}"
+        if (isinstance(saved_class, str) and saved_class != this_class and isinstance(saved, dict)
+                and dataclasses.is_dataclass(config) and set(saved) != {f.name for f in dataclasses.fields(config)}):
+            # Another kind of model (a NeuralBigram's checkpoint into a GPT): comparing the configs field by
+            # field, with defaults for the missing ones, would name differences that are not the problem.
+            raise ValueError(f"load_checkpoint: {path} was saved from a {saved_class} model, not a {this_class}; "
+                             "build a model of that class, or call load_checkpoint(path) to rebuild it")
         if saved is not None and dataclasses.is_dataclass(config) and not isinstance(config, type):
             try:   # fields newer than the checkpoint compare as their defaults, as load_checkpoint(path) builds them
                 saved = dataclasses.asdict(type(config)(**saved))
             except (TypeError, ValueError):
                 pass
         if saved is not None and dataclasses.is_dataclass(config) and dataclasses.asdict(config) != saved:
-            current = dataclasses.asdict(config)
-            differences = ", ".join(f"{k}: saved {saved.get(k)!r} vs model {current.get(k)!r}"
-                                    for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
+            differences = ", ".join(_config_differences(saved, dataclasses.asdict(config)))
             raise ValueError(f"load_checkpoint: {path} was saved from a different model config ({differences}); "
                              "build the model from checkpoint['model_config'] or call load_checkpoint(path)")
     _check_state_fits(checkpoint["model_state"], model, path)   # before anything is loaded: a refusal changes nothing
@@ -478,14 +499,59 @@ def _check_state_fits(state, model: torch.nn.Module, path: Path) -> None:
                     for label, items in (("missing", missing), ("unexpected", unexpected),
                                          ("other shapes (saved vs model)", reshaped)) if items]
         raise ValueError(f"load_checkpoint: {path}'s weights do not fit this model ({'; '.join(problems)}); build "
-                         "the model the checkpoint was saved from (load_checkpoint(path) rebuilds a GPT from its "
+                         "the model the checkpoint was saved from (load_checkpoint(path) rebuilds it from its "
                          "saved config) or use another checkpoint")
 
 
-def _model_from_config(saved: dict, path: Path) -> torch.nn.Module:
-    """A GPT built from a checkpoint's model_config, saying which saved fields this version does not know."""
+def _config_differences(saved, current, prefix: str = "") -> list[str]:
+    """'field: saved X vs model Y' for each field that differs; nested configs (moe) field by field."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [difference for key in sorted(set(saved) | set(current), key=str)
+                for difference in _config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    if saved == current:
+        return []
+    return [f"{prefix.rstrip('.')}: saved {saved!r} vs model {current!r}"]
+
+
+def _check_writable_folder(path, where: str) -> None:
+    """Create `path`'s folder if need be and make sure a file can be written there; else a clear OSError."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise type(error)(error.errno, f"{where}: cannot write {os.fspath(path)!r} (the folder {str(folder)!r} "
+                          f"cannot be created or written to: {error.strerror or error}); choose a folder you can "
+                          "write to", os.fspath(path)) from None
+
+
+# Models load_checkpoint(path) can rebuild from a saved config: class path -> (module, class, config class).
+_REBUILDABLE = {"minillm.model.GPT": ("minillm.model", "GPT", "GPTConfig"),
+                "minillm.lm.NeuralBigram": ("minillm.lm", "NeuralBigram", "BigramConfig"),
+                "minillm.lm.MLPLanguageModel": ("minillm.lm", "MLPLanguageModel", "MLPConfig")}
+
+
+def _model_from_config(saved: dict, path: Path, model_class: str | None = None) -> torch.nn.Module:
+    """The model a checkpoint was saved from (a GPT for checkpoints that name no class), built from its
+    model_config, saying which saved fields this version does not know."""
     from minillm.model import GPT, GPTConfig
     from minillm.moe import MoEConfig
+    if isinstance(model_class, str) and model_class.startswith("minillm.") and model_class != "minillm.model.GPT":
+        # (a class of the user's own, e.g. a GPT subclass, is rebuilt as a GPT, as before classes were saved)
+        if model_class not in _REBUILDABLE:
+            raise ValueError(f"load_checkpoint: {path} was saved from a {model_class} model, which "
+                             "load_checkpoint(path) cannot rebuild on its own; build that model and pass it: "
+                             "load_checkpoint(path, model)")
+        import importlib
+        module_name, class_name, config_name = _REBUILDABLE[model_class]
+        module = importlib.import_module(module_name)
+        try:
+            return getattr(module, class_name)(getattr(module, config_name)(**saved))
+        except TypeError as error:
+            raise ValueError(f"load_checkpoint: {path}'s model config {saved!r} does not build a {class_name} "
+                             f"with this version of minillm ({error}); load it with the minillm version that "
+                             "wrote it") from error
     try:
         return GPT(GPTConfig(**saved))
     except TypeError as error:
@@ -556,7 +622,12 @@ def _as_token_tensor(tokens, name: str, vocab_size: int | None = None, block_siz
     if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"{name}: expected a 1-D sequence of integer token ids, got a {tokens.dtype} tensor "
                          f"of shape {tuple(tokens.shape)}")
+    wide_unsigned = tokens.dtype == torch.uint64
     tokens = tokens.long()
+    if wide_unsigned and len(tokens) and bool((tokens < 0).any()):
+        # .long() wrapped ids beyond int64 round to negative numbers: name the id as it was given
+        raise ValueError(f"{name}: the token id {int(tokens[tokens < 0][0]) + 2 ** 64} is beyond int64 (and any "
+                         "vocabulary); encode with the model's tokenizer")
     if block_size is not None and len(tokens) < block_size + 1:
         raise ValueError(f"{name}: {len(tokens)} tokens is too few for block_size={block_size}; "
                          "give at least block_size+1 tokens or use a smaller block_size")

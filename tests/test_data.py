@@ -524,3 +524,60 @@ def test_batch_sampler_checks_its_sizes_when_made():
         BatchSampler(torch.arange(10), 0, 2)
     with pytest.raises(TypeError, match="BatchSampler: batch_size=2.0"):
         BatchSampler(torch.arange(10), 3, 2.0)
+
+
+class CutShortHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes (Content-Length) and sends 300 before closing: a connection that drops mid-file."""
+
+    def do_GET(self):  # noqa: N802 - the base class's name
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 300)
+        self.close_connection = True
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+
+def test_a_download_cut_short_is_refused_even_without_a_pinned_size_or_digest(cache, tmp_path):
+    # http.client ends a read quietly when the connection drops: the file used to be kept, and its digest
+    # recorded as the one later loads check against.
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShortHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        manifest = write_manifest(tmp_path / "manifest.json", cut={
+            "url": f"http://127.0.0.1:{httpd.server_address[1]}/cut.txt", "filename": "cut.txt", "size": None,
+            "sha256": None})
+        with pytest.raises(CorpusUnavailableError, match=r"cut.*300 of 1000 bytes"):
+            load_corpus("cut", manifest=manifest)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+    assert list(cache.iterdir()) == []   # neither the file, nor a digest record, nor a temp file
+
+
+def test_offline_with_an_explicit_cache_dir_names_that_folder_not_the_env_var(tmp_path, monkeypatch):
+    forbid_network(monkeypatch)
+    manifest = write_manifest(tmp_path / "manifest.json", offline={
+        "url": "http://127.0.0.1:9/x.txt", "filename": "offline.txt", "size": 10, "sha256": "0" * 64})
+    with pytest.raises(CorpusUnavailableError) as caught:
+        load_corpus("offline", manifest=manifest, cache_dir=tmp_path / "mine", download=False)
+    message = str(caught.value)
+    # MINILLM_DATA is not read when cache_dir is given: setting it would not help
+    assert str(tmp_path / "mine" / "offline.txt") in message and "cache_dir" in message
+    assert "MINILLM_DATA" not in message
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: split(None), TypeError, "split: data must be"),
+    (lambda: split({"a": 1, "b": 2}), TypeError, "split: data must be"),
+    (lambda: load_corpus(5), TypeError, "load_corpus: name must be"),
+    (lambda: get_batch(torch.arange(20), 4, 2, device="gpu0"), ValueError, "get_batch: device='gpu0'"),
+    (lambda: get_batch(torch.arange(20), 4, 2, generator=0), TypeError, "get_batch: generator must be"),
+])
+def test_bad_arguments_are_clear_errors_naming_the_function(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -660,3 +660,60 @@ def test_train_explains_token_lists_that_are_empty_or_not_ids(tokens, message):
         train(model, tokens, None, TrainConfig(steps=1, progress=False, device="cpu"))
     with pytest.raises(TypeError, match="must be a minillm model"):
         train(torch.nn.Linear(2, 2), list(range(20)), None, TrainConfig(steps=1, progress=False, device="cpu"))
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(byte_tokens, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    path = blocker / "run" / "checkpoint.pt"    # its folder cannot be created: a file is in the way
+    steps = []
+    monkeypatch.setattr(train_module, "lr_at", lambda step, config: steps.append(step) or 1e-3)
+    with pytest.raises(OSError, match=r"train: checkpoint_path: cannot write .*checkpoint\.pt.*a_file"):
+        train(byte_model(), byte_tokens, config=quick_config(steps=2, checkpoint_path=path))
+    assert steps == []  # refused up front, not after the whole run when the first checkpoint is written
+    with pytest.raises(OSError, match=r"save_checkpoint: cannot write .*checkpoint\.pt.*choose a folder"):
+        save_checkpoint(path, byte_model())
+
+
+@pytest.mark.parametrize("step, config, error", [(-1, TrainConfig(), ValueError), (float("nan"), TrainConfig(),
+                                                  ValueError), (1, None, TypeError), (1, {"lr": 1e-3}, TypeError)])
+def test_lr_at_refuses_negative_steps_and_configs_that_are_not_train_configs(step, config, error):
+    # A negative step used to give a negative learning rate (the warmup line extended backwards).
+    with pytest.raises(error, match="lr_at"):
+        lr_at(step, config)
+    assert lr_at(np.int64(3), TrainConfig(steps=10, warmup_steps=0, lr=1e-3)) <= 1e-3
+
+
+def test_unsigned_ids_beyond_int64_are_named_as_given_not_wrapped_round():
+    model = GPT(GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    tokens = np.full(20, 2 ** 64 - 1, dtype=np.uint64)
+    with pytest.raises(ValueError, match=f"train_tokens: the token id {2 ** 64 - 1} is beyond int64"):
+        train(model, tokens, None, TrainConfig(steps=1, progress=False, device="cpu"))
+    train(model, np.arange(20, dtype=np.uint16) % 13, None, TrainConfig(steps=1, progress=False, device="cpu"))
+
+
+def test_loading_into_a_model_with_another_moe_config_names_the_nested_field(tmp_path):
+    save_checkpoint(tmp_path / "moe.pt", moe_byte_model())
+    other = byte_model(moe=MoEConfig(n_routed=4, n_shared=1, top_k=1, expert_hidden=16))
+    with pytest.raises(ValueError, match=r"different model config \(moe\.top_k: saved 2 vs model 1\)"):
+        load_checkpoint(tmp_path / "moe.pt", other)
+
+
+def test_load_checkpoint_rebuilds_the_small_models_of_chapter_02_not_a_gpt(byte_tokens, tmp_path):
+    from minillm.lm import BigramConfig, CountingBigram, MLPConfig, MLPLanguageModel, NeuralBigram
+    for model in (NeuralBigram(BigramConfig(vocab_size=256, block_size=16)),
+                  MLPLanguageModel(MLPConfig(vocab_size=256, context=3, n_embd=8, hidden=16, block_size=16))):
+        path = tmp_path / f"{type(model).__name__}.pt"
+        train(model, byte_tokens, config=quick_config(steps=2, checkpoint_path=path))
+        loaded = load_checkpoint(path)["model"]   # used to build a GPT and fail: weights missing, fields unknown
+        assert type(loaded) is type(model) and loaded.config == model.config
+        idx = byte_tokens[:32].view(2, 16)
+        torch.testing.assert_close(loaded.eval()(idx)[0], model.eval()(idx)[0])
+        # into a GPT: the class is named, not GPT fields (filled with defaults) the checkpoint never had
+        with pytest.raises(ValueError, match=rf"saved from a minillm\.lm\.{type(model).__name__} model, not a "
+                                             r"minillm\.model\.GPT"):
+            load_checkpoint(path, byte_model(block_size=16))
+    save_checkpoint(tmp_path / "counting.pt", CountingBigram.from_tokens(byte_tokens[:1000], 256, block_size=16))
+    with pytest.raises(ValueError, match=r"saved from a minillm\.lm\.CountingBigram model.*load_checkpoint\(path, "
+                                         r"model\)"):
+        load_checkpoint(tmp_path / "counting.pt")
