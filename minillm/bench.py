@@ -9,6 +9,8 @@ returns its figures, then add one line to `BENCHMARKS` naming its help text and 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +29,9 @@ def _naive_merge_seconds(text: str, n_merges: int) -> float:
 
 def bench_bpe(vocab_size: int = 512, corpus: str = "pydocs", baseline_merges: int = 10) -> dict:
     """Train byte-level BPE on one core; compare its token count and encode speed with characters."""
+    if isinstance(baseline_merges, bool) or not isinstance(baseline_merges, int) or baseline_merges < 0:
+        raise ValueError(f"bench bpe: --baseline-merges={baseline_merges!r} must be a whole number >= 0 "
+                         "(0 skips the naive trainer)")
     text = load_corpus(corpus)
     n_bytes = len(text.encode("utf-8", errors="surrogatepass"))
     if n_bytes == 0:  # nothing to train on, and every per-byte and per-token figure would divide by zero
@@ -76,6 +81,28 @@ def bench_bpe(vocab_size: int = 512, corpus: str = "pydocs", baseline_merges: in
     return result
 
 
+def _whole_number(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, else a usage error naming the option's meaning."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ({what})") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be >= {minimum} ({what})")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _expert_counts(text: str) -> str:
+    """--experts: comma-separated whole numbers >= 1, checked before anything runs; bench_moe takes the text."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated expert counts >= 1, e.g. 8,16,32")
+    return text
+
+
 @dataclass
 class Benchmark:
     run: Callable[..., dict]
@@ -102,14 +129,25 @@ def bench_moe(**options) -> dict:
 
 def _moe_options() -> dict:
     from minillm.bench_moe import BENCH_MOE_OPTIONS
-    return BENCH_MOE_OPTIONS
+    # Checked by argparse, before the benchmark prints or changes anything (thread count, allocator).
+    options = {name: dict(kwargs) for name, kwargs in BENCH_MOE_OPTIONS.items()}
+    for name, kwargs in options.items():
+        if kwargs.get("type") is int:
+            kwargs["type"] = _positive
+    if "--experts" in options:
+        options["--experts"]["type"] = _expert_counts
+    return options
+
+
+_positive = _whole_number(1, "a positive count")
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     "bpe": Benchmark(bench_bpe, "train byte-level BPE; tokens and encode speed vs characters (chapter 01)", {
-        "--vocab-size": dict(type=int, default=512, help="BPE vocabulary size, >= 256 (default 512)"),
+        "--vocab-size": dict(type=_whole_number(1, "a vocabulary size"), default=512,
+                             help="BPE vocabulary size, >= 256 (default 512)"),
         "--corpus": dict(default="pydocs", help="corpus name for minillm.data.load_corpus (default pydocs)"),
-        "--baseline-merges": dict(type=int, default=10,
+        "--baseline-merges": dict(type=_whole_number(0, "merges, 0 to skip"), default=10,
                                   help="merges to time with the naive recount trainer, 0 to skip (default 10)"),
     }),
     "kernels": Benchmark(bench_kernels, "each Triton kernel vs torch on this GPU; writes "
@@ -119,11 +157,11 @@ BENCHMARKS: dict[str, Benchmark] = {
     }),
     "train": Benchmark(bench_train, "minillm's GPT training step vs transformers' GPT2LMHeadModel at the same "
                        "shape, tokens/s (chapter 03; needs pip install transformers)", {
-        "--layers": dict(type=int, default=4), "--heads": dict(type=int, default=4),
-        "--width": dict(type=int, default=128), "--context": dict(type=int, default=128),
-        "--vocab": dict(type=int, default=1024), "--batch": dict(type=int, default=16),
-        "--steps": dict(type=int, default=10, help="timed training steps per round"),
-        "--rounds": dict(type=int, default=3, help="alternating rounds of both models"),
+        "--layers": dict(type=_positive, default=4), "--heads": dict(type=_positive, default=4),
+        "--width": dict(type=_positive, default=128), "--context": dict(type=_positive, default=128),
+        "--vocab": dict(type=_positive, default=1024), "--batch": dict(type=_positive, default=16),
+        "--steps": dict(type=_positive, default=10, help="timed training steps per round"),
+        "--rounds": dict(type=_positive, default=3, help="alternating rounds of both models"),
         "--device": dict(default=None, help="cpu, cuda or mps (default: the fastest available)"),
     }),
     "moe": Benchmark(bench_moe, "MoE layer forward+backward tokens/s: sorted dispatch vs the naive per-expert "
@@ -132,20 +170,48 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+def _file_in_the_way(folder: str | None) -> str | None:
+    """The file (not folder) at `folder` or at the nearest of its parents that exists, if any."""
+    if not folder:
+        return None
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return None if os.path.isdir(path) else path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m minillm.bench", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="SUBCOMMAND")
+    subcommands = {}
     for name, benchmark in BENCHMARKS.items():
-        subparser = subparsers.add_parser(name, help=benchmark.help, description=benchmark.help)
+        subparser = subcommands[name] = subparsers.add_parser(name, help=benchmark.help, description=benchmark.help)
         for option, kwargs in benchmark.options.items():
             subparser.add_argument(option, **kwargs)
     args = vars(parser.parse_args(argv))
+    name = args.pop("benchmark")
+    # the subcommand's own usage line (its options), not the top-level one, goes with an error in its options
+    usage_error = subcommands[name].error
+    blocker = _file_in_the_way(args.get("out_dir"))
+    if blocker is not None:
+        # checked before a benchmark of minutes, which would otherwise fail only when it writes its figures
+        usage_error(f"--out-dir {args['out_dir']}: {blocker} is a file, not a folder; give a folder "
+                    "(it is created if missing)")
     try:
-        return BENCHMARKS[args.pop("benchmark")].run(**args)
+        return BENCHMARKS[name].run(**args)
     except ValueError as err:  # bad options (e.g. vocab size too small): a usage message, not a traceback
-        parser.error(str(err))
+        usage_error(str(err))
     except ImportError as err:  # an optional dependency of one benchmark (transformers, triton)
-        raise SystemExit(f"python -m minillm.bench: {err}")
+        raise SystemExit(f"python -m minillm.bench {name}: {err}")
+    except OSError as err:  # a folder that cannot be written, a full disk: one line naming the path
+        path = getattr(err, "filename2", None) or err.filename
+        raise SystemExit(f"python -m minillm.bench {name}: {err.strerror or err}" + (f" ({path})" if path else ""))
+    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a crash to show a traceback for
+        print(f"python -m minillm.bench {name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -41,11 +41,19 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 
 def synchronize(device: str | torch.device | None = None) -> None:
-    """Wait for queued GPU work, so wall-clock time measures the work and not just its launch."""
+    """Wait for queued GPU work, so wall-clock time measures the work and not just its launch.
+
+    device=None waits for every GPU this process has started using (and starts none that it has not).
+    """
     device = torch.device(device) if device is not None else None
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # no CUDA context: no queued work
+            torch.cuda.synchronize()
+        if _mps_available() and hasattr(torch, "mps"):
+            torch.mps.synchronize()
+    elif device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
-    elif device is not None and device.type == "mps" and hasattr(torch, "mps"):
+    elif device.type == "mps" and hasattr(torch, "mps"):
         torch.mps.synchronize()
 
 
@@ -58,6 +66,11 @@ class Meter:
         m.tokens_per_second, m.dollars
 
     Entering the same meter again adds to its time, so one meter can cover several separate stretches.
+    When the work inside `with` raises, the time up to the exception still counts and the exception goes on
+    (a Meter never writes to the ledger itself: `Ledger.record` it after the `with` block).
+    Peak memory is the GPU's allocated peak during the stretch on CUDA; on a CPU (or mps) it is the process's
+    peak resident memory so far, which includes whatever ran before the meter started. Without `device`, the
+    meter counts as a CPU one for memory but still waits for any GPU work the process has started.
     """
 
     def __init__(self, label: str, chapter: str | None = None, device: str | torch.device | None = None,
@@ -71,6 +84,8 @@ class Meter:
         self.chapter = chapter
         # a device this machine lacks fails here, clearly, not inside torch when the meter starts
         self.device = resolve_device(device, f"Meter {label!r}") if device is not None else torch.device("cpu")
+        # without a device, GPU work in the `with` block is still waited for (else only its launch is timed)
+        self._sync_all = device is None
         self.tokens = _count(tokens, "tokens", f"Meter {label!r}", whole=True)
         self.flops = _count(flops, "flops", f"Meter {label!r}")
         self._price_per_hour = price_per_hour
@@ -86,7 +101,7 @@ class Meter:
     def __enter__(self) -> "Meter":
         if self._start is not None:
             raise RuntimeError(f"Meter {self.label!r} is already running; nest two different meters instead")
-        synchronize(self.device)
+        synchronize(None if self._sync_all else self.device)
         if self.device.type == "cuda":
             # torch keeps one peak counter per GPU: before resetting it, save the peak so far of every meter
             # running around this one (nested meters), so that each still reports its own true peak
@@ -104,12 +119,14 @@ class Meter:
         if self._start is None:
             raise RuntimeError(f"Meter {self.label!r} is not running: __exit__ without __enter__; "
                                "use it as `with Meter(...) as m:`")
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - self._start
-        self._start = None
-        if self.device.type == "cuda":
+        try:  # a GPU error surfaces here: the meter still stops, so it can be used again
+            synchronize(None if self._sync_all else self.device)
+        finally:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
             if self in _RUNNING_CUDA_METERS:
                 _RUNNING_CUDA_METERS.remove(self)
+        if self.device.type == "cuda":
             peak = max(self._cuda_peak, int(torch.cuda.max_memory_allocated(self.device)))
             # a meter entered again keeps the highest peak of all its stretches, as it adds up their time
             self.peak_memory_bytes = max(peak, self.peak_memory_bytes or 0)
@@ -180,8 +197,11 @@ def best_seconds(fn: Callable[[], object], device: str | torch.device | None = N
     so the fastest run is the closest to what the hardware can do. With `budget_seconds`, the number of
     repeats shrinks so that slow work (bf16 on an old CPU) stays within roughly that budget.
     """
-    if repeats < 1:
-        raise ValueError(f"best_seconds: repeats={repeats} must be at least 1")
+    _check_whole(repeats, "repeats", "best_seconds", minimum=1)
+    _check_whole(warmup, "warmup", "best_seconds", minimum=None)
+    if not callable(fn):
+        raise TypeError(f"best_seconds: fn must be a function to call with no arguments (e.g. lambda: model(x)), "
+                        f"got {type(fn).__name__}")
     for _ in range(max(warmup, 0)):
         fn()
     times: list[float] = []
@@ -203,10 +223,12 @@ def best_seconds_interleaved(fns: dict[str, Callable[[], object]], device: str |
     `warmup_each_round` untimed calls precede each timed one: for contenders that switch a process-wide
     setting (the memory allocator, say), whose first call after the switch pays for it.
     """
-    if repeats < 1:
-        raise ValueError(f"best_seconds_interleaved: repeats={repeats} must be at least 1")
-    if warmup_each_round < 0:
-        raise ValueError(f"best_seconds_interleaved: warmup_each_round={warmup_each_round} must be >= 0")
+    _check_whole(repeats, "repeats", "best_seconds_interleaved", minimum=1)
+    _check_whole(warmup, "warmup", "best_seconds_interleaved", minimum=None)
+    _check_whole(warmup_each_round, "warmup_each_round", "best_seconds_interleaved", minimum=0)
+    if not isinstance(fns, dict) or not all(callable(fn) for fn in fns.values()):
+        raise TypeError("best_seconds_interleaved: fns must be a dict of name -> function to call with no "
+                        f"arguments, e.g. {{'naive': lambda: slow(x), 'fused': lambda: fast(x)}}; got {fns!r:.80}")
     for fn in fns.values():
         for _ in range(max(warmup, 0)):
             fn()
@@ -215,6 +237,14 @@ def best_seconds_interleaved(fns: dict[str, Callable[[], object]], device: str |
         for name, fn in fns.items():
             best[name] = min(best[name], best_seconds(fn, device=device, repeats=1, warmup=warmup_each_round))
     return best
+
+
+def _check_whole(value, name: str, who: str, minimum: int | None) -> None:
+    """A count of calls: a whole number (not a bool), at least `minimum` when one is given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+            (minimum is not None and value < minimum):
+        bound = "" if minimum is None else "at least 1, " if minimum == 1 else f">= {minimum}, "
+        raise ValueError(f"{who}: {name}={value!r} must be {bound}a whole number (it counts calls)")
 
 
 # glibc's mallopt parameters (malloc.h) and the defaults they had before keep_freed_memory() changed them.
@@ -514,7 +544,8 @@ def measure_peaks(device: str | torch.device | None = None, fast: bool | None = 
     measurement also replaces a cached fast one). `fast` defaults to MINILLM_FAST=1 from the environment.
     """
     fast = fast_mode(fast)
-    device = torch.device(device) if device is not None else default_device()
+    # a device this machine lacks ("cuda" on a laptop) or a typo ("gpu") fails here, clearly, not inside torch
+    device = resolve_device(device, "measure_peaks")
     hw = probe_hardware()
     if device.type != hw["device"]:
         hw = dict(hw, device=device.type)
@@ -809,6 +840,9 @@ def _usable_entry(entry) -> bool:
             and _unusable_value(entry["values"]) is None)
 
 
+_CORRUPT_LINES_NAMED = 10  # line numbers a corrupt-ledger warning lists before "and N more"
+
+
 class Ledger:
     """Every measurement of the course, one JSON object per line in runs/ledger.jsonl.
 
@@ -863,6 +897,10 @@ class Ledger:
 
     def record(self, meter: Meter, chapter: str | None = None, **extra_values) -> dict:
         """Append a Meter's figures (time, tokens/s, FLOP/s, peak memory, dollars) plus any extra values."""
+        # inside its `with` block the running stretch is not in meter.seconds yet: the entry would be short
+        if getattr(meter, "_start", None) is not None:
+            raise RuntimeError(f"Ledger.record: meter {meter.label!r} is still running; record it after its "
+                               "`with` block ends")
         chapter = chapter if chapter is not None else meter.chapter
         if chapter is None:
             raise ValueError(f"Ledger.record: meter {meter.label!r} has no chapter; pass chapter='NN' "
@@ -899,8 +937,10 @@ class Ledger:
                 found.append(entry)
         if len(corrupt) > self._corrupt_lines_reported:
             self._corrupt_lines_reported = len(corrupt)
-            warnings.warn(f"Ledger {self.path}: skipped {len(corrupt)} corrupt line(s) (line {corrupt[0]}"
-                          f"{' and more' if len(corrupt) > 1 else ''}): torn by a crash, or not an entry (chapter "
+            shown = ", ".join(str(number) for number in corrupt[:_CORRUPT_LINES_NAMED])
+            more = f" and {len(corrupt) - _CORRUPT_LINES_NAMED} more" if len(corrupt) > _CORRUPT_LINES_NAMED else ""
+            warnings.warn(f"Ledger {self.path}: skipped {len(corrupt)} corrupt line(s) "
+                          f"(line {shown}{more}): torn by a crash, or not an entry (chapter "
                           "and label must be text, measured values numbers); the other entries are fine. "
                           "Delete or fix those lines to silence this.", stacklevel=2)
         return found
@@ -1203,28 +1243,41 @@ def _describe_values(values: dict, limit: int = 6) -> str:
     return ", ".join(parts) if parts else "(no values)"
 
 
-def _latest_per_label(entries: list[dict]) -> dict[str, dict[str, dict]]:
+def _machine(entry: dict) -> str:
+    hw_id = entry.get("hardware_id")
+    return str(hw_id) if hw_id not in (None, "") else "unknown machine"
+
+
+def _latest_per_label(entries: list[dict], by_machine: bool = False) -> dict[str, dict[str, dict]]:
+    """{chapter: {row name: latest entry}}; with by_machine, each machine keeps its own row ("label [machine]")."""
     by_chapter: dict[str, dict[str, dict]] = {}
     for entry in entries:
-        by_chapter.setdefault(str(entry["chapter"]), {})[str(entry["label"])] = entry
+        # one line per row: a newline or tab typed into a label must not break the table's columns
+        name = re.sub(r"[\x00-\x1f\x7f]+", " ", str(entry["label"]))
+        name += f" [{_machine(entry)}]" if by_machine else ""
+        by_chapter.setdefault(str(entry["chapter"]), {})[name] = entry
     return {chapter: by_chapter[chapter] for chapter in sorted(by_chapter)}
 
 
-def report(ledger: Ledger | None = None, out_dir: str | os.PathLike | None = None,
+def report(ledger: Ledger | str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
            show: bool = False) -> tuple[str, Path | None]:
     """The whole ledger in one table (latest entry per chapter and label) and one plot.
+
+    A ledger with entries from several machines (a laptop and a Colab GPU) keeps the latest entry per chapter,
+    label and machine, each row naming its machine ("label [hardware_id]"): one machine's figures never hide
+    another's.
 
     The plot shows each savings row's improvement ratio on a log axis (or, with no savings rows yet, the
     wall time of each measurement) and is written to out_dir/report.png (default runs/report.png; a path
     ending in .png is used as is). Returns (text, png_path); png_path is None when there was nothing to plot.
     """
-    ledger = Ledger() if ledger is None else ledger
+    ledger = Ledger() if ledger is None else Ledger(ledger) if isinstance(ledger, (str, os.PathLike)) else ledger
     entries = ledger.entries()
     if not entries:
         return (f"The ledger {ledger.path} is empty: run a chapter (each ends with savings_table) or "
                 "Ledger().record(meter, chapter='NN') to add measurements.", None)
-    grouped = _latest_per_label(entries)
-    machines = sorted({str(entry.get("hardware_id")) for entry in entries})
+    machines = sorted({_machine(entry) for entry in entries})
+    grouped = _latest_per_label(entries, by_machine=len(machines) > 1)
     lines = [f"minillm report: {len(entries)} ledger entries in {ledger.path}",
              f"machines: {', '.join(machines)}"]
     for chapter, labelled in grouped.items():
@@ -1234,9 +1287,9 @@ def report(ledger: Ledger | None = None, out_dir: str | os.PathLike | None = Non
         for label, entry in labelled.items():
             lines.append(f"  {label.ljust(width)}  {_describe_values(entry['values'])}")
 
-    savings = [(chapter, entry) for chapter, labelled in grouped.items() for entry in labelled.values()
+    savings = [(chapter, name, entry) for chapter, labelled in grouped.items() for name, entry in labelled.items()
                if isinstance(entry["values"].get("ratio"), (int, float)) and entry["values"]["ratio"] > 0]
-    timed = [(chapter, entry) for chapter, labelled in grouped.items() for entry in labelled.values()
+    timed = [(chapter, name, entry) for chapter, labelled in grouped.items() for name, entry in labelled.items()
              if isinstance(entry["values"].get("seconds"), (int, float)) and entry["values"]["seconds"] > 0]
     if not savings and not timed:
         lines += ["", "(nothing to plot: no savings rows and no timed measurements yet)"]
@@ -1255,28 +1308,32 @@ def report(ledger: Ledger | None = None, out_dir: str | os.PathLike | None = Non
 _PLOT_LABEL_WIDTH = 80   # characters per line of a row name in the report plot
 
 
-def _plot(savings: list[tuple[str, dict]], timed: list[tuple[str, dict]], png_path: Path, show: bool) -> None:
+def _plot(savings: list[tuple[str, str, dict]], timed: list[tuple[str, str, dict]], png_path: Path,
+          show: bool) -> None:
+    """Rows are (chapter, row name as in the report's table, entry)."""
     if show:
         import matplotlib.pyplot as plt
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's state alone
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     if savings:
-        labels = [f"ch{chapter} {entry['label'].removeprefix('savings: ')}\n"
+        labels = [f"ch{chapter} {name.removeprefix('savings: ')}\n"
                   f"({entry['values'].get('baseline_name', 'baseline')} -> "
-                  f"{entry['values'].get('improved_name', 'improved')})" for chapter, entry in savings]
-        values = [float(entry["values"]["ratio"]) for _, entry in savings]
+                  f"{entry['values'].get('improved_name', 'improved')})" for chapter, name, entry in savings]
+        values = [float(entry["values"]["ratio"]) for _, _, entry in savings]
         title = "Savings measured on this machine, per chapter"
         xlabel = "improved ÷ baseline (log scale; > ×1 is better)"
     else:
-        labels = [f"ch{chapter} {entry['label']}" for chapter, entry in timed]
-        values = [float(entry["values"]["seconds"]) for _, entry in timed]
+        labels = [f"ch{chapter} {name}" for chapter, name, _ in timed]
+        values = [float(entry["values"]["seconds"]) for _, _, entry in timed]
         title = "Wall time of each measurement (no savings rows yet)"
         xlabel = "wall time (log scale)"
 
     # A long name is wrapped, so it cannot squeeze the bars into a sliver at the right of a wide image.
     labels = ["\n".join(textwrap.fill(line, _PLOT_LABEL_WIDTH, max_lines=2, placeholder=" ...")
                         for line in label.split("\n")) for label in labels]
+    # a row name is text, not matplotlib mathtext: "$0.35 vs $3" must print its dollars, "$\frac{$" not crash
+    labels = [label.replace("$", r"\$") for label in labels]
     lines_per_row = max(label.count("\n") + 1 for label in labels)
     height = 1.6 + max(0.6 if savings else 0.35, 0.28 * lines_per_row) * len(values)
     figure = plt.figure(figsize=(9, height)) if show else Figure(figsize=(9, height))

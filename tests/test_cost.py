@@ -810,3 +810,188 @@ def test_report_plot_wraps_a_long_row_name_instead_of_widening_the_image(isolate
     text, png = cost.report(ledger)
     assert long_name in text   # the table keeps the whole name
     assert png_width(png) < 1.3 * narrow
+
+
+# --- defects found by probing (each test failed before its fix) ------------------------------------
+
+def test_ledger_record_refuses_a_meter_still_running():
+    # inside its `with` block the running stretch is not in meter.seconds yet: the entry would say 0 s
+    with cost.Meter("still running", chapter="01", price_per_hour=0.0) as meter:
+        with pytest.raises(RuntimeError, match="Ledger.record: meter 'still running' is still running"):
+            cost.Ledger().record(meter)
+    assert cost.Ledger().entries() == []
+    assert cost.Ledger().record(meter)["values"]["seconds"] == meter.seconds > 0
+
+
+def test_meter_stops_even_when_the_device_fails_to_synchronize(monkeypatch):
+    meter = cost.Meter("gpu error", price_per_hour=0.0)
+    with meter:
+        def failing(device=None):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        monkeypatch.setattr(cost, "synchronize", failing)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            meter.__exit__(None, None, None)
+        monkeypatch.setattr(cost, "synchronize", lambda device=None: None)
+        meter.__enter__()  # not "already running": the failed exit stopped it
+    assert meter._start is None and meter.seconds > 0
+
+
+def test_report_keeps_the_latest_entry_of_each_machine(isolated_runs, tmp_path):
+    ledger = cost.Ledger()
+    ledger.append("03", "pretraining", {"seconds": 30.0}, hardware=T4_BOX)
+    ledger.append("03", "pretraining", {"seconds": 20.0}, hardware=T4_BOX)   # newer, same machine: replaces
+    ledger.append("03", "pretraining", {"seconds": 600.0}, hardware=CPU_BOX)  # another machine: its own row
+    text, png = cost.report(ledger.path, out_dir=tmp_path)   # a path is taken as the ledger file
+    t4, cpu = cost.hardware_id(T4_BOX), cost.hardware_id(CPU_BOX)
+    rows = {line.split("]")[0].strip(): line.split("]")[1].strip() for line in text.splitlines() if "]  " in line}
+    assert rows == {f"pretraining [{t4}": "time 20 s", f"pretraining [{cpu}": "time 10 min"}, text
+    assert "30 s" not in text and png == tmp_path / "report.png" and png.exists()
+    one_machine = cost.Ledger(tmp_path / "one.jsonl")
+    one_machine.append("03", "pretraining", {"seconds": 20.0}, hardware=T4_BOX)
+    assert "  pretraining  time 20 s" in cost.report(one_machine, out_dir=tmp_path)[0]  # no machine suffix
+
+
+def test_ledger_warning_names_each_corrupt_line(isolated_runs):
+    ledger = cost.Ledger()
+    ledger.append("02", "a", {"v": 1}, hardware=CPU_BOX)
+    with open(ledger.path, "a") as f:
+        f.write("[1]\n" * 3 + '{"chapter": "02", "label": "b", "values": {}}\n' + "[2]\n" * 12)
+    with pytest.warns(UserWarning, match=r"15 corrupt line\(s\) \(line 2, 3, 4, 6, 7, 8, 9, 10, 11, 12 and 5 more\)"):
+        assert [entry["label"] for entry in ledger.entries()] == ["a", "b"]
+    single = cost.Ledger(isolated_runs / "single.jsonl")
+    single.path.write_text('{"chapter": "02", "label": "b", "values": {}}\n{"torn\n')
+    with pytest.warns(UserWarning, match=r"1 corrupt line\(s\) \(line 2\)"):
+        single.entries()
+
+
+def test_measure_peaks_names_a_device_this_machine_lacks(monkeypatch):
+    monkeypatch.setattr(cost, "best_seconds", lambda fn, **kwargs: pytest.fail("measured on a missing device"))
+    with pytest.raises(ValueError, match="measure_peaks: device='gpu' is not a device"):
+        cost.measure_peaks(device="gpu", fast=True, cache=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="measure_peaks: device='cuda' but no CUDA GPU"):
+        cost.measure_peaks(device="cuda", fast=True, cache=False)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: cost.best_seconds(lambda: None, repeats=2.5), r"best_seconds: repeats=2.5 must be at least 1"),
+    (lambda: cost.best_seconds(lambda: None, repeats="3"), r"best_seconds: repeats='3' must be at least 1"),
+    (lambda: cost.best_seconds(lambda: None, warmup=None), r"best_seconds: warmup=None must be a whole number"),
+    (lambda: cost.best_seconds_interleaved({"a": lambda: None}, repeats=True), r"repeats=True must be at least 1"),
+    (lambda: cost.best_seconds_interleaved({"a": lambda: None}, warmup_each_round=0.5), r"warmup_each_round=0.5"),
+])
+def test_timing_helpers_refuse_call_counts_that_are_not_whole_numbers(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_timing_helpers_say_what_they_time():
+    with pytest.raises(TypeError, match="best_seconds: fn must be a function"):
+        cost.best_seconds(3.0)
+    with pytest.raises(TypeError, match="best_seconds_interleaved: fns must be a dict of name -> function"):
+        cost.best_seconds_interleaved([lambda: None, lambda: None])
+    with pytest.raises(TypeError, match="best_seconds_interleaved: fns must be a dict"):
+        cost.best_seconds_interleaved({"a": "not callable"})
+
+
+# --- python -m minillm.bench on bad options ---------------------------------------------------------
+
+@pytest.fixture
+def bench_that_must_not_run(monkeypatch):
+    from minillm import bench
+
+    def refuse(**options):
+        raise AssertionError(f"the benchmark ran with bad options {options}")
+    for benchmark in bench.BENCHMARKS.values():
+        monkeypatch.setattr(benchmark, "run", refuse)
+    return bench.main
+
+
+@pytest.mark.parametrize("argv, usage, message", [
+    (["moe", "--experts", "abc"], "usage: python -m minillm.bench moe", "argument --experts: 'abc' must be"),
+    (["moe", "--experts", "8,,x"], "usage: python -m minillm.bench moe", "argument --experts"),
+    (["moe", "--top-k", "0"], "usage: python -m minillm.bench moe", "argument --top-k: 0 must be >= 1"),
+    (["moe", "--tokens", "-5"], "usage: python -m minillm.bench moe", "argument --tokens: -5 must be >= 1"),
+    (["moe", "--repeats", "1.5"], "usage: python -m minillm.bench moe", "argument --repeats: '1.5' is not a whole"),
+    (["bpe", "--baseline-merges", "-1"], "usage: python -m minillm.bench bpe", "--baseline-merges: -1 must be >= 0"),
+    (["train", "--layers", "0"], "usage: python -m minillm.bench train", "argument --layers: 0 must be >= 1"),
+    (["train", "--steps", "x"], "usage: python -m minillm.bench train", "argument --steps: 'x' is not a whole"),
+])
+def test_bench_refuses_bad_options_before_running(bench_that_must_not_run, capsys, argv, usage, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_that_must_not_run(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(usage) and message in err, err
+
+
+def test_bench_errors_show_the_subcommands_usage_and_an_out_dir_that_is_a_file(bench_that_must_not_run, tmp_path,
+                                                                             capsys):
+    from minillm import bench
+
+    a_file = tmp_path / "figures.json"
+    a_file.write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_that_must_not_run(["moe", "--out-dir", str(a_file)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: python -m minillm.bench moe")
+    assert f"--out-dir {a_file}: {a_file} is a file, not a folder" in err
+    with pytest.raises(SystemExit) as exit_info:   # a file further up the path is in the way as well
+        bench_that_must_not_run(["moe", "--out-dir", str(a_file / "sub")])
+    assert exit_info.value.code == 2 and f"{a_file} is a file, not a folder" in capsys.readouterr().err
+    def bad_size(**options):
+        raise ValueError("BPETokenizer.train: vocab_size=200 is too small")
+    bench.BENCHMARKS["bpe"].run = bad_size   # undone by the fixture's monkeypatch
+    with pytest.raises(SystemExit) as exit_info:   # a ValueError from inside the benchmark: its own usage too
+        bench.main(["bpe", "--vocab-size", "200"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: python -m minillm.bench bpe")
+    assert "python -m minillm.bench bpe: error: BPETokenizer.train: vocab_size=200" in err
+
+
+def test_bench_bpe_refuses_negative_baseline_merges_when_called_directly():
+    from minillm.bench import bench_bpe
+    with pytest.raises(ValueError, match="bench bpe: --baseline-merges=-1 must be a whole number >= 0"):
+        bench_bpe(baseline_merges=-1)
+
+
+def test_bench_turns_os_errors_and_interrupts_into_one_line(monkeypatch, tmp_path, capsys):
+    from minillm import bench
+
+    def unwritable(**options):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "moe.json"))
+    monkeypatch.setattr(bench.BENCHMARKS["moe"], "run", unwritable)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["moe", "--out-dir", str(tmp_path / "ro")])
+    assert exit_info.value.code == f"python -m minillm.bench moe: Permission denied ({tmp_path / 'ro' / 'moe.json'})"
+
+    def interrupted(**options):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench.BENCHMARKS["moe"], "run", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["moe"])
+    assert exit_info.value.code == 130 and "python -m minillm.bench moe: interrupted" in capsys.readouterr().err
+
+
+def test_report_prints_row_names_as_text_in_the_table_and_the_plot(isolated_runs):
+    ledger = cost.Ledger()
+    # matplotlib reads "$...$" as mathtext: this name made the report crash, "$0.35 vs $3" lost its dollars
+    cost.savings_table("02", [{"what": r"cost $\frac{ per hour vs $3", "baseline": ("$0.35/h", 2.0),
+                               "improved": ("$3/h", 1.0), "unit": "s", "better": "lower"}], ledger=ledger)
+    ledger.append("02", "two\nlines\tand a tab", {"seconds": 1.0}, hardware=CPU_BOX)
+    text, png = cost.report(ledger)
+    assert png.exists() and r"savings: cost $\frac{ per hour vs $3" in text
+    assert "\n  two lines and a tab  " in text   # one row, in the table's columns
+
+
+def test_meter_without_a_device_still_waits_for_gpu_work(monkeypatch):
+    waits = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)   # this process has run CUDA work
+    with cost.Meter("matmul on the GPU", price_per_hour=0.0):   # device left out: only the launch was timed
+        pass
+    assert len(waits) == 2   # on entry and on exit
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # CPU work only: CUDA is not started for it
+    with cost.Meter("CPU work", price_per_hour=0.0) as meter:
+        pass
+    assert len(waits) == 2 and meter.device.type == "cpu"
