@@ -117,11 +117,17 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
               tokens: int = 2048, repeats: int = 5, device: str | None = None, threads: int | None = None,
               out_dir: str | None = None, default_malloc: bool = False) -> dict:
     """Tokens/s of forward+backward through one MoE layer: sorted dispatch vs the naive loop vs transformers."""
-    expert_counts = [int(e) for e in str(experts).split(",") if e.strip()]
+    for name, value in (("--top-k", top_k), ("--d-model", d_model), ("--expert-hidden", expert_hidden),
+                        ("--tokens", tokens), ("--repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"bench moe: {name}={value!r} must be a whole number >= 1")
+    try:
+        expert_counts = [int(e) for e in str(experts).split(",") if e.strip()]
+    except ValueError:
+        raise ValueError(f"bench moe: --experts={experts!r} must be comma-separated whole numbers of experts, "
+                         f"e.g. 8,16,32") from None
     if not expert_counts or min(expert_counts) < top_k:
         raise ValueError(f"bench moe: --experts={experts!r} must list expert counts >= top_k={top_k}, e.g. 8,16,32")
-    if tokens < 1 or d_model < 1 or expert_hidden < 1 or repeats < 1:
-        raise ValueError("bench moe: --tokens, --d-model, --expert-hidden and --repeats must be positive")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"bench moe: --threads={threads} must be >= 1")

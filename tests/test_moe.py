@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -527,6 +528,18 @@ def test_bench_moe_reports_ratios_against_the_naive_loop(tmp_path):
         # the layout the fused dispatch used: padded exactly when padding adds at most PAD_LIMIT of the rows
         assert row["padding_fraction"] >= 0
         assert (row["layout"] == "padded") == (row["padding_fraction"] <= PAD_LIMIT)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(experts="a,b"), "--experts='a,b' must be comma-separated whole numbers"),
+    (dict(top_k=0), "--top-k=0 must be a whole number >= 1"),
+    (dict(tokens=2.5), "--tokens=2.5 must be a whole number >= 1"),
+    (dict(experts="4", top_k=8), "must list expert counts >= top_k=8")])
+def test_bench_moe_called_directly_refuses_bad_sizes_before_printing(kwargs, message, capsys):
+    from minillm.bench_moe import bench_moe
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench_moe(**kwargs)
+    assert capsys.readouterr().out == ""   # refused before the run's header line
 
 
 @pytest.mark.parametrize("dispatch", ["fused", "grouped", "slices"])
