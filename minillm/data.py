@@ -380,26 +380,11 @@ def get_batch(tokens: torch.Tensor, block_size: int, batch_size: int,
     The windows depend only on `generator`'s state, so a seeded generator gives the same batch again
     (this is what makes resumed training identical to uninterrupted training).
     """
-    if not isinstance(tokens, torch.Tensor):
-        tokens = _ids_from_array_like(tokens)
-    if tokens.dim() != 1:
-        raise ValueError(f"get_batch: tokens must be a 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise TypeError(f"get_batch: tokens must be integer token ids, got a {tokens.dtype} tensor; "
-                        "encode the text with a tokenizer (see tokenize_corpus)")
-    block_size = _check_int(block_size, "block_size", "get_batch", 1)
-    batch_size = _check_int(batch_size, "batch_size", "get_batch", 1)
+    tokens, block_size, batch_size, device = _check_batch_arguments(tokens, block_size, batch_size, device,
+                                                                    "get_batch")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"get_batch: generator must be a torch.Generator or None, got {type(generator).__name__}; "
                         "e.g. torch.Generator().manual_seed(0)")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"get_batch: device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
-                         ) from error
-    if len(tokens) < block_size + 1:
-        raise ValueError(f"get_batch: need at least block_size+1={block_size + 1} tokens, got {len(tokens)}; "
-                         "use a smaller block_size or more text")
     starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
     offsets = torch.arange(block_size + 1)
     windows = tokens[starts[:, None] + offsets[None, :]].long()
@@ -409,15 +394,38 @@ def get_batch(tokens: torch.Tensor, block_size: int, batch_size: int,
     return x.contiguous(), y.contiguous()
 
 
-def _ids_from_array_like(tokens) -> torch.Tensor:
+def _check_batch_arguments(tokens, block_size, batch_size, device, where: str):
+    """(tokens as a 1-D integer tensor, block_size, batch_size, torch.device), checked for get_batch and
+    BatchSampler alike; errors start with `where`, the function the caller called."""
+    if not isinstance(tokens, torch.Tensor):
+        tokens = _ids_from_array_like(tokens, where)
+    if tokens.dim() != 1:
+        raise ValueError(f"{where}: tokens must be a 1-D tensor of token ids, got shape {tuple(tokens.shape)}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"{where}: tokens must be integer token ids, got a {tokens.dtype} tensor; "
+                        "encode the text with a tokenizer (see tokenize_corpus)")
+    block_size = _check_int(block_size, "block_size", where, 1)
+    batch_size = _check_int(batch_size, "batch_size", where, 1)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{where}: device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+                         ) from error
+    if len(tokens) < block_size + 1:
+        raise ValueError(f"{where}: need at least block_size+1={block_size + 1} tokens, got {len(tokens)}; "
+                         "use a smaller block_size or more text")
+    return tokens, block_size, batch_size, device
+
+
+def _ids_from_array_like(tokens, where: str = "get_batch") -> torch.Tensor:
     """A list, tuple or numpy array of integer token ids as a 1-D-or-more int64 tensor (shape checked later)."""
     try:
         array = np.asarray(tokens)
     except (TypeError, ValueError) as error:
-        raise TypeError(f"get_batch: tokens must be a 1-D tensor, list or array of integer token ids, got "
+        raise TypeError(f"{where}: tokens must be a 1-D tensor, list or array of integer token ids, got "
                         f"{type(tokens).__name__} ({error})") from error
     if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
-        raise TypeError(f"get_batch: tokens must be integer token ids, got {type(tokens).__name__} of dtype "
+        raise TypeError(f"{where}: tokens must be integer token ids, got {type(tokens).__name__} of dtype "
                         f"{array.dtype}; encode the text with a tokenizer (see tokenize_corpus)")
     return torch.as_tensor(array.astype(np.int64, copy=False))
 
@@ -441,13 +449,16 @@ class BatchSampler:
     """Seeded random windows where batch `step` is a pure function of (seed, step).
 
     `seed` and `step` are integers >= 0. Different (seed, step) pairs draw independently seeded batches.
+    The tokens (a 1-D tensor, list or array of integer ids, at least block_size+1 of them), the sizes and the
+    device are checked here, as get_batch checks them, so a mistake is reported where it was made rather
+    than at the first batch(); a list or array is converted to a tensor once, here.
     """
 
     def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int = 0,
                  device: str | torch.device = "cpu"):
         seed = _check_int(seed, "seed", "BatchSampler", 0)
-        block_size = _check_int(block_size, "block_size", "BatchSampler", 1)
-        batch_size = _check_int(batch_size, "batch_size", "BatchSampler", 1)
+        tokens, block_size, batch_size, _ = _check_batch_arguments(tokens, block_size, batch_size, device,
+                                                                   "BatchSampler")
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.device = seed, device
 

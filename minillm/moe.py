@@ -589,7 +589,9 @@ class MoE(nn.Module):
         # Persistent: the bias is learned state (checkpointed); the load counters are per step only.
         self.register_buffer("expert_bias", torch.zeros(experts))
         self.register_buffer("step_load", torch.zeros(experts, dtype=torch.long), persistent=False)
-        self.load_history: list[list[int]] = []   # tokens per expert, one list per optimizer step
+        # Tokens per expert, one list per optimizer step. Not in the state dict (that stays tensors of fixed shape):
+        # minillm.train's save_checkpoint/load_checkpoint carry it, so a resumed run's history is whole.
+        self.load_history: list[list[int]] = []
         self.last_routing: Routing | None = None
         self.aux_loss: torch.Tensor | None = None
 

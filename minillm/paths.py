@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -67,15 +68,69 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
     The data goes to a temp file of its own in the same folder, which then replaces `path` in one step;
     several threads or processes may write the same path at once, and the last to finish wins whole.
+    A folder that cannot be created or written to raises an OSError of the original class (errno kept)
+    that names `path`, its folder and the cure.
     """
-    atomic_write_with(path, lambda f: f.write(data))
+    _atomic_write(path, lambda f: f.write(data), "atomic_write_bytes")
 
 
-def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """atomic_write_bytes for a writer that streams into a binary file, e.g. lambda f: torch.save(obj, f)."""
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
+                      where: str = "atomic_write_with") -> None:
+    """atomic_write_bytes for a writer that streams into a binary file, e.g. lambda f: torch.save(obj, f).
+
+    `where` (e.g. "save_checkpoint") starts the message of the OSError raised for an unwritable folder.
+    """
+    _atomic_write(path, write, where)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """atomic_write_bytes for text, encoded as UTF-8."""
+    data = text.encode("utf-8")   # before any file is touched: text that cannot be encoded leaves nothing behind
+    _atomic_write(path, lambda f: f.write(data), "atomic_write_text")
+
+
+def unwritable_folder_error(error: OSError, path: str | os.PathLike, where: str,
+                            folder: str | os.PathLike | None = None) -> OSError:
+    """`error` (from creating `path`'s folder or a file in it) retold: same class and errno, `path` as its
+    filename, and a message that starts with `where` and names `path`, the folder and what to do."""
+    path = os.fspath(path)
+    folder = Path(folder) if folder is not None else Path(path).parent
+    reason = error.strerror or str(error)
+    try:
+        for existing in (folder, *folder.parents):   # "File exists" / "Not a directory" say little: name the file
+            if existing.exists():
+                if not existing.is_dir():
+                    reason = f"{existing} is a file, not a folder"
+                break
+    except OSError:   # e.g. no permission to look: the original reason stands
+        pass
+    message = (f"{where}: cannot write {path} (the folder {folder} cannot be created or written to: "
+               f"{reason}); choose a folder you can write to")
+    try:
+        return type(error)(error.errno, message, path)
+    except TypeError:   # an OSError subclass with a constructor of its own
+        return OSError(error.errno, message, path)
+
+
+def ensure_writable_folder(path: str | os.PathLike, where: str) -> None:
+    """Create `path`'s folder if need be and check that a file can be created there, before any work is done
+    whose result would go to `path` (e.g. a training run's checkpoint); else unwritable_folder_error's OSError."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise unwritable_folder_error(error, path, where, folder) from None
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], where: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_unique_temp(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:   # a file where a folder should be, no permission, a read-only disk
+        raise unwritable_folder_error(error, path, where) from None
+    fd, tmp = _create_unique_temp(path, where)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -91,7 +146,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], objec
         raise
 
 
-def _create_unique_temp(path: Path) -> tuple[int, Path]:
+def _create_unique_temp(path: Path, where: str = "atomic_write") -> tuple[int, Path]:
     """Create an empty file next to `path` that no other thread or process is using: (open descriptor, path).
 
     Like tempfile.mkstemp, but created with mode 0o666 so the umask applies: the file that replaces `path`
@@ -105,12 +160,8 @@ def _create_unique_temp(path: Path) -> tuple[int, Path]:
         except FileExistsError:  # 48 random bits taken already: practically never, try another name
             continue
         except OSError as error:   # name the file the caller asked for, not this temp name
-            raise type(error)(error.errno, f"cannot write {path} (creating a file in {path.parent} failed: "
-                              f"{error.strerror}); choose a folder you can write to", str(path)) from None
+            raise unwritable_folder_error(error, path, where) from None
         return fd, tmp
-    raise FileExistsError(f"atomic_write: could not create a temp file next to {path}; clear out "
+    raise FileExistsError(f"{where}: could not create a temp file next to {path}; clear out "
                           f"the .{path.name}.*.tmp files there")
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))

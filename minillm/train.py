@@ -15,8 +15,8 @@ import math
 import os
 import pickle
 import re
+import secrets
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from minillm.cost import Meter, resolve_device
 from minillm.data import BatchSampler
 from minillm.model import plain_number
-from minillm.paths import atomic_write_with, runs_dir
+from minillm.paths import atomic_write_with, ensure_writable_folder, runs_dir
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "minillm-checkpoint-v1"
@@ -200,6 +200,11 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
 
     resume_from= continues a checkpoint's run up to config.steps: a ValueError when the checkpoint is already
     there, a warning when batch_size, grad_accum or seed differ from the saved run's (other batches follow).
+
+    A loss (or gradient norm) that is not finite raises TrainingDivergedError, whose .checkpoint_path is the
+    state to resume from: config.checkpoint_path, or without one a new file of this run's own,
+    runs/last_good-<date>-<time>-<random>.pt, that no other run overwrites (see _diverged). Ctrl-C likewise
+    saves to config.checkpoint_path or runs/interrupted-<date>-<time>-<random>.pt and returns (.interrupted).
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -210,7 +215,7 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
         raise ValueError(f"train: checkpoint_path={config.checkpoint_path!r} is a folder; give a file path "
                          f"inside it, e.g. {os.path.join(config.checkpoint_path, 'checkpoint.pt')!r}")
     if config.checkpoint_path is not None:   # an unwritable folder too: found now, not after the whole run
-        _check_writable_folder(config.checkpoint_path, "train: checkpoint_path")
+        ensure_writable_folder(config.checkpoint_path, "train: checkpoint_path")
     if not all(hasattr(model, name) for name in ("config", "configure_optimizer")):
         raise TypeError(f"train: model must be a minillm model (a GPT, or one of minillm.lm's models: they have "
                         f".config and .configure_optimizer), got {type(model).__name__}; e.g. GPT(GPTConfig(...))")
@@ -243,7 +248,9 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
     # Tokens an MoE layer counted in train-mode forwards before this run (say, a look at the initial loss)
     # must not count towards the first step's load and bias update.
     _reset_moe_load(model)
+    # The newest checkpoint of this run's finite state, and its step: a divergence points there.
     last_good_path = os.fspath(resume_from) if resume_from is not None else None
+    last_good_step = completed if resume_from is not None else None
     rng_after_step = _rng_state()
     forward_model = _maybe_compile(model) if config.compile else model
 
@@ -292,7 +299,7 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
                 # With fp16 an infinite gradient is normal: the scaler skips the step and lowers its scale.
                 if not math.isfinite(step_loss) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
                     raise _diverged(step, step_loss, model, optimizer, scaler, config, completed,
-                                    rng_after_step, last_good_path)
+                                    rng_after_step, last_good_path, last_good_step)
                 # A Ctrl-C here waits until the update is done and counted: see _sigint_deferred.
                 with _sigint_deferred():
                     scaler.step(optimizer)
@@ -317,13 +324,13 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
                 if config.checkpoint_interval and step % config.checkpoint_interval == 0:
                     save_checkpoint(config.checkpoint_path, model, optimizer, step, config,
                                     scaler=scaler, rng_state=rng_after_step)
-                    last_good_path, saved_step = config.checkpoint_path, step
+                    last_good_path, last_good_step, saved_step = config.checkpoint_path, step, step
         if config.checkpoint_path and history and saved_step != completed:
             save_checkpoint(config.checkpoint_path, model, optimizer, completed, config,
                             scaler=scaler, rng_state=rng_after_step)
     except KeyboardInterrupt:
         interrupted = True
-        interrupt_path = config.checkpoint_path or os.fspath(runs_dir() / "interrupted.pt")
+        interrupt_path = config.checkpoint_path or _new_run_file("interrupted")   # a name no other run takes
         save_checkpoint(interrupt_path, model, optimizer, completed, config, scaler=scaler, rng_state=rng_after_step)
         bar.close()
         print(f"Interrupted after step {completed}/{config.steps}; saved a checkpoint to {interrupt_path}.\n"
@@ -367,11 +374,12 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         "train_config": train_config,
         "rng": rng_state if rng_state is not None else _rng_state(),
         "extra": extra,
+        # Tokens per expert per step of each MoE layer (chapter 04), so that a resumed run's history is whole.
+        "moe_load_history": _moe_load_history(model),
     }
-    _check_writable_folder(path, "save_checkpoint")
     # One temp file of its own, then a rename over `path`; the file gets the umask's mode (as a plain open
-    # would), not mkstemp's owner-only 0o600.
-    atomic_write_with(path, lambda file: torch.save(checkpoint, file))
+    # would), not mkstemp's owner-only 0o600. A folder that cannot be written raises an OSError naming both.
+    atomic_write_with(path, lambda file: torch.save(checkpoint, file), where="save_checkpoint")
 
 
 def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -447,6 +455,7 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
                              "load_checkpoint(path, model)") from error
     model.load_state_dict(checkpoint["model_state"])
     _reset_moe_load(model)  # counts from forwards before the load belong to no step of the loaded run
+    _restore_moe_load_history(model, checkpoint.get("moe_load_history"))
     checkpoint["model"] = model
     return checkpoint
 
@@ -513,19 +522,6 @@ def _config_differences(saved, current, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: saved {saved!r} vs model {current!r}"]
 
 
-def _check_writable_folder(path, where: str) -> None:
-    """Create `path`'s folder if need be and make sure a file can be written there; else a clear OSError."""
-    folder = Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise type(error)(error.errno, f"{where}: cannot write {os.fspath(path)!r} (the folder {str(folder)!r} "
-                          f"cannot be created or written to: {error.strerror or error}); choose a folder you can "
-                          "write to", os.fspath(path)) from None
-
-
 # Models load_checkpoint(path) can rebuild from a saved config: class path -> (module, class, config class).
 _REBUILDABLE = {"minillm.model.GPT": ("minillm.model", "GPT", "GPTConfig"),
                 "minillm.lm.NeuralBigram": ("minillm.lm", "NeuralBigram", "BigramConfig"),
@@ -573,6 +569,43 @@ def _reset_moe_load(model: torch.nn.Module) -> None:
     if hasattr(model, "moe_layers"):
         for layer in model.moe_layers():
             layer.reset_load()
+
+
+def _moe_load_history(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Each MoE layer's load_history as a (steps, n_routed) integer tensor, by module name; None without MoE.
+
+    A tensor, not lists: a long run's history (one row per step) stays a few bytes per expert and step.
+    """
+    from minillm.moe import MoE
+    histories = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoE):
+            continue
+        try:
+            history = torch.tensor(layer.load_history, dtype=torch.long).reshape(-1, layer.config.n_routed)
+        except (TypeError, ValueError, RuntimeError) as error:
+            warnings.warn(f"save_checkpoint: the load_history of MoE layer {name!r} is not one list of "
+                          f"{layer.config.n_routed} token counts per step ({error}); it is not saved",
+                          stacklevel=3)
+            continue
+        if history.numel() == 0 or int(history.abs().max()) < 2 ** 31:
+            history = history.to(torch.int32)   # half the bytes; counts of a step fit unless beyond 2**31
+        histories[name] = history
+    return histories or None
+
+
+def _restore_moe_load_history(model: torch.nn.Module, saved) -> None:
+    """Give the model's MoE layers the load_history a checkpoint saved; checkpoints written before it was
+    saved (or without MoE layers) leave the layers' history as it is."""
+    if not isinstance(saved, dict):
+        return
+    from minillm.moe import MoE
+    for name, layer in model.named_modules():
+        history = saved.get(name)
+        if not isinstance(layer, MoE) or not isinstance(history, torch.Tensor):
+            continue
+        if history.dim() == 2 and history.shape[1] == layer.config.n_routed:   # else another model's: not ours
+            layer.load_history = history.long().tolist()
 
 
 def _check_resume(config: TrainConfig, saved: dict | None, completed: int, path) -> None:
@@ -686,12 +719,22 @@ def _set_rng_state(state: dict | None) -> None:
 
 
 def _diverged(step: int, loss: float, model, optimizer, scaler, config: TrainConfig, completed: int,
-              rng_state: dict, last_good_path: str | None) -> TrainingDivergedError:
-    """Keep (or write) the last finite state, then describe what went wrong and where to restart from."""
+              rng_state: dict, last_good_path: str | None, last_good_step: int | None = None
+              ) -> TrainingDivergedError:
+    """Keep (or write) the last finite state, then describe what went wrong and where to restart from.
+
+    With finite weights the state after step `completed` is saved to config.checkpoint_path or, when the run
+    has none, to a new file runs/last_good-<date>-<time>-<random>.pt: a name of this run's own, so that
+    another run that diverges (at the same time, or later) never overwrites it. When `last_good_path`
+    already holds that state (a resumed run that diverges before completing a step), nothing new is
+    written without a checkpoint_path. With weights that are not finite, `last_good_path` (the resumed or
+    last saved checkpoint, or None) is left as it is.
+    """
     weights_finite = all(torch.isfinite(p).all() for p in model.parameters())
-    if weights_finite:
+    already_saved = last_good_path is not None and last_good_step == completed
+    if weights_finite and (config.checkpoint_path or not already_saved):
         # The weights from the last completed step are still finite: save them as the restart point.
-        last_good_path = config.checkpoint_path or os.fspath(runs_dir() / "last_good.pt")
+        last_good_path = config.checkpoint_path or _new_run_file("last_good")
         save_checkpoint(last_good_path, model, optimizer, completed, config, scaler=scaler, rng_state=rng_state)
     where = (f"the last good checkpoint is {last_good_path}" if last_good_path
              else "no good checkpoint was saved (set checkpoint_path and checkpoint_interval to keep one)")
@@ -699,3 +742,8 @@ def _diverged(step: int, loss: float, model, optimizer, scaler, config: TrainCon
         f"training diverged at step {step}: loss={loss} (or the gradient norm is not finite); {where}. "
         "Lower lr, raise warmup_steps or keep grad_clip on, then resume_from that checkpoint.",
         step=step, checkpoint_path=last_good_path)
+
+
+def _new_run_file(kind: str) -> str:
+    """runs/<kind>-<date>-<time>-<random>.pt: a path no other run picks (24 random bits beside the second)."""
+    return os.fspath(runs_dir() / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.pt")

@@ -526,6 +526,31 @@ def test_batch_sampler_checks_its_sizes_when_made():
         BatchSampler(torch.arange(10), 3, 2.0)
 
 
+@pytest.mark.parametrize("tokens, block_size, error, message", [
+    (torch.arange(5), 8, ValueError, r"BatchSampler: need at least block_size\+1=9 tokens, got 5"),
+    ([], 4, ValueError, r"BatchSampler: need at least block_size\+1=5 tokens, got 0"),
+    (torch.rand(100), 8, TypeError, "BatchSampler: tokens must be integer token ids, got a torch.float32 tensor"),
+    ([1.5, 2.5] * 40, 8, TypeError, "BatchSampler: tokens must be integer token ids, got list of dtype float64"),
+    (["a", "b"] * 40, 8, TypeError, "BatchSampler: tokens must be integer token ids, got list"),
+    (torch.zeros(4, 30, dtype=torch.long), 8, ValueError, r"BatchSampler: tokens must be a 1-D tensor .*\(4, 30\)"),
+    (torch.ones(40, dtype=torch.bool), 8, TypeError, "BatchSampler: tokens must be integer token ids"),
+])
+def test_batch_sampler_checks_its_tokens_when_made_not_at_the_first_batch(tokens, block_size, error, message):
+    with pytest.raises(error, match=message):
+        BatchSampler(tokens, block_size, 2)
+
+
+def test_batch_sampler_checks_its_device_when_made_and_reads_a_list_once():
+    with pytest.raises(ValueError, match="BatchSampler: device='gpu0' is not a device"):
+        BatchSampler(torch.arange(20), 4, 2, device="gpu0")
+    ids = [i % 11 for i in range(50)]
+    from_list = BatchSampler(ids, 4, 3, seed=2)
+    assert isinstance(from_list.tokens, torch.Tensor) and from_list.tokens.dtype == torch.long
+    x, y = from_list.batch(5)
+    expected = BatchSampler(torch.tensor(ids), 4, 3, seed=2).batch(5)
+    assert torch.equal(x, expected[0]) and torch.equal(y, expected[1])
+
+
 class CutShortHandler(http.server.BaseHTTPRequestHandler):
     """Promises 1000 bytes (Content-Length) and sends 300 before closing: a connection that drops mid-file."""
 

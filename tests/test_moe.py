@@ -12,7 +12,7 @@ from minillm.model import GPT, GPTConfig
 from minillm.moe import (PAD_LIMIT, MoE, MoEConfig, fused_dispatch, load_imbalance, per_expert_mask_loop,
                          reference_moe_loop, route, run_experts_grouped, run_experts_on_slices, sequence_balance_loss,
                          sort_by_expert, sorted_dispatch, update_bias)
-from minillm.train import TrainConfig, estimate_loss, load_checkpoint, train
+from minillm.train import TrainConfig, estimate_loss, load_checkpoint, save_checkpoint, train
 
 
 def make_layer(seed=0, n_embd=16, **overrides) -> MoE:
@@ -479,6 +479,49 @@ def test_moe_gpt_trains_and_checkpoint_round_trips(tmp_path):
     load_checkpoint(path, GPT(tiny_moe_config()))         # same config: loads into a fresh model
     with pytest.raises(ValueError, match="different model config"):
         load_checkpoint(path, GPT(tiny_moe_config(top_k=3)))
+
+
+def test_moe_load_history_survives_a_checkpoint_and_a_resume(tmp_path):
+    # Before, checkpoints left load_history out: a resumed run's history held only the steps since the resume.
+    pattern = torch.arange(2000) % 7 + (torch.arange(2000) // 7) % 3
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=1, eval_interval=100, progress=False,
+                         device="cpu")
+    path = tmp_path / "three.pt"
+    torch.manual_seed(0)
+    first = GPT(tiny_moe_config())
+    train(first, pattern, None, dataclasses.replace(config, steps=3, checkpoint_path=str(path)))
+    saved = torch.load(path, weights_only=True)["moe_load_history"]
+    assert list(saved) == ["blocks.1.mlp"] and saved["blocks.1.mlp"].shape == (3, 8)   # one row per step
+    assert saved["blocks.1.mlp"].dtype == torch.int32                                   # compact
+    assert load_checkpoint(path)["model"].moe_layers()[0].load_history == first.moe_layers()[0].load_history
+
+    resumed = GPT(tiny_moe_config())                      # other initial weights: the checkpoint replaces them
+    train(resumed, pattern, None, config, resume_from=str(path))
+    history = resumed.moe_layers()[0].load_history
+    assert len(history) == 6 and history[:3] == first.moe_layers()[0].load_history
+    assert all(sum(step) == 4 * 16 * 2 for step in history)   # batch_size * block_size * top_k tokens each step
+    assert resumed.moe_layers()[0].load_stats()["tokens_per_expert"] == history[-1]
+
+
+def test_checkpoints_without_a_load_history_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_moe_config())
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["moe_load_history"]                    # as written before the history was saved
+    torch.save(checkpoint, path)
+    layer = model.moe_layers()[0]
+    layer.load_history = [[1] * 8]
+    load_checkpoint(path, model)                          # loads; the layer's own history is left as it was
+    assert layer.load_history == [[1] * 8]
+    assert load_checkpoint(path)["model"].moe_layers()[0].load_history == []
+    fresh = GPT(tiny_moe_config())
+    fresh.load_state_dict(checkpoint["model_state"], strict=True)   # the state dict itself is unchanged
+    assert not any("history" in key or "extra_state" in key for key in model.state_dict())
+    dense = tmp_path / "dense.pt"
+    save_checkpoint(dense, GPT(dataclasses.replace(tiny_moe_config(), moe=None, n_dense_layers=0)))
+    assert torch.load(dense, weights_only=True)["moe_load_history"] is None
 
 
 @pytest.mark.parametrize("overrides, message", [

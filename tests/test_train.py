@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,7 +156,9 @@ def test_ctrl_c_saves_closes_and_returns_then_resumes(byte_tokens, monkeypatch, 
     model = byte_model()
     result = train(model, byte_tokens, config=quick_config(steps=8))  # no checkpoint_path set
     monkeypatch.undo()
-    expected_path = tmp_path / "runs" / "interrupted.pt"
+    # a file of this run's own (a fixed runs/interrupted.pt would be overwritten by the next interrupted run)
+    [expected_path] = (tmp_path / "runs").glob("interrupted-*.pt")
+    assert re.fullmatch(r"interrupted-\d{8}-\d{6}-[0-9a-f]{6}\.pt", expected_path.name)
     assert result.interrupted and result.step == 3 and len(result.history) == 3
     assert result.checkpoint_path == str(expected_path) and expected_path.is_file()
     printed = capsys.readouterr().out
@@ -231,12 +235,50 @@ def test_nan_loss_raises_and_saves_the_last_finite_state(byte_tokens, tmp_path):
     model.forward = forward_with_nan_at_step_6
     with pytest.raises(TrainingDivergedError, match="step 6") as error:
         train(model, byte_tokens, config=quick_config(steps=10))  # no val tokens: forward runs once per step
-    good_path = tmp_path / "runs" / "last_good.pt"
-    assert error.value.step == 6 and error.value.checkpoint_path == str(good_path)
+    good_path = Path(error.value.checkpoint_path)   # a file of this run's own in the runs folder
+    assert error.value.step == 6 and good_path.parent == tmp_path / "runs"
+    assert re.fullmatch(r"last_good-\d{8}-\d{6}-[0-9a-f]{6}\.pt", good_path.name)
     assert str(good_path) in str(error.value)
     saved = load_checkpoint(good_path)
     assert saved["step"] == 5
     assert all(torch.isfinite(p).all() for p in saved["model"].parameters())
+
+
+def nan_loss_at_forward(model: GPT, call: int) -> GPT:
+    real_forward, calls = model.forward, {"n": 0}
+
+    def forward(idx, targets=None):
+        calls["n"] += 1
+        logits, loss = real_forward(idx, targets)
+        return logits, (loss * float("nan") if calls["n"] == call else loss)
+
+    model.forward = forward
+    return model
+
+
+def test_runs_without_a_checkpoint_path_never_overwrite_each_others_last_good_state(byte_tokens, tmp_path):
+    # Before, every such run wrote runs/last_good.pt: a second run (or a resumed one) replaced the first's.
+    with pytest.raises(TrainingDivergedError) as first:
+        train(nan_loss_at_forward(byte_model(), 4), byte_tokens, config=quick_config(steps=10))
+    start = tmp_path / "start.pt"
+    train(byte_model(seed=1), byte_tokens, config=quick_config(steps=2, checkpoint_path=start))
+    with pytest.raises(TrainingDivergedError) as resumed:   # resumed, no checkpoint_path, two steps done since
+        train(nan_loss_at_forward(byte_model(seed=1), 3), byte_tokens, config=quick_config(steps=10),
+              resume_from=start)
+    paths = {first.value.checkpoint_path, resumed.value.checkpoint_path}
+    assert len(paths) == 2 and all(Path(path).parent == tmp_path / "runs" for path in paths)
+    assert load_checkpoint(first.value.checkpoint_path)["step"] == 3      # still the first run's own state
+    assert load_checkpoint(resumed.value.checkpoint_path)["step"] == 4
+    assert load_checkpoint(start)["step"] == 2                             # the resumed file is left alone
+
+
+def test_a_resumed_run_that_diverges_at_once_points_at_the_checkpoint_it_resumed(byte_tokens, tmp_path):
+    start = tmp_path / "start.pt"
+    train(byte_model(), byte_tokens, config=quick_config(steps=2, checkpoint_path=start))
+    with pytest.raises(TrainingDivergedError, match="step 3") as error:
+        train(nan_loss_at_forward(byte_model(), 1), byte_tokens, config=quick_config(steps=10), resume_from=start)
+    assert error.value.checkpoint_path == str(start) and str(start) in str(error.value)
+    assert not list((tmp_path / "runs").glob("last_good*"))   # the same state is not written again
 
 
 def test_nan_weights_never_overwrite_the_good_checkpoint(byte_tokens, tmp_path, monkeypatch):
