@@ -8,8 +8,8 @@ import re
 import sys
 import warnings
 
-REQUIRED = [("torch", "2.4"), ("numpy", None), ("matplotlib", None), ("tqdm", None), ("ipywidgets", "7.7"),
-            ("jupyterlab", None), ("nbclient", None), ("nbformat", None), ("ipykernel", None)]
+REQUIRED = [("torch", "2.4"), ("numpy", None), ("regex", None), ("matplotlib", None), ("tqdm", None),
+            ("ipywidgets", "7.7"), ("jupyterlab", None), ("nbclient", None), ("nbformat", None), ("ipykernel", None)]
 OPTIONAL = [("triton", "GPU kernels (chapter 02 onwards); the torch fallbacks run without it"),
             ("pytest", "the test suite"), ("nbval", "notebook tests"), ("hypothesis", "property tests")]
 

@@ -39,7 +39,7 @@ import os, sys, subprocess
 from pathlib import Path
 if "google.colab" in sys.modules and not Path("minillm-course").exists():
     subprocess.run(["git", "clone", "--depth", "1", "-b", "{REPO_BRANCH}", "{REPO_URL}", "minillm-course"], check=True)
-    # --no-deps: Colab already has torch, numpy, matplotlib, tqdm and ipywidgets; never upgrade them there.
+    # --no-deps: Colab already has torch, numpy, regex, matplotlib, tqdm and ipywidgets; never upgrade them there.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "minillm-course"], check=True)
 for parent in [Path.cwd(), *Path.cwd().parents, Path("minillm-course").resolve()]:
     if (parent / "minillm" / "__init__.py").exists():

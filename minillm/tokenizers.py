@@ -5,10 +5,11 @@ Taught in chapter 01 (tokenization: chars -> byte BPE). Both classes share
 
 Byte-level BPE in brief: ids 0..255 are the raw UTF-8 bytes, so any text can be encoded before any
 training. Training repeatedly fuses the most frequent adjacent pair of ids into a new id (256, 257, ...).
-Text is first cut into chunks (words with their leading space, numbers, punctuation runs, whitespace),
-and merges never cross a chunk boundary, so a token never spans "the end of one word + the start of the
-next". Training counts each distinct chunk once and updates pair counts incrementally after each merge,
-touching only the chunks that contain the merged pair.
+Text is first cut into chunks (words with their leading space, numbers, punctuation runs, whitespace) exactly
+as GPT-2 cuts it (`GPT2_PATTERN`, with the `regex` module), and merges never cross
+a chunk boundary, so a token never spans "the end of one word + the start of the next". Training counts
+each distinct chunk once and updates pair counts incrementally after each merge, touching only the chunks
+that contain the merged pair.
 
 Decoding always gives printable text: bytes that are not valid UTF-8 (a multi-byte character cut between
 tokens, or an arbitrary id list) become U+FFFD, the replacement character, as in GPT-2 and tiktoken;
@@ -28,15 +29,32 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+import regex
+
 from minillm.paths import atomic_write_text
 
-__all__ = ["CHUNK_PATTERN", "pretokenize", "CharTokenizer", "BPETokenizer", "load_tokenizer"]
+__all__ = ["CHUNK_PATTERN", "GPT2_PATTERN", "LEGACY_PATTERN", "pretokenize", "CharTokenizer", "BPETokenizer",
+           "load_tokenizer"]
 
-# GPT-2's split, written for Python's `re` (no \p{L}): `[^\W\d_]` is "a letter", `\d` a digit, and
-# `[^\s\w]|_` punctuation. The alternatives cover every character, so the chunks always re-join to the
-# input. `\s+(?!\S)` leaves the last space of a run to the next word, so " the" stays one chunk.
-CHUNK_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
-_CHUNK_REGEX = re.compile(CHUNK_PATTERN)
+# GPT-2's split as published (openai/gpt-2's encoder.py; also tiktoken's "gpt2" and minbpe's). It is written for
+# the `regex` module, which knows Unicode properties: \p{L} is any letter, \p{N} any number (digits, but also
+# '²', '½', 'Ⅻ'). Python's own `re` has neither: its closest spelling, `[^\W\d_]` for a letter and `\d` for a
+# number (LEGACY_PATTERN, what minillm used before), counts '²' as a letter, so "x²" stays one chunk where
+# GPT-2 cuts "x" + "²", and its \s takes U+001C..U+001F as spaces. The alternatives cover every character,
+# so the chunks always re-join to the input. `\s+(?!\S)` leaves the last space of a run to the next word,
+# so " the" stays one chunk.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+CHUNK_PATTERN = GPT2_PATTERN
+LEGACY_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+_CHUNK_REGEX = regex.compile(CHUNK_PATTERN)
+
+
+def _compile_chunk_pattern(pattern: str):
+    """A chunk pattern compiled as it was meant: minillm's earlier pattern with Python's `re` (so tokenizers
+    saved with it cut text exactly as before), any other with the `regex` module (which reads `re`'s syntax
+    too, and \\p{..})."""
+    return re.compile(pattern) if pattern == LEGACY_PATTERN else regex.compile(pattern)
+
 
 _FORMAT_VERSION = 1
 _SURROGATE_REGEX = re.compile("[\ud800-\udfff]")
@@ -44,11 +62,11 @@ _SURROGATE_REGEX = re.compile("[\ud800-\udfff]")
 _ENCODE_CACHE_LIMIT = 500_000
 
 
-def pretokenize(text: str, pattern: str | re.Pattern = CHUNK_PATTERN) -> list[str]:
+def pretokenize(text: str, pattern=CHUNK_PATTERN) -> list[str]:
     """Cut `text` into the chunks that BPE merges stay inside; `"".join(chunks) == text`."""
     _check_text(text, "pretokenize")
-    regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-    return regex.findall(text)
+    compiled = _compile_chunk_pattern(pattern) if isinstance(pattern, str) else pattern
+    return compiled.findall(text)
 
 
 def _check_text(text, where: str) -> None:
@@ -189,17 +207,17 @@ _PATTERN_SAMPLE = ("Hello, World! It's 2024: x_1 = 3.14 * (y + 42); don't\n\n  s
                    "\U0001f642\r\n  end  ")
 
 
-def _checked_chunk_regex(pattern: str, invalid) -> re.Pattern:
+def _checked_chunk_regex(pattern: str, invalid):
     """Compile a chunk pattern read from a file; `invalid(reason)` builds the error to raise."""
     try:
-        regex = re.compile(pattern)
-    except re.error as error:
+        compiled = _compile_chunk_pattern(pattern)
+    except (re.error, regex.error) as error:
         raise invalid(f"its 'pattern' {pattern!r} is not a regular expression ({error})") from error
-    chunks = regex.findall(_PATTERN_SAMPLE)
+    chunks = compiled.findall(_PATTERN_SAMPLE)
     if not all(isinstance(chunk, str) for chunk in chunks) or "".join(chunks) != _PATTERN_SAMPLE:
         raise invalid(f"its 'pattern' {pattern!r} does not cut text into chunks that re-join to the text "
                       "(it would skip characters when encoding)")
-    return regex
+    return compiled
 
 
 def _field(state: dict, name: str, kind: type, path) -> object:
