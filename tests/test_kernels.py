@@ -61,9 +61,9 @@ def test_add_softmax_rmsnorm_match_reference(shape, dtype):
     assert torch.equal(kernels.add(x, y), reference.add(x, y))
     torch.testing.assert_close(kernels.softmax(x), reference.softmax(x), **TOLERANCE[dtype])
     torch.testing.assert_close(kernels.rmsnorm(x, weight), reference.rmsnorm(x, weight), **TOLERANCE[dtype])
-    assert kernels.last_backend() == {"add": EXPECTED_BACKEND, "softmax": EXPECTED_BACKEND,
-                                      "rmsnorm": EXPECTED_BACKEND, **{k: v for k, v in kernels.last_backend().items()
-                                                                      if k in ("matmul", "cross_entropy")}}
+    # only the kernels this test ran: others (grouped GEMMs, say) may have run before it in this process
+    assert {name: kernels.last_backend(name) for name in ("add", "softmax", "rmsnorm")} == dict.fromkeys(
+        ("add", "softmax", "rmsnorm"), EXPECTED_BACKEND)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -34,6 +34,9 @@ def add(x: torch.Tensor, y: torch.Tensor, block_size: int = 1024) -> torch.Tenso
                          "adds tensors of one shape and dtype (broadcast or convert first, or backend='torch')")
     if x.device.type != "cuda" and x.dtype == torch.bfloat16:   # the kernel adds in bf16, which the interpreter garbles
         raise TypeError("add: the Triton interpreter computes bf16 wrongly; use fp16/fp32 or backend='torch'")
+    if x.numel() >= 2**31:   # program * BLOCK_SIZE is 32-bit in the kernel: past 2**31 the offsets wrap around
+        raise ValueError(f"add: {x.numel()} elements; the kernel's offsets are 32-bit (< 2**31 elements), "
+                         "split the tensor or use backend='torch'")
     x, y = x.contiguous(), y.contiguous()
     out = torch.empty_like(x)
     n_elements = x.numel()

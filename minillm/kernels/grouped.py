@@ -101,10 +101,10 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
         raise ValueError(f"grouped_matmul: expected a (N, K), b (E, K, M) and ends (E,); got {tuple(a.shape)}, "
                          f"{tuple(b.shape)} and {tuple(ends.shape)}")
     (rows, inner), n_cols = a.shape, b.shape[2]
+    interpreted, precision = launch_settings("grouped_matmul", a)   # first: refused whatever the shape
     c = torch.empty((rows, n_cols), dtype=a.dtype, device=a.device)
     if (done := nothing_to_multiply(c, inner)) is not None:
         return done
-    interpreted, precision = launch_settings("grouped_matmul", a)
     config = dict(INTERPRETER_CONFIG if interpreted else GPU_CONFIG)
     tile_expert, first_row, ends32 = _tile_table(ends, config["BLOCK_M"])
     if tile_expert.numel() == 0:
@@ -144,10 +144,10 @@ def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor) ->
         raise ValueError(f"grouped_weight_grad: expected a (N, K) and c (N, M) with the same rows; got "
                          f"{tuple(a.shape)} and {tuple(c.shape)}")
     experts, (rows, inner), n_cols = ends.numel(), a.shape, c.shape[1]
+    interpreted, precision = launch_settings("grouped_weight_grad", a)   # first: refused whatever the shape
     g = torch.empty((experts, inner, n_cols), dtype=a.dtype, device=a.device)
     if (done := nothing_to_multiply(g, rows)) is not None:     # rows are the summed dimension here
         return done
-    interpreted, precision = launch_settings("grouped_weight_grad", a)
     config = dict(INTERPRETER_GRAD_CONFIG if interpreted else GPU_GRAD_CONFIG)
     ends = ends.to(torch.int64)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])

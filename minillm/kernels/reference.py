@@ -56,8 +56,8 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torc
     out = a.new_zeros(a.shape[0], b.shape[2])
     start = 0
     for expert, end in enumerate(ends.tolist()):
-        if end > start:
-            out[start:end] = matmul(a[start:end], b[expert])
+        # idle experts too (an empty product): with every expert idle, skipping them left out outside autograd
+        out[start:end] = matmul(a[start:end], b[expert])
         start = end
     return out
 
@@ -67,7 +67,6 @@ def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor) ->
     out = a.new_zeros(ends.numel(), a.shape[1], c.shape[1])
     start = 0
     for expert, end in enumerate(ends.tolist()):
-        if end > start:
-            out[expert] = matmul(a[start:end].t(), c[start:end])
+        out[expert] = matmul(a[start:end].t(), c[start:end])   # zeros for an idle expert, still differentiable
         start = end
     return out

@@ -77,10 +77,13 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension of x (any leading shape), computed in fp32, returned in x's dtype."""
     require_tensor("softmax", "x", x)
     rows = require_rows("softmax", x)
-    if rows.numel() >= 2**31:
-        raise ValueError(f"softmax: {rows.numel()} elements; the kernel's row offsets are 32-bit (< 2**31 elements), "
-                         "split the tensor or use backend='torch'")
     n_rows, n_cols = rows.shape
+    # row * row stride is 32-bit in the kernel: the output's elements and the span of x it reads (a strided view
+    # spans more than its elements) must stay below 2**31
+    span = max(rows.numel(), (n_rows - 1) * rows.stride(0) + n_cols)
+    if span >= 2**31:
+        raise ValueError(f"softmax: a span of {span} elements; the kernel's row offsets are 32-bit (< 2**31 elements), "
+                         "split the tensor (or .contiguous() a strided view) or use backend='torch'")
     out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if out.numel() == 0:   # no rows, or rows of no columns (a 0-d x is one row of one column)
         return out.reshape(x.shape)
@@ -96,8 +99,8 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def cross_entropy_forward_kernel(logits_ptr, targets_ptr, loss_ptr, logsumexp_ptr, row_stride, n_cols, ignore_index,
-                                 BLOCK_SIZE: tl.constexpr):
+def cross_entropy_forward_kernel(logits_ptr, targets_ptr, loss_ptr, row_max_ptr, log_sum_ptr, row_stride, n_cols,
+                                 ignore_index, BLOCK_SIZE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_start = logits_ptr + row * row_stride
     columns = tl.arange(0, BLOCK_SIZE)
@@ -110,27 +113,31 @@ def cross_entropy_forward_kernel(logits_ptr, targets_ptr, loss_ptr, logsumexp_pt
     for start in range(0, n_cols, BLOCK_SIZE):
         x = tl.load(row_start + start + columns, mask=start + columns < n_cols, other=-float("inf")).to(tl.float32)
         running_sum += tl.exp(x - row_max)
-    logsumexp = row_max + tl.log(tl.sum(running_sum, axis=0))
+    log_sum = tl.log(tl.sum(running_sum, axis=0))
     target = tl.load(targets_ptr + row)
     counted = target != ignore_index
     target_logit = tl.load(row_start + tl.where(counted, target, 0)).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(counted, logsumexp - target_logit, 0.0))
-    tl.store(logsumexp_ptr + row, logsumexp)
+    # loss = logsumexp - target logit, with the max taken off first as torch does: row_max + log_sum rounded
+    # log_sum to the spacing of the max's float32 (1e-3 at logits of 1e4), e.g. 0.6914 for a tie of 2 classes
+    tl.store(loss_ptr + row, tl.where(counted, (row_max - target_logit) + log_sum, 0.0))
+    tl.store(row_max_ptr + row, row_max)
+    tl.store(log_sum_ptr + row, log_sum)
 
 
 @triton.jit
-def cross_entropy_backward_kernel(logits_ptr, targets_ptr, logsumexp_ptr, scale_ptr, grad_ptr, row_stride,
+def cross_entropy_backward_kernel(logits_ptr, targets_ptr, row_max_ptr, log_sum_ptr, scale_ptr, grad_ptr, row_stride,
                                   grad_row_stride, n_cols, ignore_index, BLOCK_SIZE: tl.constexpr):
     # d loss / d logits = (softmax(logits) - one_hot(target)) * grad_output / rows counted
     row = tl.program_id(0).to(tl.int64)
     columns = tl.arange(0, BLOCK_SIZE)
     target = tl.load(targets_ptr + row)
     scale = tl.where(target != ignore_index, tl.load(scale_ptr), 0.0)
-    logsumexp = tl.load(logsumexp_ptr + row)
+    row_max = tl.load(row_max_ptr + row)
+    log_sum = tl.load(log_sum_ptr + row)
     for start in range(0, n_cols, BLOCK_SIZE):
         in_row = start + columns < n_cols
         x = tl.load(logits_ptr + row * row_stride + start + columns, mask=in_row, other=0.0).to(tl.float32)
-        probability = tl.exp(x - logsumexp)
+        probability = tl.exp((x - row_max) - log_sum)   # the max off first, as in the forward
         grad = (probability - tl.where(start + columns == target, 1.0, 0.0)) * scale
         tl.store(grad_ptr + row * grad_row_stride + start + columns, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -141,23 +148,23 @@ class _CrossEntropy(torch.autograd.Function):
         n_rows, n_cols = logits.shape
         block = min(triton.next_power_of_2(n_cols), LONG_ROW_BLOCK)
         losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        logsumexp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        cross_entropy_forward_kernel[(n_rows,)](logits, targets, losses, logsumexp, logits.stride(0), n_cols,
+        row_max, log_sum = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(2))
+        cross_entropy_forward_kernel[(n_rows,)](logits, targets, losses, row_max, log_sum, logits.stride(0), n_cols,
                                                 ignore_index, BLOCK_SIZE=block, num_warps=_num_warps(block))
         counted = (targets != ignore_index).sum().to(torch.float32)
-        ctx.save_for_backward(logits, targets, logsumexp, counted)
+        ctx.save_for_backward(logits, targets, row_max, log_sum, counted)
         ctx.ignore_index, ctx.block = ignore_index, block
         return losses.sum() / counted  # nan when every target is ignored, as in torch
 
     @staticmethod
     def backward(ctx, grad_output):
-        logits, targets, logsumexp, counted = ctx.saved_tensors
+        logits, targets, row_max, log_sum, counted = ctx.saved_tensors
         if torch.is_grad_enabled():   # create_graph=True: torch ops, whose gradient has a gradient of its own
             return _differentiable_backward(logits, targets, counted, grad_output, ctx.ignore_index), None, None
         grad = torch.empty_like(logits)
         scale = (grad_output.to(torch.float32) / counted).reshape(1)
         n_rows, n_cols = logits.shape
-        cross_entropy_backward_kernel[(n_rows,)](logits, targets, logsumexp, scale, grad, logits.stride(0),
+        cross_entropy_backward_kernel[(n_rows,)](logits, targets, row_max, log_sum, scale, grad, logits.stride(0),
                                                  grad.stride(0), n_cols, ctx.ignore_index, BLOCK_SIZE=ctx.block,
                                                  num_warps=_num_warps(ctx.block))
         return grad, None, None

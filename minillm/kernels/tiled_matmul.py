@@ -111,10 +111,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"matmul: a is {a.dtype} and b is {b.dtype}; convert one so they match")
     M, K = a.shape
     N = b.shape[1]
+    interpreted, precision = launch_settings("matmul", a)   # first: a refused dtype is refused whatever the shape
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if (done := nothing_to_multiply(c, K)) is not None:
         return done
-    interpreted, precision = launch_settings("matmul", a)
     args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     if interpreted:
         config = INTERPRETER_CONFIG
