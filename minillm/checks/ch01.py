@@ -46,7 +46,19 @@ def check_bigram_counts(bigram_counts) -> str:
                      f"bigram_counts of {length} random ids, vocab_size={vocab_size}",
                      hint=f"the table must sum to len(ids) - 1 = {length - 1} pairs and be "
                           "(vocab_size, vocab_size) even when some tokens never occur")
-    return "matches the reference on 4 sequences"
+    # One token 3000 times in a row: counts[0, 0] = 2999 overflows int8/uint8 and float16 cannot hold it exactly.
+    ids = torch.cat([torch.zeros(3000, dtype=torch.long), torch.tensor([1, 0])])
+    saved = snapshot(ids=ids)
+    got = bigram_counts(ids, 2)
+    expect_unchanged(saved, "bigram_counts of a token repeated 3000 times")
+    if not isinstance(got, torch.Tensor):
+        raise AssertionError(f"bigram_counts returned {type(got).__name__}; return a torch.Tensor of shape "
+                             "(vocab_size, vocab_size)")
+    expect_close(got.double(), torch.tensor([[2999.0, 1.0], [1.0, 0.0]], dtype=torch.float64),
+                 "bigram_counts of token 0 repeated 3000 times, then 1, 0",
+                 hint="counts grow large (here counts[0, 0] = 2999): keep them in torch.long (the default of "
+                      "torch.zeros(..., dtype=torch.long)); int8/uint8 wrap around and float16 is not exact past 2048")
+    return "matches the reference on 5 sequences"
 
 
 def _nll_pair(answer, what: str) -> tuple[float, float]:
@@ -103,7 +115,8 @@ def check_merge_pair(merge_pair) -> str:
              ([5, 5, 5, 5], (5, 5), 7, [7, 7]),
              ([1, 2], (2, 1), 9, [1, 2]),                  # order matters: (2, 1) is not (1, 2)
              ([], (1, 2), 9, []),
-             ([1], (1, 2), 9, [1])]
+             ([1], (1, 2), 9, [1]),
+             ([11, 2, 1, 23, 1, 2], (1, 2), 9, [11, 2, 1, 23, 9])]   # ids, not digits: 11, 2 is not (1, 2)
     for ids, pair, new_id, expected in cases:
         original = list(ids)
         got = merge_pair(ids, pair, new_id)
@@ -116,6 +129,9 @@ def check_merge_pair(merge_pair) -> str:
                                  "return the new list of ids. Hint: end with `return merged`") from None
         hint = ("scan left to right; after a merge skip both ids, so (5, 5) in [5, 5, 5] merges once"
                 if pair == (5, 5) else "replace each occurrence of pair[0] immediately followed by pair[1]")
+        if 11 in ids:
+            hint = ("compare whole ids, not the digits of their text: 11 followed by 2 is not the pair (1, 2), nor "
+                    "is 1 followed by 23; walk the list and compare ids[i] == pair[0] and ids[i + 1] == pair[1]")
         expect_equal(got, expected, f"merge_pair({original}, {pair}, {new_id})", hint=hint)
     text = ("the cat sat on the mat; the theory of the other thing. " * 3
             + "Albert Einstein's theory of relativity. 1234 12 34")
@@ -197,4 +213,28 @@ def check_sample_with_temperature(sample_with_temperature) -> str:
                 raise AssertionError(f"{what}: the same generator seed must give the same ids, and another seed other "
                                      "ids. Hint: draw with torch.multinomial(probabilities, 1, generator=generator), "
                                      "passing the generator you were given (not the global one, nor a seed of yours)")
-    return "greedy at T=0; 20,000 draws follow softmax(logits/T) at T = 0.5, 1, 2"
+    # Logits in the thousands: exp(logits) overflows (inf / inf is NaN) unless the row max is subtracted first.
+    big = torch.tensor([[1000.0, 999.0, 997.0], [-997.0, -1000.0, -999.0]])
+    batch, draws = big.repeat(2000, 1), 2000
+    what = "sample_with_temperature on logits in the thousands (temperature 1)"
+    stable = ("exp of a logit in the thousands overflows, and exp of minus a thousand is 0 (0 / 0 is NaN): use "
+              "torch.softmax(logits / temperature, dim=-1), or subtract each row's max before torch.exp")
+    saved = snapshot(logits=batch)
+    try:
+        answer = sample_with_temperature(batch, 1.0, torch.Generator().manual_seed(3))
+    except NotImplementedError:
+        raise
+    except (RuntimeError, ValueError, OverflowError) as error:   # e.g. multinomial refusing NaN probabilities
+        raise AssertionError(f"{what} failed: {type(error).__name__}: {str(error)[:200]}. Hint: {stable}") from None
+    expect_unchanged(saved, what)
+    got = _sampled_ids(answer, what)
+    expect_equal(tuple(got.shape), (2 * draws,), f"shape of the ids for {2 * draws} rows of logits",
+                 hint="draw one id per row: torch.multinomial(probabilities, 1) gives (rows, 1); drop the last dim")
+    for start, pattern in enumerate(big):
+        frequencies = torch.bincount(got[start::2].long().flatten().clamp(0, 3), minlength=4)[:3].double() / draws
+        expected = torch.softmax(pattern.double(), dim=-1)
+        if 0.5 * (frequencies - expected).abs().sum().item() > 0.05:
+            raise AssertionError(f"{what}: your samples' frequencies for logits {pattern.tolist()} "
+                                 f"{[round(f, 3) for f in frequencies.tolist()]} are far from softmax = "
+                                 f"{[round(p, 3) for p in expected.tolist()]}. Hint: {stable}")
+    return "greedy at T=0; 20,000 draws follow softmax(logits/T) at T = 0.5, 1, 2; stable for huge logits"

@@ -66,6 +66,15 @@ def _stub_message(error: BaseException) -> str:
     return quoted.group(2) if quoted else str(error)
 
 
+def _source_tree(kernel) -> ast.AST | None:
+    """The parsed source of the kernel; None when it cannot be read (the numeric checks still run)."""
+    try:
+        source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
+        return ast.parse(textwrap.dedent(source))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
 def _memory_ops_without_mask(kernel) -> list[str]:
     """The tl.load / tl.store calls in the kernel's source that pass no mask (nor boundary_check).
 
@@ -73,10 +82,8 @@ def _memory_ops_without_mask(kernel) -> list[str]:
     those values away, so no output shows it (and neither the interpreter nor a GPU faults on a small
     overrun): only the source tells. [] when the source cannot be read; the numeric checks still run.
     """
-    try:
-        source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
-        tree = ast.parse(textwrap.dedent(source))
-    except (OSError, TypeError, SyntaxError):
+    tree = _source_tree(kernel)
+    if tree is None:
         return []
     missing = []
     for node in ast.walk(tree):
@@ -88,6 +95,29 @@ def _memory_ops_without_mask(kernel) -> list[str]:
             positional_mask = len(node.args) >= (2 if node.func.attr == "load" else 3)
             if not positional_mask and not keywords & {"mask", "boundary_check", None}:   # None: **options
                 missing.append(ast.unparse(node))
+    return missing
+
+
+def _masked_loads_without_other(kernel) -> list[str]:
+    """The masked tl.load calls that give no `other`: their masked lanes are undefined (Triton's documentation).
+
+    The CPU interpreter fills them with 0, so the numbers cannot show it; where they feed a sum (tl.dot), a GPU
+    may add whatever the registers held. A kernel that calls tl.where (to clear those lanes itself) is let be."""
+    tree = _source_tree(kernel)
+    if tree is None:
+        return []
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
+    if any(call.func.attr == "where" for call in calls):
+        return []
+    missing = []
+    for node in calls:
+        if node.func.attr != "load":
+            continue
+        keywords = {keyword.arg for keyword in node.keywords
+                    if not (isinstance(keyword.value, ast.Constant) and keyword.value.value is None)}
+        masked = len(node.args) >= 2 or "mask" in keywords
+        if masked and len(node.args) < 3 and not keywords & {"other", None}:   # load(pointer, mask, other)
+            missing.append(ast.unparse(node))
     return missing
 
 
@@ -177,7 +207,10 @@ def check_softmax_kernel(softmax_kernel) -> str:
     generator = torch.Generator().manual_seed(3)
     cases = [torch.randn(1, 1, generator=generator), torch.randn(7, 13, generator=generator),
              torch.randn(9, 33, generator=generator) * 30,
-             torch.tensor([[1000.0, 999.0, -1000.0], [-1000.0, -1001.0, -999.0], [float("-inf"), 3.0, float("-inf")]])]
+             # 5 rows for 3 programs: a max kept from a program's first row (or a running max) overflows
+             # or underflows on its second row, a thousand away.
+             torch.tensor([[1000.0, 999.0, -1000.0], [-1000.0, -1001.0, -999.0], [float("-inf"), 3.0, float("-inf")],
+                           [-1000.0, -1000.5, -1002.0], [1000.0, 1001.0, 998.0]])]
     for x in cases:
         for dtype in (torch.float32, torch.float16):
             if dtype == torch.float16 and x.abs().max() > 6e4:
@@ -204,7 +237,8 @@ def check_softmax_kernel(softmax_kernel) -> str:
             if torch.isnan(out).any() and not torch.isnan(x).any():
                 raise AssertionError(f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]}) left NaN in the output. "
                                      "Hint: loop `for row in range(first_row, n_rows, row_step)` so that every row is "
-                                     "written, load padding lanes as -inf, and subtract the row max before tl.exp")
+                                     "written, load padding lanes as -inf, and subtract each row's own max (computed "
+                                     "inside the loop) before tl.exp")
             expect_close(out, expected, f"softmax_kernel on {n_rows}×{n_cols} ({str(dtype)[6:]})",
                          rtol=1e-3, atol=1e-3,
                          hint="per row: x - max(x), exp, divide by the sum; padding lanes load other=-inf; "
@@ -226,6 +260,12 @@ def check_matmul_kernel(matmul_kernel) -> str:
     _require_masks(matmul_kernel, "when M, N or K is not a multiple of its block, the lanes past the edge",
                    "masks such as ks[None, :] < k_left (with other=0.0) on the loads and rows < M & cols < N on "
                    "the store")
+    no_other = _masked_loads_without_other(matmul_kernel)
+    if no_other:
+        raise AssertionError(f"`{no_other[0][:100]}` has a mask but no other=: Triton leaves the masked lanes "
+                             "undefined (the CPU interpreter happens to give 0, a GPU need not), and they enter "
+                             "tl.dot. Hint: pass other=0.0 to every masked tl.load, so that the lanes past K add "
+                             "nothing")
     generator = torch.Generator().manual_seed(4)
     # (m, k, n) and the layouts of A and B: "padded" rows (a view of a wider matrix) or "transposed" (a .T view,
     # so the K stride is not 1). C is always a padded view, so stride_cm differs from stride_am and from n.
