@@ -16,6 +16,17 @@ def _small_ids(seed: int, length: int, vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(seed))
 
 
+def _counts_of(bigram_counts, ids, vocab_size: int, what: str) -> torch.Tensor:
+    """The student's table for `ids`, checked to be a tensor and to leave `ids` as it was."""
+    saved = snapshot(ids=ids)
+    got = bigram_counts(ids, vocab_size)
+    expect_unchanged(saved, what)
+    if not isinstance(got, torch.Tensor):
+        raise AssertionError(f"bigram_counts returned {type(got).__name__}; return a torch.Tensor of shape "
+                             "(vocab_size, vocab_size)")
+    return got
+
+
 @exercise("ex01.1", "bigram counts", points=2)
 def check_bigram_counts(bigram_counts) -> str:
     # [0, 1, 1, 2]: 0->1, 1->1, 1->2 once each; a transposed table has 1 at [1, 0] instead of [0, 1].
@@ -36,24 +47,14 @@ def check_bigram_counts(bigram_counts) -> str:
     for seed, length, vocab_size in [(1, 500, 7), (2, 2000, 30), (3, 2, 4)]:
         ids = _small_ids(seed, length, vocab_size)
         expected = lm.bigram_counts(ids, vocab_size).double()
-        saved = snapshot(ids=ids)
-        got = bigram_counts(ids, vocab_size)
-        expect_unchanged(saved, f"bigram_counts of {length} random ids")
-        if not isinstance(got, torch.Tensor):
-            raise AssertionError(f"bigram_counts returned {type(got).__name__}; return a torch.Tensor of shape "
-                                 "(vocab_size, vocab_size)")
+        got = _counts_of(bigram_counts, ids, vocab_size, f"bigram_counts of {length} random ids")
         expect_close(got.double(), expected,
                      f"bigram_counts of {length} random ids, vocab_size={vocab_size}",
                      hint=f"the table must sum to len(ids) - 1 = {length - 1} pairs and be "
                           "(vocab_size, vocab_size) even when some tokens never occur")
     # One token 3000 times in a row: counts[0, 0] = 2999 overflows int8/uint8 and float16 cannot hold it exactly.
     ids = torch.cat([torch.zeros(3000, dtype=torch.long), torch.tensor([1, 0])])
-    saved = snapshot(ids=ids)
-    got = bigram_counts(ids, 2)
-    expect_unchanged(saved, "bigram_counts of a token repeated 3000 times")
-    if not isinstance(got, torch.Tensor):
-        raise AssertionError(f"bigram_counts returned {type(got).__name__}; return a torch.Tensor of shape "
-                             "(vocab_size, vocab_size)")
+    got = _counts_of(bigram_counts, ids, 2, "bigram_counts of a token repeated 3000 times")
     expect_close(got.double(), torch.tensor([[2999.0, 1.0], [1.0, 0.0]], dtype=torch.float64),
                  "bigram_counts of token 0 repeated 3000 times, then 1, 0",
                  hint="counts grow large (here counts[0, 0] = 2999): keep them in torch.long (the default of "
