@@ -9,13 +9,13 @@ returns its figures, then add one line to `BENCHMARKS` naming its help text and 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 from minillm.cost import Meter, best_seconds
 from minillm.data import load_corpus
+from minillm.paths import file_in_the_way
 from minillm.tokenizers import BPETokenizer, CharTokenizer, train_bpe_by_recount
 
 
@@ -170,19 +170,6 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-def _file_in_the_way(folder: str | None) -> str | None:
-    """The file (not folder) at `folder` or at the nearest of its parents that exists, if any."""
-    if not folder:
-        return None
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
-    return None if os.path.isdir(path) else path
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m minillm.bench", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="SUBCOMMAND")
@@ -195,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.pop("benchmark")
     # the subcommand's own usage line (its options), not the top-level one, goes with an error in its options
     usage_error = subcommands[name].error
-    blocker = _file_in_the_way(args.get("out_dir"))
+    blocker = file_in_the_way(args["out_dir"]) if args.get("out_dir") else None
     if blocker is not None:
         # checked before a benchmark of minutes, which would otherwise fail only when it writes its figures
         usage_error(f"--out-dir {args['out_dir']}: {blocker} is a file, not a folder; give a folder "

@@ -89,6 +89,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(path, lambda f: f.write(data), "atomic_write_text")
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file standing at `folder` or at the nearest of its parents that exists, which keeps the folder from
+    being created; None when that nearest existing path is a folder (or cannot be looked at)."""
+    folder = Path(os.path.abspath(folder))
+    try:
+        for existing in (folder, *folder.parents):
+            if existing.exists():
+                return None if existing.is_dir() else existing
+    except OSError:   # e.g. no permission to look
+        return None
+    return None
+
+
 def unwritable_folder_error(error: OSError, path: str | os.PathLike, where: str,
                             folder: str | os.PathLike | None = None) -> OSError:
     """`error` (from creating `path`'s folder or a file in it) retold: same class and errno, `path` as its
@@ -96,14 +109,9 @@ def unwritable_folder_error(error: OSError, path: str | os.PathLike, where: str,
     path = os.fspath(path)
     folder = Path(folder) if folder is not None else Path(path).parent
     reason = error.strerror or str(error)
-    try:
-        for existing in (folder, *folder.parents):   # "File exists" / "Not a directory" say little: name the file
-            if existing.exists():
-                if not existing.is_dir():
-                    reason = f"{existing} is a file, not a folder"
-                break
-    except OSError:   # e.g. no permission to look: the original reason stands
-        pass
+    blocker = file_in_the_way(folder)   # "File exists" / "Not a directory" say little: name the file
+    if blocker is not None:
+        reason = f"{blocker} is a file, not a folder"
     message = (f"{where}: cannot write {path} (the folder {folder} cannot be created or written to: "
                f"{reason}); choose a folder you can write to")
     try:
