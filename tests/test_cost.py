@@ -977,7 +977,8 @@ def test_report_prints_row_names_as_text_in_the_table_and_the_plot(isolated_runs
     # matplotlib reads "$...$" as mathtext: this name made the report crash, "$0.35 vs $3" lost its dollars
     cost.savings_table("02", [{"what": r"cost $\frac{ per hour vs $3", "baseline": ("$0.35/h", 2.0),
                                "improved": ("$3/h", 1.0), "unit": "s", "better": "lower"}], ledger=ledger)
-    ledger.append("02", "two\nlines\tand a tab", {"seconds": 1.0}, hardware=CPU_BOX)
+    # this machine's hardware, as savings_table records: one machine, so no row carries a machine tag
+    ledger.append("02", "two\nlines\tand a tab", {"seconds": 1.0}, hardware=cost.probe_hardware())
     text, png = cost.report(ledger)
     assert png.exists() and r"savings: cost $\frac{ per hour vs $3" in text
     assert "\n  two lines and a tab  " in text   # one row, in the table's columns
