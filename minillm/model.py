@@ -374,18 +374,19 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 top_p: float | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx ((T,) or (B, T)); returns the same rank.
+                 top_p: float | None = None, stop_token: int | None = None) -> torch.Tensor:
+        """Append up to max_new_tokens sampled tokens to idx ((T,) or (B, T)); returns the same rank.
 
         temperature=0 picks the most likely token (greedy); top_k keeps only the k most likely tokens;
         top_p keeps the fewest most likely tokens whose probabilities add up to at least top_p (nucleus).
-        top_p comes after generator so that calls passing generator by position keep working.
+        top_p comes after generator so that calls passing generator by position keep working. stop_token (say
+        the id of "<|endoftext|>") ends a row when drawn, and the generation once every row has ended.
         The context is cropped to the last block_size tokens, so any prompt length works. The sampling
         itself is `minillm.sampling.generate` (chapter 01), shared by every model of the course.
         """
         from minillm.sampling import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        generator=generator)
+                        generator=generator, stop_token=stop_token)
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:

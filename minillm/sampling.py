@@ -184,18 +184,29 @@ def _last_logits(output, batch: int, model) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Append `max_new_tokens` sampled tokens to `idx` ((time,) or (batch, time)); returns the same rank.
+             top_p: float | None = None, generator: torch.Generator | None = None,
+             stop_token: int | None = None) -> torch.Tensor:
+    """Append up to `max_new_tokens` sampled tokens to `idx` ((time,) or (batch, time)); returns the same rank.
 
     Works for any model following GPT's protocol (`model(idx) -> (logits, loss)`): each step feeds the
     last `model.context_window` tokens (else `config.block_size`) and samples from the last position.
     idx may have any integer dtype that holds the model's token ids; the result keeps it.
+    stop_token (e.g. the id of "<|endoftext|>"): a row that draws it is finished; it keeps the stop token
+    and, while other rows of the batch go on, is filled with it; generation ends early once every row is
+    finished, so the result may be shorter than prompt + max_new_tokens.
     """
     _check_options(temperature, top_k, top_p, "generate")
     _check_generator(generator, "generate")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 0")
     max_new_tokens = int(max_new_tokens)
+    if stop_token is not None:
+        if isinstance(stop_token, torch.Tensor) and stop_token.numel() == 1 and not stop_token.is_floating_point():
+            stop_token = stop_token.item()
+        if isinstance(stop_token, bool) or not isinstance(stop_token, numbers.Integral) or stop_token < 0:
+            raise ValueError(f"generate: stop_token={stop_token!r} must be a token id (an integer >= 0), or None; "
+                             "e.g. tokenizer.encode('<|endoftext|>')[0]")
+        stop_token = int(stop_token)
     if not isinstance(idx, torch.Tensor):
         raise ValueError(f"generate: idx must have shape (time,) or (batch, time), a torch tensor of token ids, "
                          f"got {type(idx).__name__}; e.g. torch.tensor(tokenizer.encode(text))")
@@ -213,6 +224,9 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     if isinstance(vocab_size, numbers.Integral) and vocab_size - 1 > id_limit:
         raise ValueError(f"generate: idx has dtype {idx.dtype}, which holds ids up to {id_limit}, but the model's "
                          f"vocab_size is {vocab_size}; pass idx.long()")
+    if stop_token is not None and isinstance(vocab_size, numbers.Integral) and stop_token >= vocab_size:
+        raise ValueError(f"generate: stop_token={stop_token} is not a token of this model (ids 0 to "
+                         f"{vocab_size - 1}); it would never be drawn")
     if max_new_tokens == 0:
         return idx.clone()  # a new tensor, as for any other length
     squeeze = idx.dim() == 1
@@ -222,10 +236,17 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     was_training = model.training
     model.eval()
     try:
+        finished = None
         for _ in range(max_new_tokens):
             logits = _last_logits(model(sequence[:, -window:]), sequence.shape[0], model)
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            sequence = torch.cat([sequence, next_token.unsqueeze(-1).to(sequence.device)], dim=1)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator).to(sequence.device)
+            if stop_token is not None:
+                if finished is not None:   # finished rows keep repeating the stop token
+                    next_token = next_token.masked_fill(finished, stop_token)
+                finished = next_token == stop_token if finished is None else finished | (next_token == stop_token)
+            sequence = torch.cat([sequence, next_token.unsqueeze(-1)], dim=1)
+            if finished is not None and bool(finished.all()):
+                break
     finally:
         model.train(was_training)
     if idx.dtype != torch.long and sequence.numel() and int(sequence.max()) > id_limit:

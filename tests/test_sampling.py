@@ -340,3 +340,24 @@ def test_non_contiguous_inputs_give_the_same_results():
     prompt = torch.tensor([[1, 2, 3], [4, 0, 1]]).t()  # (3, 2), not contiguous
     assert torch.equal(sampling.generate(model, prompt, 4, generator=torch.Generator().manual_seed(3)),
                        sampling.generate(model, prompt.contiguous(), 4, generator=torch.Generator().manual_seed(3)))
+
+
+def test_generate_stops_at_the_stop_token_and_fills_finished_rows():
+    cycle = torch.full((4, 4), 1e-9)
+    for a in range(4):
+        cycle[a, (a + 1) % 4] = 1.0  # 0 -> 1 -> 2 -> 3 -> 0
+    model = lm.CountingBigram(lm.bigram_probabilities(cycle, smoothing=0), block_size=8)
+    assert sampling.generate(model, torch.tensor([1]), 10, temperature=0, stop_token=3).tolist() == [1, 2, 3]
+    # row 0 reaches 3 after two tokens, row 1 after three: row 0 is filled with the stop token, then both end
+    batch = sampling.generate(model, torch.tensor([[1], [0]]), 10, temperature=0, stop_token=3)
+    assert batch.tolist() == [[1, 2, 3, 3], [0, 1, 2, 3]]
+    # never drawn within the budget: the full length; a tensor id works like an int
+    assert sampling.generate(model, torch.tensor([0]), 2, temperature=0, stop_token=torch.tensor(3)).tolist() == [0, 1, 2]
+    gpt = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    greedy = gpt.generate(torch.tensor([1, 2]), 6, temperature=0)
+    stop = int(greedy[-1])
+    first = 2 + greedy[2:].tolist().index(stop)   # where greedy decoding first draws it
+    assert torch.equal(gpt.generate(torch.tensor([1, 2]), 6, temperature=0, stop_token=stop), greedy[:first + 1])
+    for bad, message in ((-1, "integer >= 0"), (2.0, "integer >= 0"), (True, "integer >= 0"), (4, "ids 0 to 3")):
+        with pytest.raises(ValueError, match=message):
+            sampling.generate(model, torch.tensor([0]), 2, stop_token=bad)
