@@ -80,6 +80,11 @@ class Meter:
             raise ValueError(f"Meter: price_per_hour={price_per_hour!r} must be a finite number >= 0 "
                              f"(dollars per hour{', not a bool' if isinstance(price_per_hour, bool) else ''}); "
                              "leave it None to use the price table")
+        # checked now, not when Ledger.record refuses the label after the work is done
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"Meter: label={label!r} must be a non-empty string naming the measurement")
+        if chapter is not None:
+            _chapter_name(chapter, f"Meter {label!r}")
         self.label = label
         self.chapter = chapter
         # a device this machine lacks fails here, clearly, not inside torch when the meter starts
@@ -897,6 +902,9 @@ class Ledger:
 
     def record(self, meter: Meter, chapter: str | None = None, **extra_values) -> dict:
         """Append a Meter's figures (time, tokens/s, FLOP/s, peak memory, dollars) plus any extra values."""
+        if not isinstance(meter, Meter):
+            raise TypeError(f"Ledger.record: expected a Meter, got {type(meter).__name__}; for other figures use "
+                            "Ledger.append(chapter, label, values)")
         # inside its `with` block the running stretch is not in meter.seconds yet: the entry would be short
         if getattr(meter, "_start", None) is not None:
             raise RuntimeError(f"Ledger.record: meter {meter.label!r} is still running; record it after its "

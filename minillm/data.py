@@ -319,7 +319,9 @@ def split(data, val_fraction: float = 0.1) -> tuple:
 
 
 def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
-    """Token ids of `text` as a 1-D int64 tensor; `tokenizer` has `.encode(str)` or is a callable."""
+    """Token ids of `text` as a 1-D int64 tensor; `tokenizer` has `.encode(str)` or is a callable.
+
+    `.encode` may return a list, array or tensor of ids, or a Hugging Face `tokenizers.Encoding` (its `.ids`)."""
     if not isinstance(text, str):
         raise TypeError(f"tokenize_corpus: text must be a str, got {type(text).__name__}")
     encode = getattr(tokenizer, "encode", None) or (tokenizer if callable(tokenizer) else None)
@@ -327,6 +329,8 @@ def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
         raise TypeError(f"tokenize_corpus: {type(tokenizer).__name__} has no .encode(text) method; "
                         "pass a minillm tokenizer or a function from str to a list of ids")
     ids = encode(text)
+    if isinstance(getattr(ids, "ids", None), list):   # a Hugging Face `tokenizers.Encoding`: its ids
+        ids = ids.ids
     if isinstance(ids, (str, bytes)) or not (isinstance(ids, torch.Tensor) or hasattr(ids, "__iter__")):
         raise TypeError(f"tokenize_corpus: the tokenizer returned {type(ids).__name__}, expected a list of "
                         "integer token ids")
@@ -404,6 +408,10 @@ def _check_batch_arguments(tokens, block_size, batch_size, device, where: str):
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"{where}: tokens must be integer token ids, got a {tokens.dtype} tensor; "
                         "encode the text with a tokenizer (see tokenize_corpus)")
+    if tokens.dtype == torch.uint64 and tokens.numel() and bool((tokens.long() < 0).any()):
+        # .long() (in get_batch) would wrap an id beyond int64 round to a negative number without a word
+        raise ValueError(f"{where}: tokens hold an id beyond int64 (and any vocabulary); token ids must be below "
+                         "2**63, encode the text with the model's tokenizer")
     block_size = _check_int(block_size, "block_size", where, 1)
     batch_size = _check_int(batch_size, "batch_size", where, 1)
     try:
@@ -427,6 +435,10 @@ def _ids_from_array_like(tokens, where: str = "get_batch") -> torch.Tensor:
     if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
         raise TypeError(f"{where}: tokens must be integer token ids, got {type(tokens).__name__} of dtype "
                         f"{array.dtype}; encode the text with a tokenizer (see tokenize_corpus)")
+    if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        # astype(int64) would wrap such an id round to a negative number without a word
+        raise ValueError(f"{where}: tokens hold the id {int(array.max())}, beyond int64 (and any vocabulary); token "
+                         "ids must be below 2**63, encode the text with the model's tokenizer")
     return torch.as_tensor(array.astype(np.int64, copy=False))
 
 

@@ -162,18 +162,28 @@ class CausalSelfAttention(nn.Module):
         # model.to(torch.bfloat16) casts every floating buffer; RoPE's tables stay float32 (in bf16 the angles
         # of positions a few dozen apart blur), and apply_rope rotates in float32 anyway. A float64 model gets
         # float64 tables, computed again at that precision.
+        # A model built on the meta device and then given memory with to_empty(device=...) gets uninitialised
+        # tables, and load_state_dict does not fill them (they are not in the state dict): compute them again.
+        was_meta = self.rope_cos.is_meta
         super()._apply(fn, recurse)
         wide = wide_dtype(self.qkv.weight.dtype)
-        if self.rope_cos.dtype != wide:
-            length, half = self.rope_cos.shape
-            cos, sin = rope_cos_sin(2 * half, length, getattr(self, "_rope_base", 10000.0), dtype=wide)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        if self.rope_cos.dtype != wide or (was_meta and not self.rope_cos.is_meta):
+            self._rebuild_rope(self.rope_cos.device, wide)
         return self
+
+    def _rebuild_rope(self, device: torch.device, dtype: torch.dtype) -> None:
+        length, half = self.rope_cos.shape
+        cos, sin = rope_cos_sin(2 * half, length, getattr(self, "_rope_base", 10000.0), dtype=dtype)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, channels = x.shape
         q, k, v = self.qkv(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(batch, time, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.rope_cos.is_meta and not x.is_meta:
+            # Built on the meta device, then given weights with load_state_dict(..., assign=True): the tables
+            # are no weights, so they are still meta; compute them where the input is.
+            self._rebuild_rope(x.device, wide_dtype(self.qkv.weight.dtype))
         cos, sin = self.rope_cos[:time], self.rope_sin[:time]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kind == "sdpa":
@@ -246,6 +256,16 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
+    def _apply(self, fn, recurse=True):
+        # to_empty(device=...) after building on the meta device leaves the MoE layers' token counters (not in
+        # the state dict) uninitialised: they would steer the first bias update. Start them at zero.
+        was_meta = self.token_embedding.weight.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.token_embedding.weight.is_meta:
+            for layer in self.moe_layers():
+                layer.reset_load()
+        return self
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -303,6 +323,9 @@ class GPT(nn.Module):
                     raise ValueError(f"GPT.forward: target {targets[outside][0].item()} is outside the vocabulary "
                                      f"(0..{self.config.vocab_size - 1}, or -100 to mask a position); were the "
                                      "targets encoded with a tokenizer of a different vocab_size?")
+        for layer in self.moe_layers():   # built on meta, loaded with assign=True: counters are no weights
+            if layer.step_load.is_meta and not idx.is_meta:
+                layer.step_load = torch.zeros(layer.step_load.shape, dtype=torch.long, device=idx.device)
         x = self.dropout(self.token_embedding(idx))
         for block in self.blocks:
             x = block(x)

@@ -5,6 +5,7 @@ MINILLM_RUNS (ledger, checkpoints, peaks), MINILLM_DATA (downloaded corpora).
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import tempfile
@@ -83,10 +84,10 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], objec
     _atomic_write(path, write, where)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """atomic_write_bytes for text, encoded as UTF-8."""
+def atomic_write_text(path: str | os.PathLike, text: str, *, where: str = "atomic_write_text") -> None:
+    """atomic_write_bytes for text, encoded as UTF-8; `where` (e.g. "BPETokenizer.save") starts error messages."""
     data = text.encode("utf-8")   # before any file is touched: text that cannot be encoded leaves nothing behind
-    _atomic_write(path, lambda f: f.write(data), "atomic_write_text")
+    _atomic_write(path, lambda f: f.write(data), where)
 
 
 def file_in_the_way(folder: str | os.PathLike) -> Path | None:
@@ -134,6 +135,9 @@ def ensure_writable_folder(path: str | os.PathLike, where: str) -> None:
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], where: str) -> None:
     path = Path(path)
+    if path.is_dir():   # else the data is written to a temp file, then os.replace fails naming that temp file
+        raise IsADirectoryError(errno.EISDIR, f"{where}: {path} is a folder; give the path of a file (inside it, "
+                                "say), not of a folder", str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:   # a file where a folder should be, no permission, a read-only disk

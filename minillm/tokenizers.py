@@ -236,6 +236,10 @@ class CharTokenizer:
     """
 
     def __init__(self, byte_fallback: bool = True):
+        # bool("no") is True: only a bool (numpy's too) or 0/1 is taken, anything else is refused
+        if type(byte_fallback).__name__ not in ("bool", "bool_") and not (
+                isinstance(byte_fallback, numbers.Integral) and byte_fallback in (0, 1)):
+            raise TypeError(f"CharTokenizer: byte_fallback={byte_fallback!r} must be True or False")
         self.byte_fallback = bool(byte_fallback)
         self.chars: list[str] = []
         self._stoi: dict[str, int] = {}
@@ -329,7 +333,7 @@ class CharTokenizer:
         state = {"type": "CharTokenizer", "version": _FORMAT_VERSION,
                  "byte_fallback": self.byte_fallback, "chars": self.chars}
         # ensure_ascii: the file is plain ASCII, every non-ASCII character stored as a \uXXXX escape
-        atomic_write_text(path, json.dumps(state, ensure_ascii=True))
+        atomic_write_text(path, json.dumps(state, ensure_ascii=True), where="CharTokenizer.save")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
@@ -361,10 +365,19 @@ class BPETokenizer:
     first, and never take part in merges.
     """
 
-    def __init__(self, special_tokens: list[str] | tuple = ()):
+    def __init__(self, special_tokens: list[str] | tuple | None = ()):
+        if special_tokens is None:   # as in other libraries: no special tokens
+            special_tokens = ()
         if isinstance(special_tokens, str):
             raise TypeError("BPETokenizer: special_tokens must be a list of strings, e.g. ['<|endoftext|>'], "
                             f"not the single string {special_tokens!r}")
+        if isinstance(special_tokens, (set, frozenset)):
+            # a set's order changes from one Python process to the next, and so would the special tokens' ids
+            raise TypeError(f"BPETokenizer: special_tokens must be an ordered list (their ids follow its order), "
+                            f"not a {type(special_tokens).__name__}; e.g. sorted({special_tokens!r})")
+        if not hasattr(special_tokens, "__iter__"):
+            raise TypeError(f"BPETokenizer: special_tokens must be a list of strings, e.g. ['<|endoftext|>'], "
+                            f"got {type(special_tokens).__name__}")
         special_tokens = list(special_tokens)
         for token in special_tokens:
             if not isinstance(token, str) or not token:
@@ -573,7 +586,7 @@ class BPETokenizer:
     def save(self, path: str | os.PathLike) -> None:
         state = {"type": "BPETokenizer", "version": _FORMAT_VERSION, "pattern": self.pattern,
                  "special_tokens": self.special_tokens, "merges": [list(pair) for pair in self.merges]}
-        atomic_write_text(path, json.dumps(state, ensure_ascii=True))
+        atomic_write_text(path, json.dumps(state, ensure_ascii=True), where="BPETokenizer.save")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPETokenizer":

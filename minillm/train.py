@@ -420,6 +420,7 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
         if checkpoint["model_config"] is None:
             raise ValueError(f"load_checkpoint: {path} holds no model config; pass the model to load into")
         model = _model_from_config(checkpoint["model_config"], path, checkpoint.get("model_class"))
+        _to_saved_dtype(model, checkpoint["model_state"])
     else:
         model = getattr(model, "_orig_mod", model)
         config = getattr(model, "config", None)
@@ -561,6 +562,15 @@ def _model_from_config(saved: dict, path: Path, model_class: str | None = None) 
             raise
         raise ValueError(f"load_checkpoint: {path} has model config fields this version of minillm does not know "
                          f"({', '.join(unknown)}); load it with the minillm version that wrote it") from error
+
+
+def _to_saved_dtype(model: torch.nn.Module, state) -> None:
+    """Cast a model rebuilt from its config (float32) to the dtype its weights were saved in: a float64 (or bf16)
+    model comes back as it was saved, not silently as float32 (load_state_dict would cast the weights)."""
+    first = next(model.named_parameters(), None)
+    saved = state.get(first[0]) if first is not None and isinstance(state, dict) else None
+    if isinstance(saved, torch.Tensor) and saved.is_floating_point() and saved.dtype != first[1].dtype:
+        model.to(saved.dtype)
 
 
 def _reset_moe_load(model: torch.nn.Module) -> None:
