@@ -256,16 +256,6 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
-    def _apply(self, fn, recurse=True):
-        # to_empty(device=...) after building on the meta device leaves the MoE layers' token counters (not in
-        # the state dict) uninitialised: they would steer the first bias update. Start them at zero.
-        was_meta = self.token_embedding.weight.is_meta
-        super()._apply(fn, recurse)
-        if was_meta and not self.token_embedding.weight.is_meta:
-            for layer in self.moe_layers():
-                layer.reset_load()
-        return self
-
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -323,9 +313,6 @@ class GPT(nn.Module):
                     raise ValueError(f"GPT.forward: target {targets[outside][0].item()} is outside the vocabulary "
                                      f"(0..{self.config.vocab_size - 1}, or -100 to mask a position); were the "
                                      "targets encoded with a tokenizer of a different vocab_size?")
-        for layer in self.moe_layers():   # built on meta, loaded with assign=True: counters are no weights
-            if layer.step_load.is_meta and not idx.is_meta:
-                layer.step_load = torch.zeros(layer.step_load.shape, dtype=torch.long, device=idx.device)
         x = self.dropout(self.token_embedding(idx))
         for block in self.blocks:
             x = block(x)

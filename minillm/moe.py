@@ -606,8 +606,12 @@ class MoE(nn.Module):
         # layer.to(torch.bfloat16) casts every floating buffer; the balancing bias stays float32: in bf16 a
         # step of 0.001 vanishes once the bias nears 0.5 (its spacing there is 0.002), and balancing stalls.
         # It keeps its float32 value too: cast to bf16 and back, a trained bias would be rounded to that spacing.
-        bias = self.expert_bias
+        bias, was_meta = self.expert_bias, self.step_load.is_meta
         super()._apply(fn, recurse)
+        if was_meta and not self.step_load.is_meta:
+            # built on the meta device, then given memory by to_empty(device=...): the counters (not in the state
+            # dict, so no load_state_dict fills them) hold garbage that would steer the first bias update
+            self.step_load.zero_()
         if self.expert_bias.dtype != torch.float32:   # a cast (a move or to_empty keeps the dtype)
             kept = bias if bias.dtype == torch.float32 else self.expert_bias
             self.expert_bias = kept.to(device=self.expert_bias.device, dtype=torch.float32)
@@ -682,6 +686,8 @@ class MoE(nn.Module):
             if config.aux_loss_weight != 0:   # != 0, not > 0: a negative one must be refused, not skipped
                 self.aux_loss = sequence_balance_loss(routing.affinity, routing.expert_index, batch,
                                                       config.aux_loss_weight)
+            if self.step_load.is_meta:   # built on meta, loaded with assign=True: counters are no weights
+                self.step_load = torch.zeros(config.n_routed, dtype=torch.long, device=x.device)
             self.step_load += torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed)
         return output.view(shape)
 

@@ -58,6 +58,21 @@ def test_gpt_built_on_meta_and_loaded_with_assign_runs(moe):
         assert sum(layer.load_history[-1]) == idx.numel() * MOE.top_k
 
 
+def test_moe_layer_built_on_meta_gets_zero_counters_when_given_memory():
+    from minillm.moe import MoE
+    with torch.device("meta"):
+        layer = MoE(16, MOE)
+    # what to_empty does, with memory that is not zero (uninitialised memory often happens to be)
+    layer._apply(lambda t: torch.full(t.shape, 7, dtype=t.dtype, device="cpu"))
+    assert layer.step_load.tolist() == [0] * MOE.n_routed and not layer.step_load.is_meta
+    with torch.device("meta"):
+        assigned = MoE(16, MOE)
+    assigned.load_state_dict(MoE(16, MOE).state_dict(), assign=True)
+    assigned.train()(torch.randn(2, 4, 16))   # counts tokens into real counters, not meta ones
+    assigned.after_optimizer_step()
+    assert sum(assigned.load_history[-1]) == 8 * MOE.top_k
+
+
 # ---- tokenizers ------------------------------------------------------------------------------------------------
 
 def test_bpe_special_tokens_none_means_no_special_tokens():
