@@ -9,7 +9,8 @@ For each submission the grader
    `<grade_id>.py` each) to the check cell they belong to,
 3. clears outputs and runs it with `pytest --nbval-lax --nbval-current-env` in fast mode, in its own
    process, with a per-cell timeout and a per-notebook time limit; the pytest plugin (grader_plugin.py)
-   records how each cell ended, after every cell, so the checks that ran before a stop still count,
+   records how each cell ended, after every cell, so the checks that ran before a stop still count, signed
+   with a key the kernel never holds (a record the notebook's code wrote is a grader error),
 4. turns that into a status per exercise: passed, failed (a wrong answer: AssertionError), error (any
    other exception, e.g. an unfinished stub), timeout (a cell timed out, or the notebook reached its limit
    before the check), or missing (no result).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hmac
 import io
 import json
 import math
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from .paths import atomic_write_text
 
 STATUSES = ("passed", "failed", "error", "timeout", "missing")
 RESULTS_ENV = "MINILLM_GRADER_RESULTS"  # read by minillm.grader_plugin
+KEY_FD_ENV = "MINILLM_GRADER_KEY_FD"  # the pipe grader_plugin reads the key that signs its results from (see seal)
 KERNEL_STOPPED = "KernelStopped"  # the ename grader_plugin records for cells that found the kernel stopped
 
 
@@ -110,6 +114,9 @@ def _shape_problem(nb) -> str | None:
     if not isinstance(nb.get("nbformat"), int) or nb["nbformat"] < 4:
         return (f"it has nbformat {nb.get('nbformat')!r}; a Jupyter notebook of format 4 is needed (the file "
                 "lost its header, or it was saved by a very old Jupyter)")
+    if nb["nbformat"] > 4:   # no Jupyter writes one: nbval would refuse it after the grader started a run
+        return (f"it has nbformat {nb['nbformat']}, which no Jupyter reads; a notebook of format 4 is needed (was "
+                "the file's header edited?)")
     for number, cell in enumerate(nb["cells"], 1):
         if not isinstance(cell, dict):
             return f"cell {number} is {_json_type(cell)}, not a cell (a JSON object)"
@@ -187,7 +194,8 @@ def _pick_notebook(folder: Path, notebooks: list[Path], chapter: str | None) -> 
     if not matches:
         return folder, f"no {what} in {folder} (it holds {names}): pass the right file, or --chapter"
     which = ", ".join(str(p.relative_to(folder)) for p in matches)
-    return folder, f"several {what}s in {folder} ({which}): pass the one to grade{'' if chapter else ', or --chapter'}"
+    return folder, (f"several {what}s in {folder} ({which}): add the path of the one to grade to the command (say "
+                    f"{matches[0]}): it is graded as {folder.name}{'' if chapter else '; or give --chapter'}")
 
 
 def find_submissions(inputs: list[str | Path], chapter: str | None = None) -> list[Submission]:
@@ -195,9 +203,11 @@ def find_submissions(inputs: list[str | Path], chapter: str | None = None) -> li
 
     Hidden files and folders and __MACOSX folders are skipped. When a student's folder holds several
     notebooks, the one of `chapter` is taken. Files given one by one are named by their stem, or by their
-    folder when stems clash (`subs/*/01_next_word.ipynb`).
+    folder when stems clash (`subs/*/01_next_word.ipynb`). A file given together with a folder of students, from
+    one student's folder in it (`subs/ subs/bob/01_next_word-Copy1.ipynb`), is that student's notebook.
     """
     found, files = [], []
+    folders = {}  # id(submission) -> its student's folder, for the students found in a folder of students
     for item in map(Path, inputs):
         if item.is_file():
             sub = Submission(student=item.stem, path=item)
@@ -217,10 +227,17 @@ def find_submissions(inputs: list[str | Path], chapter: str | None = None) -> li
                     else:
                         found.append(Submission(student=entry.name, path=entry,
                                                 grader_error=f"no .ipynb file in {entry}"))
+                    folders[id(found[-1])] = entry.resolve()
         else:
             raise GraderError(f"{item} does not exist: give notebook files or folders of submissions")
     if not found:
         raise GraderError(f"no notebooks found in {', '.join(map(str, inputs))}")
+    for sub in list(files):   # the instructor's choice among a student's notebooks: graded as that student, once
+        owner = next((other for other in found if folders.get(id(other)) in sub.path.resolve().parents), None)
+        if owner is not None:
+            found.remove(sub)
+            files.remove(sub)
+            found[found.index(owner)] = Submission(student=owner.student, path=sub.path)
     seen, unique = set(), []
     for sub in found:   # the same notebook named twice (a folder and a file in it): graded once
         key = sub.path.resolve()
@@ -299,8 +316,9 @@ get_ipython().input_transformers_post = []
 get_ipython().ast_transformers = []
 del _minillm_grade_transformers"""
 # The first line of each restored check: the grading modules as shipped, not as the notebook may have patched them
-# (a replaced minillm.grading.check, a checker registered anew).
-FRESH_CHECKS = ("import sys; [sys.modules.pop(name) for name in list(sys.modules) if name == 'minillm.grading' or "
+# (a replaced minillm.grading.check, a checker registered anew). It and the check's last line use no name the
+# notebook may have rebound (`list = [...]`, `print = ...`) but those they import: only keywords, `sys` and methods.
+FRESH_CHECKS = ("import sys; [sys.modules.pop(name) for name in [*sys.modules] if name == 'minillm.grading' or "
                 "name.startswith('minillm.checks.')]; import minillm.grading  # minillm grade: the checks as shipped")
 TOKEN_PREFIX = "minillm grade: the check ran to its end "  # its last line prints it with a token of its own
 
@@ -399,7 +417,7 @@ def _restored_check(reference: dict, extra_tests: Path | None, note: str) -> dic
     extra = (extra_tests / f"{gid}.py") if extra_tests else None
     if extra is not None and extra.exists():
         source = f"{source}\n\n# instructor's tests\n{extra.read_text()}"
-    restored["source"] = f"{source}\nprint({TOKEN_PREFIX + token!r})"
+    restored["source"] = f"{source}\nsys.stdout.write({TOKEN_PREFIX + token + chr(10)!r});"  # the ; shows no Out[]
     restored["metadata"]["minillm_grade"] = {"token": TOKEN_PREFIX + token, **({"note": note} if note else {})}
     return restored
 
@@ -441,13 +459,24 @@ def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, wor
                f"--nbval-cell-timeout={cell_timeout:g}", "-p", "minillm.grader_plugin", "-q",
                "-p", "no:cacheprovider", "--rootdir", str(workdir), "-o", "addopts=", "-o", "testpaths="]
     log_path = workdir / "pytest.log"
+    # The notebook's code can write the results file too (and then stop pytest before the plugin writes it again):
+    # the plugin signs what it writes with a key that reaches pytest through a pipe, which it closes before the
+    # kernel starts, so the kernel never holds it.
+    key = secrets.token_hex(16)
     for _ in range(KERNEL_START_ATTEMPTS):
         results_file.unlink(missing_ok=True)
         note = ""
+        key_fd, write_fd = os.pipe()
+        os.write(write_fd, key.encode())
+        os.close(write_fd)
         with open(log_path, "w", encoding="utf-8") as log:
             # pytest stays in the grader's process group, so a Ctrl-C at the terminal reaches it too (and nbval
             # then shuts the kernel down).
-            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                process = subprocess.Popen(command, cwd=workdir, env={**env, KEY_FD_ENV: str(key_fd)}, stdout=log,
+                                           stderr=subprocess.STDOUT, pass_fds=(key_fd,))
+            finally:
+                os.close(key_fd)
             try:
                 process.wait(timeout=notebook_timeout)
             except subprocess.TimeoutExpired:
@@ -457,9 +486,14 @@ def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, wor
                     process.kill()
                     process.wait()
         try:
-            results = json.loads(results_file.read_text())
+            text = results_file.read_text(encoding="utf-8")
         except (OSError, ValueError):
-            results = {}
+            text = ""
+        results = unseal(key, text) if text else {}
+        if results is None:
+            raise GraderError("the notebook's code rewrote the grader's record of its results (and stopped pytest "
+                              "before it was written again): an attempt to fake a pass, so no check counts; read "
+                              "the notebook's cells that use os, signal or files")
         # A kernel that died while starting, before any cell (two kernels started at once can be given the same
         # free port): not the notebook's doing, so start it again.
         if results.get("cells") or note or not _kernel_failed_to_start(log_path):
@@ -476,6 +510,29 @@ def run_submission(path: Path, cell_timeout: float, notebook_timeout: float, wor
         raise GraderError(f"nbval could not run the notebook (pytest exit status {process.returncode}): "
                           f"{' | '.join(lines[-3:]) or 'no output'}")
     return outcomes, note
+
+
+def _mac(key: str, text: str) -> str:
+    return hmac.new(key.encode(), text.encode("utf-8"), "sha256").hexdigest()
+
+
+def seal(key: str, results: dict) -> str:
+    """The text of the results file: `results` as JSON, signed with `key` (grader_plugin writes it)."""
+    text = json.dumps(results)
+    return json.dumps({"results": text, "mac": _mac(key, text)})
+
+
+def unseal(key: str, text: str) -> dict | None:
+    """The results that `text` (a results file) holds, or None when they were not signed with `key`: written by
+    something other than grader_plugin, such as the notebook's own code."""
+    try:
+        sealed = json.loads(text)
+        inner, mac = sealed["results"], sealed["mac"]
+        if isinstance(inner, str) and isinstance(mac, str) and hmac.compare_digest(mac, _mac(key, inner)):
+            return json.loads(inner)
+    except (ValueError, TypeError, KeyError):
+        pass
+    return None
 
 
 KERNEL_START_ATTEMPTS = 3
@@ -679,6 +736,12 @@ def format_table(submissions: list[Submission]) -> str:
     return "\n".join(lines)
 
 
+def _as_text(value):
+    """A CSV value a spreadsheet shows as text: a file name or an error message, which students write, that starts
+    like a formula (=, +, -, @) would run as one when grades.csv is opened; a ' before it makes it text."""
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def write_reports(submissions: list[Submission], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = report_rows(submissions)
@@ -686,11 +749,38 @@ def write_reports(submissions: list[Submission], out_dir: Path) -> tuple[Path, P
     writer = csv.DictWriter(buffer, fieldnames=["student", "chapter", "grade_id", "points", "points_possible",
                                                 "status", "message"])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: _as_text(value) for key, value in row.items()} for row in rows)
     csv_path, json_path = out_dir / "grades.csv", out_dir / "grades.json"
+    _keep_earlier_grades(submissions, csv_path, json_path)
     atomic_write_text(csv_path, buffer.getvalue())
     summary = [{"student": s.student, "chapter": s.chapter, "path": str(s.path), "points": s.points,
                 "points_possible": s.points_possible, "grader_error": s.grader_error or None,
                 "exercises": [vars(e) for e in s.exercises]} for s in submissions]
     atomic_write_text(json_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return csv_path, json_path
+
+
+def _keep_earlier_grades(submissions: list[Submission], csv_path: Path, json_path: Path) -> None:
+    """Grades of an earlier run that hold students this run does not (a late submission graded on its own into the
+    class's --out) are renamed grades-<time of that run>.csv/.json, with a warning, rather than replaced."""
+    try:
+        earlier = {str(s["student"]) for s in json.loads(json_path.read_text(encoding="utf-8"))}
+    except (OSError, ValueError, TypeError, KeyError):   # no earlier grades, or not a file of this grader's
+        return
+    gone = sorted(earlier - {s.student for s in submissions})
+    if not gone:
+        return
+    stamp, number = time.strftime("%Y%m%d-%H%M%S", time.localtime(json_path.stat().st_mtime)), 1
+    name = f"grades-{stamp}"
+    while any(path.with_name(f"{name}{path.suffix}").exists() for path in (csv_path, json_path)):
+        number += 1
+        name = f"grades-{stamp}-{number}"
+    kept = []
+    for path in (csv_path, json_path):
+        if path.exists():
+            kept.append(path.with_name(f"{name}{path.suffix}"))
+            os.replace(path, kept[-1])
+    names = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+    warnings.warn(f"{json_path} held the grades of {len(gone)} student(s) not graded in this run ({names}): the "
+                  f"earlier grades are kept as {' and '.join(str(path) for path in kept)}; grade the whole class into "
+                  "one --out, or give a late submission an --out of its own", stacklevel=3)

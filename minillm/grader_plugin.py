@@ -4,30 +4,40 @@ It records how every notebook cell that nbval ran ended, keyed by the cell's id:
 (AssertionError, a wrong answer); error (any other exception); timeout (nbval's per-cell timeout). The
 record is rewritten after every cell (atomically: a temporary file, then a rename) to the JSON file named
 by MINILLM_GRADER_RESULTS, with the kernel's process id, so that when the grader stops a notebook at its
-time limit the checks that ran before still count and the kernel can be stopped too. A check cell passes only
+time limit the checks that ran before still count and the kernel can be stopped too. It is signed with a key
+the grader passes through a pipe, so the notebook's code, which can write that file too, cannot pass a record
+of its own off as the plugin's. A check cell passes only
 when it printed its "✓ <grade_id>" line and, when the grader restored it, the token its last line prints.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import pytest
 
-from .grader import KERNEL_STOPPED, RESULTS_ENV
+from .grader import KERNEL_STOPPED, KEY_FD_ENV, RESULTS_ENV, seal
 from .paths import atomic_write_text
 
 _outcomes: dict[str, dict] = {}
 _kernel_pid: list[int | None] = [None]
+_key = [""]   # signs the results: the grader trusts only what this plugin wrote
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def pytest_configure(config):
+    # Read the key from the grader's pipe and close it before nbval starts the kernel, which never holds it.
+    fd = os.environ.pop(KEY_FD_ENV, None)
+    if fd:
+        with os.fdopen(int(fd), "rb") as pipe:
+            _key[0] = pipe.read().decode()
 
 
 def _save() -> None:
     path = os.environ.get(RESULTS_ENV)
     if not path:
         return
-    atomic_write_text(path, json.dumps({"kernel_pid": _kernel_pid[0], "cells": _outcomes}))
+    atomic_write_text(path, seal(_key[0], {"kernel_pid": _kernel_pid[0], "cells": _outcomes}))
 
 
 def _kernel_process_id(item) -> int | None:

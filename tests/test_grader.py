@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from minillm.grader import GUARD, GraderError, find_submissions, grade, prepare, write_reports
+from minillm.grader import (GUARD, ExerciseResult, GraderError, Submission, find_submissions, grade, prepare,
+                            write_reports)
 from minillm.notebooks import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +72,13 @@ SWALLOWED = "get_ipython().input_transformers_post.append(lambda lines: [f'try:\
             "except BaseException:\\n    pass\\n' for line in lines])\n" \
             "def matmul_flops(m, k, n):\n    print('✓ ex00.1')\n    return m * k * n\n"
 
+SHADOWS = "list = [1, 2, 3]\nprint = lambda *args, **kwargs: None\n"
+
+
+def _source(c):
+    return "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+
+
 CLASS = {
     "all_correct": (SOLUTION, {"ex00.1": "passed", "ex00.2": "passed"}, 2),
     "one_wrong": (with_source(SOLUTION, "ex00-1", WRONG_FLOPS), {"ex00.1": "failed", "ex00.2": "passed"}, 1),
@@ -111,6 +120,13 @@ CLASS = {
                              2),
     "no_ids_infinite_loop": (without_ids(with_source(SOLUTION, "ex00-1", LOOP)),
                              {"ex00.1": "timeout", "ex00.2": "passed"}, 1),
+    # names of builtins rebound by the notebook: the restored checks do not use them (was: `list = [...]` made every
+    # check an error, `print = ...` every check a failure; a replaced check with `list` rebound passed)
+    "builtins_rebound": (with_source(SOLUTION, "parameters", SHADOWS + _source(cell(SOLUTION, "parameters"))),
+                         {"ex00.1": "passed", "ex00.2": "passed"}, 2),
+    "check_replaced_list_rebound": (with_source(SOLUTION, "ex00-1", "import minillm.grading\nminillm.grading.check = "
+                                                "lambda gid, *a, **k: print(f'✓ {gid}')\nlist = lambda *a: []\n"
+                                                + WRONG_FLOPS), {"ex00.1": "failed", "ex00.2": "passed"}, 1),
 }
 
 
@@ -159,6 +175,35 @@ def test_reports_are_written(graded, tmp_path):
     assert rows[0].startswith("student,chapter,grade_id,points") and len(rows) == 1 + 2 * len(CLASS)
     data = {s["student"]: s for s in json.loads(json_path.read_text())}
     assert data["all_correct"]["points"] == 2 and data["untouched_stubs"]["points"] == 0
+
+
+def test_grades_of_students_not_graded_again_are_kept_not_replaced(tmp_path):
+    def graded(student):
+        return Submission(student, tmp_path / f"{student}.ipynb", "00", [ExerciseResult("ex00.1", 1, 1, "passed")])
+
+    out = tmp_path / "grades"
+    write_reports([graded("alice"), graded("bob")], out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        csv_path, json_path = write_reports([graded("bob"), graded("alice")], out)   # the class graded again: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["grades.csv", "grades.json"]
+    earlier = csv_path.read_text(), json_path.read_text()
+    assert earlier[0].splitlines()[1].startswith("bob,")
+    with pytest.warns(UserWarning, match=r"1 student\(s\) not graded in this run \(alice\): the earlier grades are"):
+        write_reports([graded("bob")], out)   # a late submission graded into the class's --out (was: alice lost)
+    kept = sorted(p for p in out.iterdir() if p.name not in ("grades.csv", "grades.json"))
+    assert [p.suffix for p in kept] == [".csv", ".json"] and (kept[0].read_text(), kept[1].read_text()) == earlier
+    assert "alice" not in csv_path.read_text() and "bob" in csv_path.read_text()
+
+
+def test_names_and_messages_that_look_like_formulas_are_text_in_the_csv(tmp_path):
+    import csv
+    student = '=HYPERLINK("http://example.com/x","open")'
+    sub = Submission(student, tmp_path / "x.ipynb", "00", [ExerciseResult("ex00.1", 1, 0, "error", "@SUM(1)")])
+    csv_path, json_path = write_reports([sub], tmp_path / "out")
+    (row,) = csv.DictReader(csv_path.open(encoding="utf-8"))
+    assert (row["student"], row["message"]) == ("'" + student, "'@SUM(1)")   # was: the formula itself
+    assert json.loads(json_path.read_text())[0]["student"] == student    # the JSON keeps the name as it is
 
 
 def test_prepare_reinserts_deleted_check_after_its_exercise():
@@ -303,6 +348,8 @@ def test_malformed_submissions_are_grader_errors_and_the_rest_are_graded(tmp_pat
                           + SOLUTION["cells"]}, "cell 1's grade_id is 5"),
         "source_number": ({**SOLUTION, "cells": [{**check, "source": 3}] + SOLUTION["cells"]},
                           "cell 1's source is a number"),
+        # was: run, then "nbval could not run the notebook ... NBFormatError" (a grader error naming nbval)
+        "nbformat_5": ({**SOLUTION, "nbformat": 5}, "it has nbformat 5, which no Jupyter reads"),
     }
     for student, (nb, _) in malformed.items():
         (tmp_path / f"{student}.ipynb").write_text(json.dumps(nb))
@@ -345,7 +392,8 @@ def test_results_are_written_after_every_cell_and_a_dead_kernel_is_reported(tmp_
     nb = tiny_notebook(tmp_path / "nb.ipynb", {
         "first": "x = 1",
         # Runs while the notebook is still going: the first cell's outcome must already be on disk.
-        "reads_results": "import json, os\nresults = json.load(open(os.environ['MINILLM_GRADER_RESULTS']))\n"
+        "reads_results": "import json, os\n"
+                         "results = json.loads(json.load(open(os.environ['MINILLM_GRADER_RESULTS']))['results'])\n"
                          "assert results['cells']['first'] == {'status': 'passed'}, results\n"
                          "assert results['kernel_pid'] == os.getpid(), results",
         "dies": "import os\nos._exit(1)",
@@ -388,6 +436,22 @@ def test_the_notebook_time_limit_keeps_what_ran_and_stops_the_kernel(tmp_path):
         time.sleep(0.2)
     assert stopped(kernel), f"the kernel (pid {kernel}) still runs after the time limit"
     assert stopped(child), f"the kernel's child process (pid {child}) still runs after the time limit"
+
+
+def test_results_written_by_the_notebook_are_not_trusted(tmp_path):
+    from minillm.grader import run_submission
+
+    # The notebook writes a record of passed checks where the plugin writes its own, then stops pytest before the
+    # plugin writes again. Was: both checks passed, for a notebook that answers nothing.
+    nb = tiny_notebook(tmp_path / "nb.ipynb", {
+        "forges": "import json, os, signal\n"
+                  "json.dump({'cells': {'check-ex00-1': {'status': 'passed'}, 'check-ex00-2': {'status': 'passed'}}},\n"
+                  "          open(os.environ['MINILLM_GRADER_RESULTS'], 'w'))\n"
+                  "os.kill(os.getppid(), signal.SIGKILL)",
+        "check-ex00-1": "raise NotImplementedError",
+    })
+    with pytest.raises(GraderError, match="rewrote the grader's record of its results"):
+        run_submission(nb, cell_timeout=10, notebook_timeout=120, workdir=tmp_path)
 
 
 def test_a_notebook_nbval_cannot_run_is_a_grader_error_not_a_zero(tmp_path):
@@ -450,6 +514,20 @@ def test_find_submissions_skips_junk_picks_the_chapter_and_names_clashing_files(
     assert [s.student for s in find_submissions(files)] == ["alice", "work", "carol"]
 
 
+def test_a_file_given_with_its_students_folder_settles_which_notebook_counts(tmp_path):
+    write(tmp_path / "class", "bob", SOLUTION)
+    chosen = tmp_path / "class" / "bob" / "00_setup-Copy1.ipynb"
+    chosen.write_text(json.dumps(STUDENT))
+    write(tmp_path / "class", "carol", SOLUTION)
+    (error,) = [s.grader_error for s in find_submissions([tmp_path / "class"], "00") if s.grader_error]
+    assert f"say {chosen}): it is graded as bob" in error   # was: "pass the one to grade"
+    carol = ("carol", tmp_path / "class" / "carol" / "00_setup.ipynb", "")
+    for inputs in ([tmp_path / "class", chosen], [chosen, tmp_path / "class"]):
+        # was: bob's grader error, and the chosen file graded again as a student named "00_setup-Copy1"
+        assert [(s.student, s.path, s.grader_error) for s in find_submissions(inputs, "00")] == [("bob", chosen, ""),
+                                                                                                 carol]
+
+
 def test_unknown_extra_tests_and_bad_timeouts_are_refused(tmp_path):
     write(tmp_path, "alice", SOLUTION)
     extra = tmp_path / "private"
@@ -501,11 +579,16 @@ class _FakePytest:
     """Stands in for the nbval process: writes `log` to its stdout and, when given, `cells` as the results."""
     runs = []
 
-    def __init__(self, command, cwd, env, stdout, stderr, *, log, cells):
+    def __init__(self, command, cwd, env, stdout, stderr, pass_fds, *, log, cells, key=None):
+        from minillm.grader import KEY_FD_ENV, seal
+
         _FakePytest.runs.append(command)
         stdout.write(log)
+        fd = int(env[KEY_FD_ENV])
+        assert fd in pass_fds
+        real_key = os.read(fd, 100).decode()
         if cells is not None:
-            Path(env["MINILLM_GRADER_RESULTS"]).write_text(json.dumps({"cells": cells}))
+            Path(env["MINILLM_GRADER_RESULTS"]).write_text(seal(real_key if key is None else key, {"cells": cells}))
         self.returncode = 0 if cells else 1
 
     def wait(self, timeout=None):
@@ -537,3 +620,24 @@ def test_a_kernel_that_dies_while_starting_is_started_again(tmp_path, monkeypatc
         with pytest.raises(GraderError, match="NotJSONError"):
             grader.run_submission(tmp_path / "sub.ipynb", 5, 60, tmp_path)
         assert len(_FakePytest.runs) == 1
+
+
+@pytest.mark.parametrize("written", ["unsigned", "other key", "not JSON", "cells not a dict"])
+def test_a_results_file_the_plugin_did_not_sign_is_a_grader_error(tmp_path, monkeypatch, written):
+    from minillm import grader
+
+    cells = {"check-ex00-1": {"status": "passed"}}
+
+    def popen(command, **kwargs):
+        fake = _FakePytest(command, log="", cells=cells, key="0" * 32, **kwargs)
+        results = Path(kwargs["env"][grader.RESULTS_ENV])
+        if written == "unsigned":
+            results.write_text(json.dumps({"cells": cells}))
+        elif written == "not JSON":
+            results.write_text("{")
+        elif written == "cells not a dict":   # was: a TypeError in score() that stopped the whole class's grading
+            results.write_text(json.dumps({"results": json.dumps({"cells": ["x"]}), "mac": "0"}))
+        return fake
+    monkeypatch.setattr(grader.subprocess, "Popen", popen)
+    with pytest.raises(GraderError, match="rewrote the grader's record"):
+        grader.run_submission(tmp_path / "sub.ipynb", 5, 60, tmp_path)
