@@ -152,6 +152,11 @@ def cmd_grade(args) -> int:
     if not os.access(out, os.W_OK):
         print(f"minillm grade: --out {out} is not writable; give a folder you can write to", file=sys.stderr)
         return 2
+    for name in ("grades.csv", "grades.json"):
+        if (out / name).is_dir():
+            print(f"minillm grade: {out / name} is a folder, so the grades could not be written there; move it "
+                  "away or give another --out", file=sys.stderr)
+            return 2
     try:
         submissions = grade(args.submissions, chapter=args.chapter, extra_tests=args.extra_tests,
                             cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout,
@@ -160,7 +165,14 @@ def cmd_grade(args) -> int:
         print(f"minillm grade: {error}", file=sys.stderr)
         return 2
     print(format_table(submissions))
-    csv_path, json_path = write_reports(submissions, out)
+    try:
+        csv_path, json_path = write_reports(submissions, out)
+    except OSError as error:   # the disk filled, --out was removed meanwhile: the run's results are not lost
+        import tempfile
+        rescue = Path(tempfile.mkdtemp(prefix="minillm-grades-"))
+        csv_path, json_path = write_reports(submissions, rescue)
+        print(f"minillm grade: could not write the grades to {out} ({error}); they are in {rescue} instead",
+              file=sys.stderr)
     print(f"wrote {csv_path} and {json_path}")
     errors = [s for s in submissions if s.grader_error]
     if errors:

@@ -552,6 +552,10 @@ def test_grading_refuses_early_what_would_waste_the_run(tmp_path, capsys):
     assert main(["grade", str(tmp_path / "class"), "--out", str(tmp_path / "afile")]) == 2
     assert "is a file" in capsys.readouterr().err
     assert time.perf_counter() - started < 5                       # refused before any notebook ran
+    (tmp_path / "out" / "grades.csv").mkdir(parents=True)         # was: graded the class, then failed to write
+    assert main(["grade", str(tmp_path / "class"), "--out", str(tmp_path / "out")]) == 2
+    assert "grades.csv is a folder" in capsys.readouterr().err
+    assert time.perf_counter() - started < 10
     nb = copy.deepcopy(SOLUTION)
     del nb["nbformat"]                                             # was read as format 3: every check "missing"
     (tmp_path / "headless.ipynb").write_text(json.dumps(nb))
@@ -641,3 +645,21 @@ def test_a_results_file_the_plugin_did_not_sign_is_a_grader_error(tmp_path, monk
     monkeypatch.setattr(grader.subprocess, "Popen", popen)
     with pytest.raises(GraderError, match="rewrote the grader's record"):
         grader.run_submission(tmp_path / "sub.ipynb", 5, 60, tmp_path)
+
+
+def test_grades_that_cannot_be_written_to_out_are_kept_elsewhere(tmp_path, capsys, monkeypatch):
+    import minillm.grader as grader
+    from minillm.cli import main
+    write(tmp_path / "class", "alice", SOLUTION)
+    real = grader.write_reports
+
+    def disk_full(submissions, out_dir):
+        if Path(out_dir) == tmp_path / "out":
+            raise OSError(28, "No space left on device")
+        return real(submissions, out_dir)
+    monkeypatch.setattr(grader, "write_reports", disk_full)
+    assert main(["grade", str(tmp_path / "class"), "--chapter", "00", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "they are in" in err
+    rescue = Path(err.split("they are in ")[1].split()[0])
+    assert [row["student"] for row in json.loads((rescue / "grades.json").read_text())] == ["alice"]
