@@ -78,7 +78,9 @@ def cmd_course(args) -> int:
     for arg in args.chapters:
         # "00,01" or "00 01" in one argument too; an empty one is kept, for run_course to refuse (not "all")
         chapters += [c for c in re.split(r"[\s,]+", arg.strip()) if c] or [arg]
-    runs = run_course(chapters or None, fast=args.fast, timeout=args.timeout)
+    from .paths import fast_mode
+    # --fast, or MINILLM_FAST=1 in the environment (as `make course FAST=1` and the notebooks read it)
+    runs = run_course(chapters or None, fast=args.fast or fast_mode(), timeout=args.timeout)
     report_failed = False
     try:   # the chapters' results below still print when the report cannot be made
         text, png = report()
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     course = p.add_subparsers(dest="action", required=True)
     p = course.add_parser("run", help="execute chapters with nbclient into runs/course/ and print the report")
     p.add_argument("chapters", nargs="*", help="chapter numbers (default: all), e.g. 00 01")
-    p.add_argument("--fast", action="store_true", help="the quick pass (MINILLM_FAST=1): tiny sizes")
+    p.add_argument("--fast", action="store_true", help="the quick pass: tiny sizes (also when MINILLM_FAST=1 is set)")
     p.add_argument("--timeout", type=_positive_int, default=3600,
                    help="seconds allowed per cell (default 3600; chapter 03's ladder is one long cell)")
     p.set_defaults(func=cmd_course, parser=p)

@@ -159,6 +159,19 @@ def test_course_run_splits_commas_and_refuses_an_empty_argument(monkeypatch, cap
     assert "empty chapter number" in capsys.readouterr().err
 
 
+def test_course_run_takes_the_quick_pass_from_minillm_fast_too(monkeypatch):
+    modes = []
+    monkeypatch.setattr(nbs, "run_course", lambda chapters, fast, timeout: modes.append(fast) or [])
+    monkeypatch.setattr("minillm.cost.report", lambda: ("report", None))
+    for env, argv in (("1", []), ("0", []), ("0", ["--fast"]), (None, [])):
+        if env is None:
+            monkeypatch.delenv("MINILLM_FAST", raising=False)
+        else:
+            monkeypatch.setenv("MINILLM_FAST", env)
+        assert cli.main(["course", "run", "00", *argv]) == 0
+    assert modes == [True, False, True, False]   # MINILLM_FAST=1 without --fast ran the full sizes before
+
+
 def test_course_run_lists_failures_when_the_report_fails_and_when_nothing_was_saved(monkeypatch, capsys):
     failed = nbs.ChapterRun(path=Path("01_x.ipynb"), ok=False, error="cell 1 (c1: '1/0') raised ZeroDivisionError")
 
