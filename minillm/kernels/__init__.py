@@ -276,9 +276,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 _checked_ends = LastSeen()
 
 
-def _expert_ends(name: str, ends, rows: int, experts: int) -> torch.Tensor:
+def _expert_ends(name: str, ends, a: torch.Tensor, experts: int) -> torch.Tensor:
     if not isinstance(ends, torch.Tensor) or ends.dim() != 1 or ends.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: ends must be a 1-D int32/int64 tensor of cumulative row counts, one per expert")
+    require_same_device(name, a, ends)   # every backend: the kernels need it, torch's loop read it from anywhere
+    rows = a.shape[0]
     if ends.numel() != experts:
         raise ValueError(f"{name}: ends has {ends.numel()} entries for {experts} experts")
     if _checked_ends.get(ends, (rows, experts)) is not None:
@@ -303,7 +305,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, backend
     if b.dim() != 3 or a.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"grouped_matmul: expected a (N, K) and b (E, K, M); got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
-    return _run("grouped_matmul", backend, device, a, b, _expert_ends("grouped_matmul", ends, a.shape[0], b.shape[0]))
+    return _run("grouped_matmul", backend, device, a, b, _expert_ends("grouped_matmul", ends, a, b.shape[0]))
 
 
 def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -316,5 +318,5 @@ def grouped_weight_grad(a: torch.Tensor, c: torch.Tensor, ends: torch.Tensor, ba
         raise ValueError(f"grouped_weight_grad: expected a (N, K) and c (N, M) with the same rows; got "
                          f"{tuple(a.shape)} and {tuple(c.shape)}")
     experts = ends.numel() if isinstance(ends, torch.Tensor) else 0   # one weight gradient per entry of ends
-    ends = _expert_ends("grouped_weight_grad", ends, a.shape[0], experts)
+    ends = _expert_ends("grouped_weight_grad", ends, a, experts)
     return _run("grouped_weight_grad", backend, device, a, c, ends)

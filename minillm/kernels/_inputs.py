@@ -26,7 +26,19 @@ def require_same_device(name: str, *tensors: torch.Tensor) -> None:
                          "move them to one device first")
 
 
+def comparable_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """targets that compare exactly with ignore_index, as torch's F.cross_entropy compares them (in int64).
+
+    torch casts a Python int to an int32 tensor's dtype, wrapping it: `targets != 2**32` read as `!= 0`, so a
+    target 0 counted as ignored (a silently wrong mean) and a target -5 passed the range check as 2**32 - 5.
+    int32 targets are widened when ignore_index lies outside int32 (no int32 target can equal it)."""
+    if targets.dtype == torch.int32 and not -2 ** 31 <= ignore_index < 2 ** 31:
+        return targets.long()
+    return targets
+
+
 def require_targets_in_range(name: str, targets: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    targets = comparable_targets(targets, ignore_index)
     out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
     if bool(out_of_range.any()):
         raise ValueError(f"{name}: targets must lie in [0, {n_classes}) or equal ignore_index={ignore_index}; "

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._inputs import (require_ignore_index, require_rows, require_same_device, require_targets_in_range,
-                      require_tensor)
+from ._inputs import (comparable_targets, require_ignore_index, require_rows, require_same_device,
+                      require_targets_in_range, require_tensor)
 
 # Rows up to this many columns are held whole in one block (one read, one write); longer rows are streamed
 # in blocks of LONG_ROW_BLOCK, reading the row three times (max, sum, write).
@@ -196,6 +196,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         raise ValueError(f"cross_entropy: logits of shape {tuple(logits.shape)} have no classes")
     if logits.shape[0] == 0:   # the mean of no losses: nan, as in torch (and differentiable, with an empty gradient)
         return logits.float().sum() / 0.0
+    targets = comparable_targets(targets, ignore_index)   # the kernel's count of kept rows compares in torch
     require_targets_in_range("cross_entropy", targets, logits.shape[1], ignore_index)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     return _CrossEntropy.apply(logits, targets.contiguous(), ignore_index)
