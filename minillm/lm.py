@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.kernels.reference import wide_dtype
 from minillm.model import GPT
 
 __all__ = ["bigram_counts", "bigram_probabilities", "bigram_nll", "perplexity", "bits_per_byte",
@@ -239,6 +240,10 @@ class _LanguageModel(nn.Module):
                 raise ValueError(f"{name}.forward: idx of shape {tuple(idx.shape)} holds no tokens, so the mean "
                                  "loss would be over nothing (NaN); give at least one token, or call without targets")
         vocab_size = self.config.vocab_size
+        # int64 first: torch has no min or max for uint16/32/64 (numpy's token files are often uint16)
+        idx = idx.long()
+        if targets is not None:
+            targets = targets.long()
         if idx.numel() and not torch.compiler.is_compiling():  # one wait for the device for all the checks
             checks = [idx.min(), idx.max()]
             if targets is not None:
@@ -258,13 +263,14 @@ class _LanguageModel(nn.Module):
                     raise ValueError(f"{name}.forward: every target is -100 (masked), so the mean loss would be "
                                      "over no tokens (NaN); leave at least one target unmasked, or call without "
                                      "targets")
-        return idx.long()
+        return idx
 
     def _with_loss(self, logits: torch.Tensor, targets: torch.Tensor | None):
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
-                               ignore_index=-100)
+        # at least float32 (as GPT): a float64 model's loss stays float64, so it can be gradchecked
+        wide = logits.to(wide_dtype(logits.dtype))
+        loss = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), targets.reshape(-1).long(), ignore_index=-100)
         return logits, loss
 
     def num_parameters(self) -> int:

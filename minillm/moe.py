@@ -144,7 +144,10 @@ def route(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, ro
     # + 1e-20 (as transformers' DeepSeek-V3 does): a token whose chosen affinities all underflow to zero
     # (router logits below about -88) gets zero weights, so no routed output, rather than 0 / 0 = NaN.
     gate_weight = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
-    return Routing(expert_index, gate_weight.type_as(router_logits), affinity)
+    # Back to the logits' float dtype; integer logits keep the float weights (cast to int they would all be 0).
+    if router_logits.is_floating_point():
+        gate_weight = gate_weight.type_as(router_logits)
+    return Routing(expert_index, gate_weight, affinity)
 
 
 @torch.no_grad()
@@ -159,6 +162,9 @@ def update_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float
     if bad:
         raise ValueError(f"update_bias: rate={rate!r} must be a finite number >= 0 (gamma, e.g. 0.001); a negative "
                          f"rate would push load towards the busiest experts, a NaN one would erase the bias")
+    if isinstance(rate, torch.Tensor) and rate.shape != bias.shape:
+        raise ValueError(f"update_bias: rate has shape {tuple(rate.shape)} but bias has {tuple(bias.shape)}; pass one "
+                         f"number, or one rate per expert shaped like the bias")
     tokens_per_expert = torch.as_tensor(tokens_per_expert, device=bias.device)   # a list of counts works too
     if tokens_per_expert.shape != bias.shape:
         raise ValueError(f"update_bias: tokens_per_expert has shape {tuple(tokens_per_expert.shape)} but bias has "
@@ -189,14 +195,14 @@ def sequence_balance_loss(affinity: torch.Tensor, expert_index: torch.Tensor, ba
     if expert_index.dim() != 2 or expert_index.shape[0] != tokens:
         raise ValueError(f"sequence_balance_loss: expert_index must be (tokens, top_k) with tokens={tokens}, got "
                          f"{tuple(expert_index.shape)}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1 or tokens % batch:
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1 or tokens % batch:
         raise ValueError(f"sequence_balance_loss: batch={batch!r} must be a positive integer dividing the {tokens} "
                          f"tokens (the rows of affinity are batch sequences of equal length, one after another)")
     if not isinstance(alpha, torch.Tensor) and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
                                                  or not math.isfinite(alpha) or alpha < 0):
         raise ValueError(f"sequence_balance_loss: alpha={alpha!r} must be a finite number >= 0 (e.g. 0.0001); a "
                          f"negative one would reward imbalance")
-    top_k = expert_index.shape[-1]
+    top_k, batch = expert_index.shape[-1], int(batch)
     length = tokens // batch
     if length == 0:   # empty sequences: nothing to balance (and no 0 / 0)
         return affinity.sum() * 0.0
@@ -665,6 +671,7 @@ class MoE(nn.Module):
             raise TypeError(f"MoE: input is {str(x.dtype).removeprefix('torch.')} but the layer's weights are "
                             f"{str(weights.dtype).removeprefix('torch.')}; convert one (layer.to(dtype) or "
                             f"x.to(dtype)) or run under torch.autocast")
+        self._check_built_shapes()
         shape = x.shape
         # Sequences for the balance loss: (batch, time, d) holds batch of them, (..., time, d) all leading dims;
         # one (a single empty one when there are no tokens) for (time, d) or (d,).
@@ -690,6 +697,18 @@ class MoE(nn.Module):
                 self.step_load = torch.zeros(config.n_routed, dtype=torch.long, device=x.device)
             self.step_load += torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed)
         return output.view(shape)
+
+    def _check_built_shapes(self) -> None:
+        """Refuse a config whose expert counts or widths were changed after the weights were built from it."""
+        config, shared, hidden = self.config, self._modules.get("shared_down"), self.w_down.shape[1]
+        built = (self.w_gate_up.shape[0], hidden, 0 if shared is None else shared.in_features // hidden)
+        if (config.n_routed, config.expert_hidden, config.n_shared) == built:
+            return
+        for name, value in zip(("n_routed", "expert_hidden", "n_shared"), built):
+            if getattr(config, name) != value:
+                raise ValueError(f"MoE: config.{name}={getattr(config, name)!r} but the layer's weights were built "
+                                 f"for {name}={value}; changing it later resizes no weights: build a new "
+                                 f"MoE(n_embd, config) instead")
 
     def after_optimizer_step(self) -> None:
         """Record this step's load and, when enabled, nudge the biases towards balance; reset the counters."""

@@ -245,8 +245,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
                     next_token = next_token.masked_fill(finished, stop_token)
                 finished = next_token == stop_token if finished is None else finished | (next_token == stop_token)
             sequence = torch.cat([sequence, next_token.unsqueeze(-1)], dim=1)
-            if finished is not None and bool(finished.all()):
-                break
+            if finished is not None and finished.numel() and bool(finished.all()):   # an empty batch: full length,
+                break                                                                 # as without a stop_token
     finally:
         model.train(was_training)
     if idx.dtype != torch.long and sequence.numel() and int(sequence.max()) > id_limit:
