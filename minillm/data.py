@@ -22,6 +22,7 @@ import operator
 import os
 import socket
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -36,6 +37,8 @@ from .paths import atomic_write_text, data_dir, datasets_dir
 PYDOCS = "pydocs"
 MANIFEST_FIELDS = ("url", "filename", "size", "sha256", "licence", "source", "description")
 _CHUNK_BYTES = 1 << 20
+# A download's .part file untouched this long is a leftover of a killed process (a live one writes every chunk).
+_STALE_PART_S = 600
 
 
 class CorpusUnavailableError(RuntimeError):
@@ -234,6 +237,7 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str | None, size: i
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_parts(dest)
     handle, temp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     temp = Path(temp_name)
     digest = hashlib.sha256()
@@ -270,17 +274,31 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str | None, size: i
         if size is not None and received != size:
             raise ChecksumError(f"{dest.name}: expected {size} bytes, got {received} (sha256 {actual}) "
                                 f"from {url}; the file was discarded")
+        record = _digest_record(dest)
+        if sha256 is None:   # before the file: a process killed between the two never leaves it unrecorded
+            atomic_write_text(record, f"{actual}  {dest.name}\n")
         os.replace(temp, dest)
     finally:
         if temp.exists():
             temp.unlink()
     if sha256 is None:
-        record = _digest_record(dest)
-        atomic_write_text(record, f"{actual}  {dest.name}\n")
         warnings.warn(f"{dest} could not be verified: its manifest entry has no sha256. Its digest "
                       f"{actual} is recorded in {record}; add it to the manifest once you trust the file.",
                       UserWarning, stacklevel=2)
     return dest
+
+
+def _clear_stale_parts(dest: Path) -> None:
+    """Delete the .part files that downloads of `dest` killed midway (SIGKILL, a crash, a closed laptop) left in
+    its folder, each up to the corpus's size; one written to in the last _STALE_PART_S seconds may be a running
+    download's (another notebook's), so it is kept."""
+    now = time.time()
+    for part in dest.parent.glob(f".{dest.name}.*.part"):
+        try:
+            if now - part.stat().st_mtime >= _STALE_PART_S:
+                part.unlink()
+        except OSError:   # gone already, or not ours to delete
+            pass
 
 
 def _content_length(response) -> int | None:

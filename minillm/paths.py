@@ -44,7 +44,7 @@ def runs_dir() -> Path:
     else:
         root = repo_root()
         path = (root / "runs") if root is not None else Path.cwd() / "runs"
-    path.mkdir(parents=True, exist_ok=True)
+    _make_folder(path, "runs_dir", "MINILLM_RUNS")
     return path
 
 
@@ -52,8 +52,26 @@ def data_dir() -> Path:
     """Cache folder for downloaded corpora (created on demand)."""
     env = os.environ.get("MINILLM_DATA", "").strip()
     path = _expand_user(env) if env else Path.home() / ".cache" / "minillm" / "data"
-    path.mkdir(parents=True, exist_ok=True)
+    _make_folder(path, "data_dir", "MINILLM_DATA")
     return path
+
+
+def _make_folder(path: Path, where: str, variable: str) -> None:
+    """Create the folder `path` (and its parents) if need be; else an OSError (class and errno kept) naming it,
+    why (e.g. the file standing in its way) and `variable`, the environment variable that moves it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:   # a file where the folder should be, no permission, a read-only disk
+        blocker = file_in_the_way(path)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else (error.strerror or str(error))
+        cure = f"set the environment variable {variable} to a folder you can write to"
+        message = f"{where}: cannot create the folder {path} ({reason}); " + (
+            f"move or rename that file, or {cure}" if blocker is not None else cure)
+        try:
+            retold = type(error)(error.errno, message, str(path))
+        except TypeError:   # an OSError subclass with a constructor of its own
+            retold = OSError(error.errno, message, str(path))
+        raise retold from None
 
 
 def datasets_dir() -> Path:

@@ -16,11 +16,13 @@ some of them or whose info.json disagrees with model.pt.
 """
 from __future__ import annotations
 
+import errno
 import json
 import numbers
 import os
 import secrets
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +30,8 @@ import torch
 
 from minillm.data import load_corpus, split, tokenize_corpus
 from minillm.model import GPT, GPTConfig
-from minillm.paths import atomic_write_text, fast_mode, runs_dir
+from minillm.paths import (atomic_write_text, ensure_writable_folder, fast_mode, runs_dir,
+                           unwritable_folder_error)
 from minillm.tokenizers import BPETokenizer, load_tokenizer
 from minillm.train import (TrainConfig, checkpoint_safe, estimate_loss, load_checkpoint, save_checkpoint,
                            train)
@@ -40,6 +43,8 @@ BASE_CORPUS = "pydocs"
 VAL_FRACTION = 0.1
 # The files of a saved base model, all written by one save_base call.
 BASE_FILES = ("model.pt", "tokenizer.json", "info.json")
+# Temporary (.tmp) and moved-aside (.old) folders untouched this long are leftovers of a killed save_base.
+LEFTOVER_AGE_S = 600
 
 
 @dataclass
@@ -144,7 +149,11 @@ def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None
     except (TypeError, ValueError) as error:  # e.g. a dict with tuple keys somewhere inside
         raise TypeError(f"save_base: info cannot be written as info.json ({error}); use str or number keys "
                         "and plain values") from error
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(folder, "save_base")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:   # e.g. runs/base is a file
+        raise unwritable_folder_error(error, folder / "model.pt", "save_base", folder.parent) from None
     staging = _new_sibling_folder(folder)
     try:
         save_checkpoint(staging / "model.pt", model, step=steps, extra=info)
@@ -154,7 +163,40 @@ def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when the swap succeeded
         raise
+    _clear_leftovers(folder)
     return folder
+
+
+def _check_replaceable(folder: Path, where: str) -> None:
+    """Refuse (FileExistsError) a `folder` that save_base would replace but that is not a saved base model: a file,
+    or a folder holding files of the user's own, which the swap would delete. Absent or empty is fine."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, f"{where}: {folder} is a file, not a base model folder, and saving the "
+                              "base model would replace it; move or rename that file (or set MINILLM_RUNS to "
+                              "another folder), then try again", str(folder))
+    try:
+        foreign = sorted(path.name for path in folder.iterdir() if path.name not in BASE_FILES)
+    except OSError:   # absent, or cannot be listed (then the swap says why it fails)
+        return
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise FileExistsError(errno.EEXIST, f"{where}: {folder} holds files that are not part of a saved base "
+                              f"model ({listed}), and saving the base model replaces the whole folder; move "
+                              "them elsewhere, then try again", str(folder))
+
+
+def _clear_leftovers(folder: Path) -> None:
+    """Delete the .tmp and .old folders that save_base calls killed midway (SIGKILL, a crash) left beside
+    `folder`, once untouched for LEFTOVER_AGE_S: a running save's own are fresh, so they are kept."""
+    now = time.time()
+    for pattern in (f".{folder.name}.*.tmp", f".{folder.name}.*.old"):
+        for path in folder.parent.glob(pattern):
+            try:
+                stat = path.lstat()   # a rename updates ctime: a folder moved aside just now is fresh
+            except OSError:
+                continue
+            if now - max(stat.st_mtime, stat.st_ctime) >= LEFTOVER_AGE_S:
+                _remove(path)
 
 
 def _new_sibling_folder(folder: Path) -> Path:
@@ -165,6 +207,8 @@ def _new_sibling_folder(folder: Path) -> Path:
             staging.mkdir()  # mode 0o777 less the umask, as for any folder
         except FileExistsError:
             continue
+        except OSError as error:   # no permission, a read-only disk
+            raise unwritable_folder_error(error, folder / "model.pt", "save_base", folder.parent) from None
         return staging
     raise FileExistsError(f"save_base: could not create a temporary folder next to {folder}; clear out the "
                           f".{folder.name}.*.tmp folders there")
@@ -251,36 +295,75 @@ def load_base(fast: bool | None = None, device: str | torch.device | None = None
     """
     fast = fast_mode(fast)
     candidates = [base_dir(False)] + ([base_dir(True)] if fast else [])
-    for folder in candidates:
-        missing = [name for name in BASE_FILES if not (folder / name).is_file()]
-        if len(missing) == len(BASE_FILES):
+    attempts = 20
+    for attempt in range(attempts):
+        # A save_base in another process (another notebook) may swap a folder in while it is read here: its
+        # files would then come from two saves, or vanish. Such a read is retried, never reported as mixed.
+        swapped = False
+        for folder in candidates:
+            identity = _folder_identity(folder)
+            try:
+                loaded = _read_base_folder(folder)
+            except (OSError, ValueError):
+                if attempt + 1 < attempts and _folder_identity(folder) != identity:
+                    swapped = True
+                    break
+                raise
+            if _folder_identity(folder) != identity and attempt + 1 < attempts:
+                swapped = True
+                break
+            if loaded is not None:
+                model, tokenizer, checkpoint = loaded
+                if device is not None:
+                    model.to(device)
+                model.eval()
+                info = dict(checkpoint.get("extra") or {}, path=str(folder), trained_now=False)
+                return model, tokenizer, info
+        if swapped:
             continue
-        if missing:
-            raise ValueError(f"load_base: {folder} is incomplete, it has no {' or '.join(missing)} (an interrupted "
-                             "save, or files removed), so its files may come from different runs; delete the "
-                             "folder and run load_or_train_base() again, or save the model again with save_base")
-        checkpoint = load_checkpoint(folder / "model.pt")
-        _check_info_matches(folder, checkpoint)
-        model = checkpoint["model"]
-        tokenizer = load_tokenizer(folder / "tokenizer.json")
-        if tokenizer.vocab_size > model.config.vocab_size:
-            # The two files come from different runs: some token ids would be outside the model's vocabulary.
-            raise ValueError(f"load_base: {folder} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
-                             f"of vocab_size={model.config.vocab_size}; the files come from different runs, so "
-                             "delete the folder and run load_or_train_base() again")
-        if device is not None:
-            model.to(device)
-        model.eval()
-        info = dict(checkpoint.get("extra") or {}, path=str(folder), trained_now=False)
-        return model, tokenizer, info
-    # Killed between the two renames of _swap_in, a save leaves no folder but the previous one aside.
-    aside = [(path, folder) for folder in candidates if folder.parent.is_dir()
-             for path in sorted(folder.parent.glob(f".{folder.name}.*.old")) if (path / "model.pt").is_file()]
-    hint = (f"; a save_base killed midway left the previous model in {aside[0][0]}: rename that folder to "
-            f"{aside[0][1]} to use it" if aside else "")
-    raise FileNotFoundError(f"no base model in {' or '.join(map(str, candidates))}; run chapter 03 "
-                            "(solutions/03_pretraining.ipynb) or call minillm.pretrained.load_or_train_base()"
-                            + hint)
+        # Killed between the two renames of _swap_in, a save leaves no folder but the previous one aside; a
+        # running save leaves it so for an instant, so look again a few times before saying so.
+        aside = [(path, folder) for folder in candidates if folder.parent.is_dir()
+                 for path in sorted(folder.parent.glob(f".{folder.name}.*.old")) if (path / "model.pt").is_file()]
+        if aside and attempt + 1 < attempts:
+            time.sleep(0.05)
+            continue
+        hint = (f"; a save_base killed midway left the previous model in {aside[0][0]}: rename that folder to "
+                f"{aside[0][1]} to use it" if aside else "")
+        raise FileNotFoundError(f"no base model in {' or '.join(map(str, candidates))}; run chapter 03 "
+                                "(solutions/03_pretraining.ipynb) or call minillm.pretrained.load_or_train_base()"
+                                + hint)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _folder_identity(folder: Path) -> tuple | None:
+    """What changes when another folder takes `folder`'s place (a rename sets the ctime); None when absent."""
+    try:
+        stat = os.stat(folder)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
+
+
+def _read_base_folder(folder: Path):
+    """(model, tokenizer, checkpoint) from one base model folder, or None when it holds none of BASE_FILES."""
+    missing = [name for name in BASE_FILES if not (folder / name).is_file()]
+    if len(missing) == len(BASE_FILES):
+        return None
+    if missing:
+        raise ValueError(f"load_base: {folder} is incomplete, it has no {' or '.join(missing)} (an interrupted "
+                         "save, or files removed), so its files may come from different runs; delete the "
+                         "folder and run load_or_train_base() again, or save the model again with save_base")
+    checkpoint = load_checkpoint(folder / "model.pt")
+    _check_info_matches(folder, checkpoint)
+    model = checkpoint["model"]
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        # The two files come from different runs: some token ids would be outside the model's vocabulary.
+        raise ValueError(f"load_base: {folder} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
+                         f"of vocab_size={model.config.vocab_size}; the files come from different runs, so "
+                         "delete the folder and run load_or_train_base() again")
+    return model, tokenizer, checkpoint
 
 
 def load_or_train_base(fast: bool | None = None, device: str | torch.device | None = None,
@@ -294,6 +377,10 @@ def load_or_train_base(fast: bool | None = None, device: str | torch.device | No
         return load_base(fast, device)
     except FileNotFoundError:
         pass
+    # Checked before the training, not found by save_base after it: a file (or the user's own files) where the
+    # base model goes, or a runs folder that cannot be written.
+    _check_replaceable(base_dir(fast), "load_or_train_base")
+    ensure_writable_folder(base_dir(fast), "load_or_train_base")
     recipe = base_recipe(fast, device)
     if progress:
         print(f"No base model in {base_dir(fast)}: training one ({'fast' if fast else 'full'} recipe).")
