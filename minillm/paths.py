@@ -6,9 +6,11 @@ MINILLM_RUNS (ledger, checkpoints, peaks), MINILLM_DATA (downloaded corpora).
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import secrets
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -167,6 +169,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _clear_stale_temps(path)
     except BaseException:
         # Nobody else uses this temp name, so removing it here cannot touch another writer's file.
         try:
@@ -174,6 +177,23 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], 
         except OSError:
             pass
         raise
+
+
+# A temp file of an atomic write untouched this long was left by a killed process (SIGKILL, a crash): a live
+# write finishes in far less, so it is deleted by the next write of the same file.
+STALE_TEMP_S = 600
+
+
+def _clear_stale_temps(path: Path) -> None:
+    """Delete the temp files of earlier atomic writes of `path` that a killed process left (each as big as the file,
+    a checkpoint say); a recent one may be another process's write still running, so it is kept."""
+    now = time.time()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 12}.tmp"):
+        try:
+            if now - stale.stat().st_mtime >= STALE_TEMP_S:
+                stale.unlink()
+        except OSError:   # gone already, or not ours to delete
+            pass
 
 
 def _create_unique_temp(path: Path, where: str = "atomic_write") -> tuple[int, Path]:

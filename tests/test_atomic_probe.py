@@ -207,3 +207,21 @@ def test_part_files_of_killed_downloads_are_cleared_and_a_running_ones_kept(tmp_
     data.download_file(source.as_uri(), cache / "corpus.txt", digest)
     assert not stale.exists() and fresh.exists()
     assert (cache / "corpus.txt").read_bytes() == source.read_bytes()
+
+
+def test_temp_files_of_killed_atomic_writes_are_cleared_by_the_next_write(tmp_path):
+    import os
+    import time
+    from minillm import paths
+    target = tmp_path / "ck.pt"
+    old = tmp_path / ".ck.pt.0123456789ab.tmp"      # a write killed long ago
+    fresh = tmp_path / ".ck.pt.ba9876543210.tmp"    # another process's write, running now
+    other = tmp_path / ".other.pt.0123456789ab.tmp"  # another file's
+    for leftover in (old, fresh, other):
+        leftover.write_bytes(b"x" * 100)
+    long_ago = time.time() - paths.STALE_TEMP_S - 5
+    os.utime(old, (long_ago, long_ago))
+    os.utime(other, (long_ago, long_ago))
+    paths.atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert not old.exists() and fresh.exists() and other.exists()
