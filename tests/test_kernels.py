@@ -12,18 +12,10 @@ import sys
 import pytest
 import torch
 
-GPU = torch.cuda.is_available()
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton")
-    from minillm.kernels import elementwise, grouped, normalization, rowwise, tiled_matmul  # noqa: E402,F401
-finally:
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+from kernel_imports import GPU, interpreter_on, kernel_modules
+
+elementwise, grouped, normalization, rowwise, tiled_matmul = kernel_modules()
+import triton  # noqa: E402  (installed: kernel_modules() skips this module otherwise)
 
 from minillm import grading, kernels  # noqa: E402
 from minillm.kernels import reference  # noqa: E402
@@ -37,15 +29,8 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol
 
 @pytest.fixture(autouse=True, scope="module")
 def interpreter_without_gpu():
-    if GPU:
+    with interpreter_on():
         yield
-        return
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):

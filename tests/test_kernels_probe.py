@@ -8,27 +8,16 @@ on a CPU. The regressions it found are pinned at the end.
 Like tests/test_kernels.py, TRITON_INTERPRET=1 is set (without a GPU) before triton and the kernel modules
 are imported, then restored, and set again only while this module's tests run. Shapes stay <= 128.
 """
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-GPU = torch.cuda.is_available()
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    from minillm.kernels import elementwise, grouped, normalization, rowwise, tiled_matmul
-finally:
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+from kernel_imports import GPU, interpreter_on, kernel_modules
 
-# imported above while the interpreter was switched on: the kernels compile for it, not for a missing GPU
-KERNEL_MODULES = (elementwise, grouped, normalization, rowwise, tiled_matmul)
+# imported while the interpreter was switched on: the kernels compile for it, not for a missing GPU
+KERNEL_MODULES = kernel_modules()
+elementwise, grouped, normalization, rowwise, tiled_matmul = KERNEL_MODULES
 
 from minillm import kernels  # noqa: E402
 
@@ -41,14 +30,8 @@ FP32 = dict(rtol=1e-2 if GPU else 1e-4, atol=1e-4)   # GPU fp32 products may use
 @pytest.fixture(autouse=True, scope="module")
 def interpreter_without_gpu():
     last_backend_before = kernels.last_backend()   # process-wide: leave it as this module found it
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if not GPU:
-        if _INTERPRET_BEFORE is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+    with interpreter_on():
+        yield
     kernels._last_backend.clear()
     kernels._last_backend.update(last_backend_before)
 

@@ -19,7 +19,6 @@ Like tests/test_kernels.py, TRITON_INTERPRET=1 is set (without a GPU) before tri
 are imported, then restored, and set again only while this module's tests run.
 """
 import math
-import os
 from contextlib import nullcontext
 from unittest import mock
 
@@ -27,20 +26,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-GPU = torch.cuda.is_available()
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    from minillm.kernels import elementwise, grouped, normalization, rowwise, tiled_matmul
-finally:
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-# imported above while the interpreter was switched on: the kernels compile for it, not for a missing GPU
-KERNEL_MODULES = (elementwise, grouped, normalization, rowwise, tiled_matmul)
+from kernel_imports import GPU, interpreter_on, kernel_modules
+
+# imported while the interpreter was switched on: the kernels compile for it, not for a missing GPU
+KERNEL_MODULES = kernel_modules()
+elementwise, grouped, normalization, rowwise, tiled_matmul = KERNEL_MODULES
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -86,14 +76,8 @@ def interpreter_without_gpu():
     # kernels.last_backend() is process-wide, and a test of tests/test_kernels.py compares all of it: leave it
     # as this module found it
     last_backend_before = kernels.last_backend()
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if not GPU:
-        if _INTERPRET_BEFORE is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+    with interpreter_on():
+        yield
     kernels._last_backend.clear()
     kernels._last_backend.update(last_backend_before)
 
