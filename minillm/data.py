@@ -14,6 +14,7 @@ cache (`MINILLM_DATA`, default `~/.cache/minillm/data`) is never fetched again.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import http.client
 import json
@@ -22,7 +23,6 @@ import operator
 import os
 import socket
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import warnings
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .paths import atomic_write_text, data_dir, datasets_dir
+from .paths import atomic_write_text, clear_stale_files, data_dir, datasets_dir
 
 PYDOCS = "pydocs"
 MANIFEST_FIELDS = ("url", "filename", "size", "sha256", "licence", "source", "description")
@@ -289,16 +289,9 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str | None, size: i
 
 
 def _clear_stale_parts(dest: Path) -> None:
-    """Delete the .part files that downloads of `dest` killed midway (SIGKILL, a crash, a closed laptop) left in
-    its folder, each up to the corpus's size; one written to in the last _STALE_PART_S seconds may be a running
-    download's (another notebook's), so it is kept."""
-    now = time.time()
-    for part in dest.parent.glob(f".{dest.name}.*.part"):
-        try:
-            if now - part.stat().st_mtime >= _STALE_PART_S:
-                part.unlink()
-        except OSError:   # gone already, or not ours to delete
-            pass
+    """The .part files that downloads of `dest` killed midway (SIGKILL, a crash, a closed laptop) left in its
+    folder, each up to the corpus's size; a running download (another notebook's) writes its own every chunk."""
+    clear_stale_files(dest.parent, f".{glob.escape(dest.name)}.*.part", _STALE_PART_S)
 
 
 def _content_length(response) -> int | None:

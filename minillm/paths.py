@@ -184,16 +184,22 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], 
 STALE_TEMP_S = 600
 
 
-def _clear_stale_temps(path: Path) -> None:
-    """Delete the temp files of earlier atomic writes of `path` that a killed process left (each as big as the file,
-    a checkpoint say); a recent one may be another process's write still running, so it is kept."""
+def clear_stale_files(folder: Path, pattern: str, age_s: float) -> None:
+    """Delete the files in `folder` matching the glob `pattern` that nothing has written to for `age_s` seconds:
+    leftovers of killed processes. A recent one may be another process's write still running, so it is kept."""
     now = time.time()
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 12}.tmp"):
+    for stale in folder.glob(pattern):
         try:
-            if now - stale.stat().st_mtime >= STALE_TEMP_S:
+            if now - stale.stat().st_mtime >= age_s:
                 stale.unlink()
         except OSError:   # gone already, or not ours to delete
             pass
+
+
+def _clear_stale_temps(path: Path) -> None:
+    """The temp files of earlier atomic writes of `path` that a killed process left (each as big as the file, a
+    checkpoint say)."""
+    clear_stale_files(path.parent, f".{glob.escape(path.name)}.{'?' * 12}.tmp", STALE_TEMP_S)
 
 
 def _create_unique_temp(path: Path, where: str = "atomic_write") -> tuple[int, Path]:
