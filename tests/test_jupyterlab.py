@@ -9,6 +9,7 @@ check cell printed its ✓ line.
 """
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -112,6 +113,14 @@ def test_chapter_runs_in_jupyterlab(lab):
     printed = "".join("".join(o.get("text", "")) for c in cells for o in c["outputs"])
     for exercise in CHAPTERS[notebook.name]:
         assert f"✓ {exercise}" in printed, f"{exercise}'s check did not pass in JupyterLab"
+    # a check cell prints its ✓ line and nothing else: no Out[n] echo of the points check() returns
+    echoed = [c["id"] for c in cells if c["metadata"].get("nbgrader", {}).get("grade")
+              for o in c["outputs"] if o.get("output_type") == "execute_result"]
+    assert not echoed, f"check cells echo the points they return under the ✓ line: {echoed}"
     if notebook.name.startswith("04"):
-        widgets = {c["id"] for c in cells for o in c["outputs"] if WIDGET_VIEW in o.get("data", {})}
+        widgets = {c["id"]: "".join(o["data"].get("text/plain", "")) for c in cells for o in c["outputs"]
+                   if WIDGET_VIEW in o.get("data", {})}
         assert "widget" in widgets, "chapter 04's routing explorer (cell 'widget') fell back to a static figure"
+        assert not re.search(r"Slider\([^)]*\bmax=0\b", widgets["widget"]), \
+            f"the routing explorer shows a slider with nowhere to go: {widgets['widget']}"
+
