@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillm.kernels.reference import wide_dtype
+from minillm.kernels.reference import _wide
 from minillm.model import GPT
 
 __all__ = ["bigram_counts", "bigram_probabilities", "bigram_nll", "perplexity", "bits_per_byte",
@@ -269,8 +269,8 @@ class _LanguageModel(nn.Module):
         if targets is None:
             return logits, None
         # at least float32 (as GPT): a float64 model's loss stays float64, so it can be gradchecked
-        wide = logits.to(wide_dtype(logits.dtype))
-        loss = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), targets.reshape(-1).long(), ignore_index=-100)
+        loss = F.cross_entropy(_wide(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
+                               ignore_index=-100)
         return logits, loss
 
     def num_parameters(self) -> int:
