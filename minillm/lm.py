@@ -137,7 +137,11 @@ def _as_loss(value, where: str) -> float:
         shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
         raise TypeError(f"{where}: mean_nll={shown} must be one number (nats per token), e.g. loss.item() or "
                         "evaluate_nll(model, tokens)")
-    return float(value.item() if hasattr(value, "item") else value)
+    value = float(value.item() if hasattr(value, "item") else value)
+    if value < -1e-6:   # -ln p >= 0 for every probability p <= 1; a hair below 0 is rounding
+        raise ValueError(f"{where}: mean_nll={value:g} is negative, and a negative log-likelihood never is "
+                         "(-ln p >= 0 for p <= 1); pass the loss itself, not a log-probability or a difference")
+    return value
 
 
 def perplexity(mean_nll: float) -> float:

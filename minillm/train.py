@@ -395,6 +395,14 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}; check the path, "
                                 "or train with TrainConfig(checkpoint_path=...) to write one")
+    if isinstance(map_location, (str, torch.device)):   # a dict or a function is torch.load's business
+        # Before reading: a device this machine lacks would otherwise look like a corrupt file.
+        device = resolve_device(map_location, "load_checkpoint: map_location")
+        if device.type == "meta":
+            raise ValueError("load_checkpoint: map_location='meta' would load sizes without values; for a model "
+                             "built on the meta device, call model.to_empty(device='cpu') and then "
+                             "load_checkpoint(path, model) fills it")
+        map_location = device   # "auto" is this machine's default device
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:

@@ -367,3 +367,14 @@ def test_perplexity_is_finite_up_to_where_floats_overflow_and_losses_may_be_tens
             lm.perplexity(nonsense)
         with pytest.raises(TypeError, match="mean_nll=.* must be one number"):
             lm.bits_per_byte(nonsense, 10, 20)
+
+
+def test_a_negative_loss_is_refused_by_perplexity_and_bits_per_byte():
+    # before: perplexity(-2.0) gave 0.135, "better than certain", for a log-probability passed by mistake
+    for function, args in ((lm.perplexity, ()), (lm.bits_per_byte, (10, 20))):
+        with pytest.raises(ValueError, match="mean_nll=-2 is negative"):
+            function(-2.0, *args)
+        with pytest.raises(ValueError, match="negative"):
+            function(torch.tensor(-0.5), *args)
+    assert lm.perplexity(-1e-9) == pytest.approx(1.0)   # rounding just below 0 is still a loss of 0
+    assert lm.perplexity(0.0) == 1.0

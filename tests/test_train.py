@@ -759,3 +759,23 @@ def test_load_checkpoint_rebuilds_the_small_models_of_chapter_02_not_a_gpt(byte_
     with pytest.raises(ValueError, match=r"saved from a minillm\.lm\.CountingBigram model.*load_checkpoint\(path, "
                                          r"model\)"):
         load_checkpoint(tmp_path / "counting.pt")
+
+
+def test_a_map_location_this_machine_lacks_is_not_called_a_corrupt_checkpoint(tmp_path):
+    # before: map_location="bogus" (or "cuda" on a CPU machine) said the file was corrupt and to delete it,
+    # and "meta" failed deep in load_state_dict
+    path = tmp_path / "good.pt"
+    model = byte_model()
+    save_checkpoint(path, model)
+    locations = [("bogus", "is not a device"), ("meta", "to_empty")]
+    if not torch.cuda.is_available():
+        locations.append(("cuda", "no CUDA GPU"))
+    for location, message in locations:
+        with pytest.raises(ValueError, match=message) as error:
+            load_checkpoint(path, map_location=location)
+        assert "corrupt" not in str(error.value) and "delete" not in str(error.value)
+        assert path.is_file()
+    for location in ("auto", "cpu", torch.device("cpu"), {"cpu": "cpu"}, None):
+        loaded = load_checkpoint(path, map_location=location)["model"]
+        for name, tensor in model.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[name].cpu(), tensor)
