@@ -19,7 +19,9 @@ under the same memory allocator setting, so the printed ratios hold for this mac
 bench times the experts' matmuls alone (the same per-expert products of the forward and backward passes
 on pre-sorted rows, batched or one per expert as the fused dispatch would do them, no routing, gathering
 or scattering): the floor for that dispatch, so naive loop / floor is about the most it could gain over the
-naive loop at that size.
+naive loop at that size. Where the dispatch multiplies with oneDNN (`minillm.moe.cpu_gemm`: a CPU on which
+MKL skips its AVX-512 code), the bench also times it and its matmuls with the BLAS of torch.bmm, so the
+printed ratios separate what the matrix library gives from what the dispatch gives.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hard
                           probe_hardware, resolve_device)
 from minillm import kernels
 from minillm.paths import atomic_write_text
-from minillm.moe import MoE, MoEConfig, _pair_layout, per_expert_mask_loop, route
+from minillm.moe import (MoE, MoEConfig, _pair_layout, _rows_mm, _weight_mm, cpu_gemm, per_expert_mask_loop,
+                         route, using_cpu_gemm)
 
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
 
@@ -77,40 +80,36 @@ def _routing_layout(layer: MoE, x: torch.Tensor):
 
 
 def _matmul_floor(layer: MoE, layout, device):
-    """Only the expert matmuls of one forward+backward, on this routing's per-expert row counts, done as the
-    fused dispatch does them: one batched matmul over the experts when it pads their rows (a nearly even
-    load), else one matmul per expert."""
+    """Only the expert matmuls of one forward+backward, on this routing's per-expert row counts, done by the
+    fused dispatch's own products (`_rows_mm`, `_weight_mm`: batched over padded rows when the load is nearly
+    even, else grouped), with the CPU matrix library it would use now (`minillm.moe.cpu_gemm`)."""
     config = layer.config
     hidden = config.expert_hidden
     with torch.no_grad():
         w1, w2 = layer.w_gate_up.detach(), layer.w_down.detach()
-        if layout.capacity is not None:
-            shape = (config.n_routed, layout.capacity)
-            xs = torch.randn(*shape, layer.n_embd, device=device)
-            grad_y = torch.randn(*shape, layer.n_embd, device=device)
-            grad_h = torch.randn(*shape, 2 * hidden, device=device)
-
-            def batched():
-                a = torch.bmm(xs, w1)[..., :hidden]
-                torch.bmm(a, w2)
-                torch.bmm(grad_y, w2.transpose(1, 2))
-                torch.bmm(a.transpose(1, 2), grad_y)
-                torch.bmm(grad_h, w1.transpose(1, 2))
-                torch.bmm(xs.transpose(1, 2), grad_h)
-            return batched
-        rows = [(e, torch.randn(n, layer.n_embd, device=device), torch.randn(n, layer.n_embd, device=device),
-                 torch.randn(n, 2 * hidden, device=device)) for e, n in enumerate(layout.sizes) if n]
+        rows = layout.token_of_row.numel()
+        xs = torch.randn(rows, layer.n_embd, device=device)
+        grad_y = torch.randn(rows, layer.n_embd, device=device)
+        grad_h = torch.randn(rows, 2 * hidden, device=device)
+        a = torch.randn(rows, hidden, device=device)
 
     def products():
-        for e, xs, grad_y, grad_h in rows:
-            a = (xs @ w1[e])[:, :hidden]                    # forward: gate/up, then down
-            a @ w2[e]
-            grad_y @ w2[e].t()                              # backward: input and weight gradient of each
-            a.t() @ grad_y
-            grad_h @ w1[e].t()
-            xs.t() @ grad_h
+        with torch.no_grad():
+            _rows_mm(xs, w1, layout)                                    # forward: gate/up, then down
+            _rows_mm(a, w2, layout)
+            _rows_mm(grad_y, w2.transpose(1, 2), layout)              # backward: input and weight gradient of each
+            _weight_mm(a, grad_y, layout)
+            _rows_mm(grad_h, w1.transpose(1, 2), layout)
+            _weight_mm(xs, grad_h, layout)
 
     return products
+
+
+def _with_cpu_gemm(step, choice: str):
+    def run():
+        with using_cpu_gemm(choice):
+            step()
+    return run
 
 
 def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 256, expert_hidden: int = 64,
@@ -142,9 +141,12 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
     has_transformers = _mixtral_block(probe, None) is not None
     if not has_transformers:
         print(f"bench moe: transformers is not installed, so its Mixtral block is skipped; {TRANSFORMERS_HINT}")
+    gemm = cpu_gemm() if device.type == "cpu" else "blas"
+    multiplier = ("oneDNN (MKL would skip this CPU's AVX-512; see minillm.moe.cpu_gemm)" if gemm == "onednn"
+                  else "torch.bmm")
     print(f"bench moe on {device}: {tokens} tokens, d_model {d_model}, SwiGLU experts of width {expert_hidden}, "
           f"top_k {top_k}, forward+backward, best of {repeats} alternating rounds, "
-          f"{torch.get_num_threads()} CPU thread(s); allocator: "
+          f"{torch.get_num_threads()} CPU thread(s); padded expert rows multiplied by {multiplier}; allocator: "
           f"{'freed memory kept for reuse (--default-malloc to measure without)' if kept else 'as the system set it'}")
     rows = []
     with Meter("bench moe", chapter="04", device=device) as total:
@@ -180,10 +182,16 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 contenders["triton_grouped"] = _training_step(with_dispatch("triton"), x, params)
             layout = _routing_layout(layer, x)
             contenders["matmul_floor"] = _matmul_floor(layer, layout, device)
+            if gemm == "onednn" and layout.capacity is not None:
+                # Where oneDNN multiplies the padded rows, the same dispatch and floor with the BLAS of torch.bmm
+                # too: how much of the gain is the matrix library's and how much the dispatch's.
+                contenders["sorted_blas"] = _with_cpu_gemm(contenders["sorted"], "blas")
+                contenders["matmul_floor_blas"] = _with_cpu_gemm(contenders["matmul_floor"], "blas")
             # Alternating rounds, so a burst of load from elsewhere cannot favour one contender.
             seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
             row = {"experts": n_experts, "layout": "padded" if layout.capacity is not None else "grouped",
-                   "padding_fraction": layout.padding}
+                   "padding_fraction": layout.padding,
+                   "cpu_gemm": gemm if layout.capacity is not None and device.type == "cpu" else "blas"}
             row.update({f"{name}_tokens_per_second": tokens / s for name, s in seconds.items()})
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]
@@ -205,6 +213,13 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             parts.append(f"matmuls alone {row['matmul_floor_tokens_per_second']:,.0f} "
                          f"(naive loop / these: {row['floor_vs_naive_loop']:.2f}x, about the most the dispatch "
                          f"could gain)")
+            if "sorted_blas_tokens_per_second" in row:
+                row["blas_vs_naive_loop"] = row["sorted_blas_tokens_per_second"] / row["naive_loop_tokens_per_second"]
+                row["blas_floor_vs_naive_loop"] = (row["matmul_floor_blas_tokens_per_second"]
+                                                   / row["naive_loop_tokens_per_second"])
+                parts.append(f"with torch.bmm's BLAS instead of oneDNN: sorted {row['sorted_blas_tokens_per_second']:,.0f}"
+                             f" ({row['blas_vs_naive_loop']:.2f}x the naive loop), matmuls alone "
+                             f"{row['matmul_floor_blas_tokens_per_second']:,.0f} ({row['blas_floor_vs_naive_loop']:.2f}x)")
             parts.append(f"rows {row['layout']} (padding to the busiest expert: +{layout.padding:.0%} rows)")
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
@@ -227,7 +242,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
               "torch": torch.__version__, "measured_at": _dt.datetime.now().isoformat(timespec="seconds"),
               "threads": torch.get_num_threads(), "tokens": tokens, "d_model": d_model,
               "expert_hidden": expert_hidden, "top_k": top_k, "repeats": repeats, "transformers": has_transformers,
-              "freed_memory_kept": kept,
+              "freed_memory_kept": kept, "cpu_gemm": gemm,
               "rows": rows, "targets": targets}
     if out_dir is not None:
         name = f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}-{_dt.date.today().isoformat()}.json"

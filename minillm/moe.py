@@ -15,15 +15,21 @@ Taught in chapter 04 (mixture of experts). The layer replaces a GPT block's MLP
   contiguous slice (or all experts at once as one padded batched GEMM), and the weighted results are
   added back onto their tokens. `fused_dispatch` (the CPU default) does the same as one op with a
   hand-written backward and grouped matmuls (batched matmuls over rows padded per expert when the load is
-  nearly even). `reference_moe_loop` (one token at a time) and
+  nearly even; on an AMD CPU those padded products go to oneDNN, see `cpu_gemm`). `reference_moe_loop` (one
+  token at a time) and
   `per_expert_mask_loop` (the loop most libraries start with) are the references it is tested and
   benchmarked against.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import numbers
+import os
+import platform
+import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -36,7 +42,8 @@ from minillm import kernels
 __all__ = ["MoEConfig", "MoE", "Routing", "route", "update_bias", "sort_by_expert", "sorted_dispatch",
            "run_experts_on_slices", "run_experts_grouped", "fused_dispatch", "reference_moe_loop",
            "per_expert_mask_loop",
-           "sequence_balance_loss", "load_imbalance", "DISPATCH_KINDS", "PAD_LIMIT"]
+           "sequence_balance_loss", "load_imbalance", "DISPATCH_KINDS", "PAD_LIMIT", "cpu_gemm",
+           "using_cpu_gemm"]
 
 DISPATCH_KINDS = ("auto", "fused", "triton", "grouped", "slices")
 
@@ -370,9 +377,135 @@ def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool) -> _Layo
     return _Layout(token_of_row, row_of_pair, pad_rows, sizes, offs, capacity if padded else None, padding)
 
 
+# Which library multiplies float32 matrices on a CPU. PyTorch's x86 wheels do it with Intel's MKL, which takes
+# its AVX-512 code only on Intel CPUs: on an AMD CPU with AVX-512 (Zen 4 and later) it runs its AVX2 code at
+# about half the speed the chip can reach. oneDNN, the other matrix library inside the same wheels, picks its
+# code from the CPU's features, whoever made it. `python -m minillm.bench moe` prints the experts' matmuls
+# done both ways (the "floor" columns), so the choice is measured on the reader's machine.
+CPU_GEMM_ENV = "MINILLM_CPU_GEMM"
+CPU_GEMM_CHOICES = ("auto", "onednn", "blas")
+
+
+def _onednn_linear():
+    """oneDNN's float32 inner product as PyTorch exposes it to its compiler (x @ w^T), or None without it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _mkl_skips_avx512(machine: str, capability: str, build_config: str, vendor: str) -> bool:
+    """True for an x86 CPU with AVX-512 that Intel did not make, when torch multiplies float32 with MKL."""
+    return (machine.lower() in ("x86_64", "amd64") and capability.upper().startswith("AVX512")
+            and "BLAS_INFO=mkl" in build_config and bool(vendor) and "GenuineIntel" not in vendor
+            and any(name in vendor for name in ("AMD", "Hygon")))
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            match = re.search(r"^vendor_id\s*:\s*(\S+)", file.read(), re.MULTILINE)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    return platform.processor()   # Windows: "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD"
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_skips_avx512() -> bool:
+    """This machine and torch build: see _mkl_skips_avx512 (False where torch has no oneDNN)."""
+    return _onednn_linear() is not None and _mkl_skips_avx512(
+        platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.__config__.show(), _cpu_vendor())
+
+
+_CPU_GEMM_CHOSEN: list[str] = []   # set by `using_cpu_gemm` blocks, innermost last
+
+
+def cpu_gemm() -> str:
+    """The library the MoE's fused dispatch multiplies float32 expert rows with on a CPU: "onednn" or "blas".
+
+    Inside `with using_cpu_gemm(...)` that block's choice; else MINILLM_CPU_GEMM=onednn or =blas if set; else
+    "auto": oneDNN only where MKL would skip the CPU's AVX-512 (an AMD CPU), the BLAS of torch.bmm elsewhere.
+    """
+    if _CPU_GEMM_CHOSEN:
+        choice = _CPU_GEMM_CHOSEN[-1]
+    else:
+        choice = os.environ.get(CPU_GEMM_ENV, "auto").strip().lower() or "auto"
+        if choice not in CPU_GEMM_CHOICES:
+            raise ValueError(f"{CPU_GEMM_ENV}={os.environ[CPU_GEMM_ENV]!r} is not one of "
+                             f"{', '.join(CPU_GEMM_CHOICES)}; unset it (auto) or choose onednn or blas")
+    if choice == "auto":
+        return "onednn" if _blas_skips_avx512() else "blas"
+    if choice == "onednn" and _onednn_linear() is None:
+        raise ValueError(f"{CPU_GEMM_ENV}=onednn, but this torch build has no oneDNN (torch.backends.mkldnn); "
+                         "unset it or choose blas")
+    return choice
+
+
+@contextlib.contextmanager
+def using_cpu_gemm(choice: str):
+    """Within the block, the fused dispatch multiplies with `choice` on a CPU: "onednn", "blas" or "auto".
+
+    For comparing the two on one machine: `with using_cpu_gemm("blas"): layer(x).sum().backward()`.
+    """
+    if not isinstance(choice, str) or choice.strip().lower() not in CPU_GEMM_CHOICES:
+        raise ValueError(f"using_cpu_gemm: {choice!r} is not one of {', '.join(CPU_GEMM_CHOICES)}")
+    _CPU_GEMM_CHOSEN.append(choice.strip().lower())
+    try:
+        cpu_gemm()   # "onednn" on a torch without it: the clear error now, not a silent fallback later
+        yield
+    finally:
+        _CPU_GEMM_CHOSEN.pop()
+
+
+def _onednn_rows_mm(a: torch.Tensor, b: torch.Tensor, capacity: int) -> torch.Tensor | None:
+    """The padded rows product with oneDNN, one inner product per expert; None where it does not apply."""
+    n_experts, inner, width = b.shape
+    if (a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32 or not capacity
+            or not inner or not width or torch.is_grad_enabled() or cpu_gemm() != "onednn"):
+        return None
+    linear = _onednn_linear()
+    weights = b.transpose(1, 2)                # an inner product takes w as (out, in): x @ w^T
+    if not weights[0].is_contiguous():
+        weights = weights.contiguous()         # one copy of the small weight stack, not one per expert
+    out = a.new_empty(a.shape[0], width)
+    try:
+        for e in range(n_experts):
+            rows = slice(e * capacity, (e + 1) * capacity)
+            out[rows] = linear(a[rows], weights[e], None, "none", [], "")
+    except RuntimeError:   # a shape or layout this oneDNN refuses: torch.bmm does it
+        return None
+    return out
+
+
+def _onednn_weight_mm(a: torch.Tensor, c: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor | None:
+    """The padded weight gradients a[rows of e]^T c[rows of e] with oneDNN's inner-product backward-weights
+    primitive, which reads both operands row by row (an inner product on the transposes would copy them)."""
+    inner, width = a.shape[1], c.shape[1]
+    if (a.device.type != "cpu" or a.dtype != torch.float32 or c.dtype != torch.float32 or not capacity
+            or not inner or not width or torch.is_grad_enabled() or cpu_gemm() != "onednn"):
+        return None
+    try:
+        backward_weights = torch.ops.aten.mkldnn_linear_backward_weights
+        shape = torch.empty(inner, width).to_mkldnn()   # only its size and type are read: the result's (K, M)
+        out = []
+        for e in range(n_experts):
+            rows = slice(e * capacity, (e + 1) * capacity)
+            # As if a were a layer's output gradient and c its input: grad_weight = a^T c, already (K, M).
+            out.append(backward_weights(a[rows].to_mkldnn(), c[rows].to_mkldnn(), shape, False)[0].to_dense())
+        return torch.stack(out)
+    except (AttributeError, RuntimeError, NotImplementedError):   # a torch without this op: torch.bmm does it
+        return None
+
+
 def _rows_mm(a: torch.Tensor, b: torch.Tensor, layout: _Layout, kernels_backend: str | None = None) -> torch.Tensor:
     """Rows of a (N, K) grouped by expert, times that expert's b[e] (K, M): (N, M)."""
     if layout.capacity is not None:
+        if kernels_backend is None:
+            out = _onednn_rows_mm(a, b, layout.capacity)
+            if out is not None:
+                return out
         return torch.bmm(a.unflatten(0, (b.shape[0], layout.capacity)), b).flatten(0, 1)
     if kernels_backend is not None:   # minillm's Triton grouped GEMM (chapter 02's kernel dispatch)
         return kernels.grouped_matmul(a, b, layout.offs, backend=kernels_backend)
@@ -391,10 +524,12 @@ def _weight_mm(a: torch.Tensor, c: torch.Tensor, layout: _Layout, kernels_backen
     """Per expert e, a[rows of e]^T @ c[rows of e]: the (n_experts, K, M) weight gradient; zero for idle experts."""
     n_experts = len(layout.sizes)
     if layout.capacity is not None:   # padded rows are zero in both a and c, so they add nothing
-        a, c = a.unflatten(0, (n_experts, layout.capacity)), c.unflatten(0, (n_experts, layout.capacity))
-        # Straight into the weight's layout: (c^T a)^T would need a copy to make it contiguous (autograd stores
-        # .grad in the weight's strides), and measured slower at every size of `python -m minillm.bench moe`.
-        out = torch.bmm(a.transpose(1, 2), c)
+        out = _onednn_weight_mm(a, c, n_experts, layout.capacity) if kernels_backend is None else None
+        if out is None:
+            a, c = a.unflatten(0, (n_experts, layout.capacity)), c.unflatten(0, (n_experts, layout.capacity))
+            # Straight into the weight's layout: (c^T a)^T would need a copy to make it contiguous (autograd
+            # stores .grad in the weight's strides), and measured slower at every size of the moe bench.
+            out = torch.bmm(a.transpose(1, 2), c)
         idle = [e for e, size in enumerate(layout.sizes) if size == 0]
         if idle:   # all padding: zero, even where the expert's weights hold an inf or NaN (0 * inf is NaN)
             out.index_fill_(0, torch.tensor(idle, device=out.device), 0)
@@ -695,7 +830,10 @@ class MoE(nn.Module):
                                                       config.aux_loss_weight)
             if self.step_load.is_meta:   # built on meta, loaded with assign=True: counters are no weights
                 self.step_load = torch.zeros(config.n_routed, dtype=torch.long, device=x.device)
-            self.step_load += torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed)
+            # Only a forward that can be trained on counts toward the bias update (as Megatron-LM does): a look
+            # at the model under torch.no_grad() without model.eval() must not steer the next step's balancing.
+            if torch.is_grad_enabled():
+                self.step_load += torch.bincount(routing.expert_index.reshape(-1), minlength=config.n_routed)
         return output.view(shape)
 
     def _check_built_shapes(self) -> None:

@@ -147,9 +147,17 @@ def test_fused_dispatch_grouped_matmul_and_loop_agree(monkeypatch, hidden):
     assert looped[2][5].abs().sum() == 0 and grouped[2][5].abs().sum() == 0   # the idle expert's gradient
 
 
+@pytest.mark.parametrize("gemm", ["blas", "onednn"])
 @pytest.mark.parametrize("hidden", [6, 66])
-def test_fused_dispatch_pads_only_an_even_load_and_padding_changes_nothing(monkeypatch, hidden):
+def test_fused_dispatch_pads_only_an_even_load_and_padding_changes_nothing(monkeypatch, hidden, gemm):
     import minillm.moe as moe
+
+    linear_calls = []
+    if gemm == "onednn":   # the padded rows products go to oneDNN, one inner product per expert
+        real_linear = moe._onednn_linear()
+        if real_linear is None:
+            pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn)")
+        monkeypatch.setattr(moe, "_onednn_linear", lambda: lambda *a: linear_calls.append(1) or real_linear(*a))
 
     torch.manual_seed(9)
     tokens, n_routed, top_k, width = 64, 8, 2, 16
@@ -177,14 +185,19 @@ def test_fused_dispatch_pads_only_an_even_load_and_padding_changes_nothing(monke
     bmm_calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: bmm_calls.append(1) or real_bmm(*a, **k))
+    monkeypatch.setenv(moe.CPU_GEMM_ENV, gemm)
     for index in (even, even[:63].contiguous()):
         rows = index.shape[0]
         padded = run(index, x[:rows])
-        assert len(bmm_calls) == 6                          # 2 forward + 4 backward batched matmuls
+        if gemm == "blas":
+            assert len(bmm_calls) == 6 and not linear_calls     # 2 forward + 4 backward batched matmuls
+        else:   # 4 rows products and 2 weight gradients, once per expert; no batched matmul
+            assert not bmm_calls and len(linear_calls) == 4 * n_routed
         bmm_calls.clear()
+        linear_calls.clear()
         monkeypatch.setattr(moe, "PAD_LIMIT", -1.0)
         grouped = run(index, x[:rows])
-        assert not bmm_calls
+        assert not bmm_calls and not linear_calls
         monkeypatch.setattr(moe, "PAD_LIMIT", 1 / 8)
         for a, b in zip(padded, grouped):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -573,6 +586,29 @@ def test_bench_moe_reports_ratios_against_the_naive_loop(tmp_path):
         assert (row["layout"] == "padded") == (row["padding_fraction"] <= PAD_LIMIT)
 
 
+@pytest.mark.parametrize("gemm", ["blas", "onednn"])
+def test_bench_moe_shows_what_the_matrix_library_gives_where_it_multiplies_with_onednn(gemm, monkeypatch):
+    import minillm.moe as moe
+    from minillm.bench_moe import bench_moe
+
+    if gemm == "onednn" and moe._onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn)")
+    monkeypatch.setenv(moe.CPU_GEMM_ENV, gemm)
+    monkeypatch.setattr(moe, "PAD_LIMIT", float("inf"))      # padded rows whatever the routing: oneDNN's path
+    result = bench_moe(experts="4", tokens=64, d_model=32, expert_hidden=16, top_k=2, repeats=1,
+                       device="cpu", default_malloc=True)
+    row = result["rows"][0]
+    assert result["cpu_gemm"] == gemm and row["cpu_gemm"] == gemm and row["layout"] == "padded"
+    blas_columns = {"sorted_blas_tokens_per_second", "matmul_floor_blas_tokens_per_second", "blas_vs_naive_loop",
+                    "blas_floor_vs_naive_loop"}
+    if gemm == "blas":
+        assert not blas_columns & set(row)
+    else:   # the same dispatch and floor with torch.bmm beside them
+        assert blas_columns <= set(row)
+        assert row["blas_vs_naive_loop"] == pytest.approx(row["sorted_blas_tokens_per_second"]
+                                                          / row["naive_loop_tokens_per_second"])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(experts="a,b"), "--experts='a,b' must be comma-separated whole numbers"),
     (dict(top_k=0), "--top-k=0 must be a whole number >= 1"),
@@ -879,3 +915,101 @@ def test_config_takes_numpy_numbers_as_python_ones():
     assert all(type(v) in (int, float, str) for v in dataclasses.asdict(config).values())
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig(n_routed=8, top_k=np.float64(2.5))
+
+
+def test_cpu_gemm_takes_onednn_only_where_mkl_would_skip_avx512_and_says_what_is_wrong(monkeypatch):
+    import minillm.moe as moe
+
+    mkl = "  - Build settings: BLAS_INFO=mkl, BUILD_TYPE=Release"
+    assert moe._mkl_skips_avx512("x86_64", "AVX512", mkl, "AuthenticAMD")
+    assert moe._mkl_skips_avx512("AMD64", "avx512", mkl, "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD")
+    assert not moe._mkl_skips_avx512("x86_64", "AVX512", mkl, "GenuineIntel")    # MKL's own AVX-512 code
+    assert not moe._mkl_skips_avx512("x86_64", "AVX2", mkl, "AuthenticAMD")      # no AVX-512 to skip
+    assert not moe._mkl_skips_avx512("x86_64", "AVX512", "BLAS_INFO=open", "AuthenticAMD")   # OpenBLAS
+    assert not moe._mkl_skips_avx512("aarch64", "DEFAULT", mkl, "")
+    monkeypatch.setenv(moe.CPU_GEMM_ENV, "blas")
+    assert moe.cpu_gemm() == "blas"
+    monkeypatch.setenv(moe.CPU_GEMM_ENV, " oneDNN ")
+    if moe._onednn_linear() is not None:
+        assert moe.cpu_gemm() == "onednn"
+    monkeypatch.setenv(moe.CPU_GEMM_ENV, "mkl")
+    with pytest.raises(ValueError, match="MINILLM_CPU_GEMM='mkl' is not one of auto, onednn, blas"):
+        moe.cpu_gemm()
+    monkeypatch.setattr(moe, "_onednn_linear", lambda: None)
+    monkeypatch.setenv(moe.CPU_GEMM_ENV, "onednn")
+    with pytest.raises(ValueError, match="no oneDNN"):
+        moe.cpu_gemm()
+    monkeypatch.delenv(moe.CPU_GEMM_ENV)
+    monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+    assert moe.cpu_gemm() == "onednn"
+    monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: False)
+    assert moe.cpu_gemm() == "blas"
+    monkeypatch.setenv(moe.CPU_GEMM_ENV, "nonsense")          # a block's choice comes before the variable
+    with moe.using_cpu_gemm("BLAS"):
+        assert moe.cpu_gemm() == "blas"
+        with moe.using_cpu_gemm("auto"):
+            assert moe.cpu_gemm() == "blas"
+        assert moe.cpu_gemm() == "blas"
+    with pytest.raises(ValueError, match="nonsense"):
+        moe.cpu_gemm()                                           # and ends with the block
+    with pytest.raises(ValueError, match="using_cpu_gemm: 'mkl' is not one of auto, onednn, blas"):
+        with moe.using_cpu_gemm("mkl"):
+            pass
+    with pytest.raises(ValueError, match="no oneDNN"):            # _onednn_linear is None here
+        with moe.using_cpu_gemm("onednn"):
+            pass
+    assert not moe._CPU_GEMM_CHOSEN
+
+
+@pytest.mark.parametrize("tokens,n_routed,top_k,hidden", [(64, 8, 2, 16), (90, 16, 8, 6), (37, 4, 3, 66)])
+def test_fused_dispatch_with_onednn_matches_the_batched_matmuls_and_the_mask_loop(monkeypatch, tokens, n_routed,
+                                                                                   top_k, hidden):
+    import minillm.moe as moe
+
+    if moe._onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn)")
+    monkeypatch.setattr(moe, "PAD_LIMIT", float("inf"))    # padded rows whatever the load: the oneDNN path
+    torch.manual_seed(tokens)
+    width = 24
+    index = torch.stack([torch.randperm(n_routed)[:top_k] for _ in range(tokens)])
+    index[: tokens // 3, 0] = 0                             # uneven: expert 0 the busiest, others padded
+    x = torch.randn(tokens, width, requires_grad=True)
+    gate = torch.rand(tokens, top_k, requires_grad=True)
+    w1 = (torch.randn(n_routed, width, 2 * hidden) * 0.3).requires_grad_()
+    w2 = (torch.randn(n_routed, hidden, width) * 0.3).requires_grad_()
+    inputs = (x, gate, w1, w2)
+
+    real_linear, real_bmm, calls = moe._onednn_linear(), torch.bmm, []
+    monkeypatch.setattr(moe, "_onednn_linear", lambda: lambda *a: calls.append("onednn") or real_linear(*a))
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append("bmm") or real_bmm(*a, **k))
+
+    def run(gemm):
+        calls.clear()
+        with moe.using_cpu_gemm(gemm):
+            out = fused_dispatch(x, index, gate, w1, w2)
+            result = [out, *torch.autograd.grad(out.square().sum(), inputs)]
+        return result, set(calls)
+
+    (onednn, used), (blas, used_blas) = run("onednn"), run("blas")
+    assert used == {"onednn"} and used_blas == {"bmm"}
+    reference = per_expert_mask_loop(x, index, gate, w1, w2)
+    expected = [reference, *torch.autograd.grad(reference.square().sum(), inputs)]
+    for got, same, want in zip(onednn, blas, expected):
+        torch.testing.assert_close(got, same, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+        assert got.is_contiguous()
+
+
+def test_only_forwards_that_can_be_trained_on_count_toward_the_bias_update():
+    # before: a forward under torch.no_grad() in training mode (a quick look without model.eval()) added its
+    # tokens to the load that sets the next bias update
+    layer = make_layer(n_routed=4, top_k=2, bias_update_rate=0.1)
+    layer.train()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        layer(x)
+    assert int(layer.step_load.sum()) == 0
+    layer(x).sum().backward()
+    assert int(layer.step_load.sum()) == 2 * 5 * 2
+    layer.after_optimizer_step()
+    assert layer.load_history[-1] == layer.last_routing.expert_index.reshape(-1).bincount(minlength=4).tolist()
