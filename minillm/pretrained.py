@@ -17,12 +17,14 @@ some of them or whose info.json disagrees with model.pt.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import numbers
 import os
 import secrets
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ BASE_CORPUS = "pydocs"
 VAL_FRACTION = 0.1
 # The files of a saved base model, all written by one save_base call.
 BASE_FILES = ("model.pt", "tokenizer.json", "info.json")
+TOKENIZER_DIGEST = "tokenizer_sha256"   # info entry: sha256 of the tokenizer.json saved with the model
 # Temporary (.tmp) and moved-aside (.old) folders untouched this long are leftovers of a killed save_base.
 LEFTOVER_AGE_S = 600
 
@@ -156,8 +159,12 @@ def save_base(model: GPT, tokenizer, info: dict | None = None, fast: bool | None
         raise unwritable_folder_error(error, folder / "model.pt", "save_base", folder.parent) from None
     staging = _new_sibling_folder(folder)
     try:
-        save_checkpoint(staging / "model.pt", model, step=steps, extra=info)
         tokenizer.save(staging / "tokenizer.json")
+        # The tokenizer's digest goes into the model's info: a tokenizer.json from another run, even of the
+        # same vocabulary size, is then refused by load_base instead of silently mis-decoding the model.
+        info[TOKENIZER_DIGEST] = _file_digest(staging / "tokenizer.json")
+        info_text = json.dumps(info, indent=2, default=str) + "\n"
+        save_checkpoint(staging / "model.pt", model, step=steps, extra=info)
         atomic_write_text(staging / "info.json", info_text)
         _swap_in(staging, folder)
     except BaseException:
@@ -328,12 +335,37 @@ def load_base(fast: bool | None = None, device: str | torch.device | None = None
         if aside and attempt + 1 < attempts:
             time.sleep(0.05)
             continue
+        if aside and _restore_aside(*aside[0]):
+            return load_base(fast, device)
         hint = (f"; a save_base killed midway left the previous model in {aside[0][0]}: rename that folder to "
                 f"{aside[0][1]} to use it" if aside else "")
         raise FileNotFoundError(f"no base model in {' or '.join(map(str, candidates))}; run chapter 03 "
                                 "(solutions/03_pretraining.ipynb) or call minillm.pretrained.load_or_train_base()"
                                 + hint)
     raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _restore_aside(aside: Path, folder: Path) -> bool:
+    """Put back the model a save_base killed between its two renames left in `aside` (what the save itself
+    does when it fails); True when `folder` holds a model afterwards."""
+    def saved_at(path: Path) -> float:
+        try:
+            return (path / "model.pt").stat().st_mtime
+        except OSError:   # no model in it, or gone already
+            return -1.0
+
+    newest = max(folder.parent.glob(f".{folder.name}.*.old"), default=aside, key=saved_at)
+    try:
+        os.rename(newest, folder)
+    except OSError:   # another process restored or saved one just now, or the folder cannot be written
+        return (folder / "model.pt").is_file()
+    warnings.warn(f"load_base: a save_base killed midway had left the previous base model in {newest}; it is "
+                  f"back in {folder}", stacklevel=3)
+    return True
 
 
 def _folder_identity(folder: Path) -> tuple | None:
@@ -363,6 +395,11 @@ def _read_base_folder(folder: Path):
         raise ValueError(f"load_base: {folder} holds a tokenizer of {tokenizer.vocab_size} tokens but a model "
                          f"of vocab_size={model.config.vocab_size}; the files come from different runs, so "
                          "delete the folder and run load_or_train_base() again")
+    saved_digest = (checkpoint.get("extra") or {}).get(TOKENIZER_DIGEST)
+    if saved_digest is not None and _file_digest(folder / "tokenizer.json") != saved_digest:
+        raise ValueError(f"load_base: {folder}/tokenizer.json is not the tokenizer this model was saved with (its "
+                         "digest differs from the one in model.pt's info); put the original back, or delete the "
+                         "folder and run load_or_train_base() again")
     return model, tokenizer, checkpoint
 
 

@@ -1,6 +1,8 @@
 """minillm.pretrained: the load-or-train call gives a model that beats a unigram model, then loads it back."""
+import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,10 +202,21 @@ def test_a_save_that_lands_while_save_base_swaps_its_folder_in_is_replaced(monke
     assert_loads_as(last[0], last[2])  # the last save wins whole; both older folders are deleted
 
 
-def test_load_base_names_a_model_left_aside_by_a_killed_save(tmp_path):
+def test_load_base_puts_back_a_model_left_aside_by_a_killed_save(tmp_path):
+    # before: load_base only named the folder to rename, and load_or_train_base trained a new model instead
     folder = pretrained.save_base(*tiny_base(0), fast=True)
+    older = folder.with_name(".fast.aaaaaaaaaaaa.old")
+    shutil.copytree(folder, older)
+    os.utime(older / "model.pt", (1, 1))                         # an older save's leftover
     folder.rename(folder.with_name(".fast.0123456789ab.old"))   # killed between the two renames
-    with pytest.raises(FileNotFoundError, match=r"\.fast\.0123456789ab\.old: rename that folder to .*fast"):
+    with pytest.warns(UserWarning, match=r"\.fast\.0123456789ab\.old; it is back in .*fast"):
+        _, _, info = pretrained.load_or_train_base(fast=True, progress=False)
+    assert info["trained_now"] is False and info["steps"] == 0 and folder.is_dir()
+    assert (folder / "model.pt").stat().st_mtime > 1              # the newest one came back
+    (folder / "model.pt").unlink()
+    shutil.rmtree(older)
+    folder.rename(folder.with_name(".fast.0123456789ab.old"))
+    with pytest.raises(FileNotFoundError, match="no base model"):   # an aside folder without a model stays
         load_base(fast=True)
 
 
@@ -238,3 +251,14 @@ def test_unigram_loss_empty_and_nested_inputs():
         unigram_loss([0, 1], [], 2)
     with pytest.raises(ValueError, match="flat sequence"):
         unigram_loss(torch.tensor([[0, 1], [1, 0]]), torch.tensor([0]), 2)
+
+
+def test_load_base_refuses_a_tokenizer_json_from_another_run_of_the_same_vocabulary_size():
+    # before: a hand-copied tokenizer.json of the same size loaded, and the model read every token as another
+    folder = pretrained.save_base(*tiny_base(0), fast=True)
+    info = json.loads((folder / "info.json").read_text())
+    assert len(info["tokenizer_sha256"]) == 64
+    other = BPETokenizer().train(TEXT[::-1], 258)     # the same vocab size as tiny_base(0)'s, other merges
+    other.save(folder / "tokenizer.json")
+    with pytest.raises(ValueError, match="tokenizer.json is not the tokenizer this model was saved with"):
+        load_base(fast=True)
