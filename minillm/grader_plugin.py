@@ -102,6 +102,14 @@ def pytest_runtest_makereport(item, call):
         else:
             status = "error"
         message = f"{ename}: {error.get('evalue')}" if error and status != "timeout" else _first_line(text)
+        if status == "timeout":
+            # nbval numbers the cell in the grader's prepared copy, not in the student's notebook: name it instead
+            limit = re.search(r"Timeout of ([\d.]+) seconds", text)
+            source = str(cell.get("source") or "")
+            first = next((line.strip() for line in source.splitlines() if line.strip()), "")
+            first = first if len(first) <= 60 else first[:57] + "..."
+            message = (f"the cell {cell_id!r} ({first!r}) ran past the "
+                       f"{limit.group(1) + ' s ' if limit else ''}limit for one cell")
         if "Failed to interrupt kernel" in text:
             message += " (the kernel did not answer: it may have died, e.g. os._exit() or out of memory)"
         record = {"status": status, "ename": ename, "message": message[:500]}

@@ -663,3 +663,11 @@ def test_grades_that_cannot_be_written_to_out_are_kept_elsewhere(tmp_path, capsy
     assert "No space left on device" in err and "they are in" in err
     rescue = Path(err.split("they are in ")[1].split()[0])
     assert [row["student"] for row in json.loads((rescue / "grades.json").read_text())] == ["alice"]
+
+
+def test_a_timeout_names_the_students_cell_not_its_number_in_the_graders_copy(graded):
+    # before: "Timeout of 30 seconds exceeded executing cell: 7", a number counted in the prepared copy
+    sub = graded[0]["infinite_loop"]
+    message = next(e.message for e in sub.exercises if e.grade_id == "ex00.1")
+    assert message.startswith("the cell 'ex00-1' (") and "ran past the 30 s limit for one cell" in message, message
+    assert "executing cell" not in message
