@@ -94,6 +94,7 @@ class Meter:
         self.tokens = _count(tokens, "tokens", f"Meter {label!r}", whole=True)
         self.flops = _count(flops, "flops", f"Meter {label!r}")
         self._price_per_hour = price_per_hour
+        self._price_source = None if price_per_hour is None else "given to this Meter"
         self.seconds = 0.0
         self.peak_memory_bytes: int | None = None
         self._start: float | None = None
@@ -150,8 +151,14 @@ class Meter:
     @property
     def price_per_hour(self) -> float:
         if self._price_per_hour is None:
-            self._price_per_hour = price_per_hour()[0]
+            self._price_per_hour, self._price_source = price_per_hour()
         return self._price_per_hour
+
+    @property
+    def price_source(self) -> str:
+        """Where price_per_hour came from: a price table's entry (assumed unless you set it) or the caller."""
+        self.price_per_hour
+        return self._price_source
 
     @property
     def dollars(self) -> float:
@@ -170,6 +177,7 @@ class Meter:
             "flops_per_second": self.flops_per_second if self.flops else None,
             "peak_memory_bytes": self.peak_memory_bytes,
             "price_per_hour": self.price_per_hour,
+            "price_source": self.price_source,
             "dollars": self.dollars,
         }
 
@@ -1235,7 +1243,7 @@ def _describe_values(values: dict, limit: int = 6) -> str:
                 f"{format_quantity(ratio, 'x')} ({verdict})")
     flat = {key: value for key, value in _flatten(values).items() if value is not None and not isinstance(value, list)}
     order = [key for key in _REPORT_KEYS if key in flat] + [key for key in flat if key not in _REPORT_KEYS
-                                                            and key not in ("tokens", "flops", "price_per_hour")]
+                                                            and key not in ("tokens", "flops", "price_per_hour", "price_source")]
     parts = []
     for key in order[:limit]:
         value, unit = flat[key], _unit_for_key(key)

@@ -49,6 +49,10 @@ def test_meter_dollars_use_the_price_table(monkeypatch):
     meter = cost.Meter("t4 work")
     meter.seconds = 7200.0
     assert meter.dollars == pytest.approx(2 * cost.price_per_hour(T4_BOX)[0])
+    # the ledger keeps where the price came from: an assumed table entry is not a measured bill
+    assert meter.to_dict()["price_source"] == cost.price_per_hour(T4_BOX)[1]
+    assert "NVIDIA T4" in meter.price_source and "assumed" in meter.price_source
+    assert cost.Meter("given", price_per_hour=1.0).to_dict()["price_source"] == "given to this Meter"
     with pytest.raises(ValueError, match="price_per_hour"):
         cost.Meter("bad", price_per_hour=-1)
 
