@@ -35,8 +35,8 @@ from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hard
                           probe_hardware, resolve_device)
 from minillm import kernels
 from minillm.paths import atomic_write_text
-from minillm.moe import (MoE, MoEConfig, _pair_layout, _rows_mm, _weight_mm, cpu_gemm, per_expert_mask_loop,
-                         route, using_cpu_gemm)
+from minillm.moe import (ONEDNN_MIN_WORK, MoE, MoEConfig, _pair_layout, _rows_mm, _weight_mm, cpu_gemm,
+                         per_expert_mask_loop, route, using_cpu_gemm)
 
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
 
@@ -142,7 +142,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
     if not has_transformers:
         print(f"bench moe: transformers is not installed, so its Mixtral block is skipped; {TRANSFORMERS_HINT}")
     gemm = cpu_gemm() if device.type == "cpu" else "blas"
-    multiplier = ("oneDNN (MKL would skip this CPU's AVX-512; see minillm.moe.cpu_gemm)" if gemm == "onednn"
+    multiplier = (f"oneDNN where an expert's product has >= 2**{ONEDNN_MIN_WORK.bit_length() - 1} multiply-adds "
+                  "(MKL would skip this CPU's AVX-512; see minillm.moe.cpu_gemm)" if gemm == "onednn"
                   else "torch.bmm")
     print(f"bench moe on {device}: {tokens} tokens, d_model {d_model}, SwiGLU experts of width {expert_hidden}, "
           f"top_k {top_k}, forward+backward, best of {repeats} alternating rounds, "
@@ -182,7 +183,11 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 contenders["triton_grouped"] = _training_step(with_dispatch("triton"), x, params)
             layout = _routing_layout(layer, x)
             contenders["matmul_floor"] = _matmul_floor(layer, layout, device)
-            if gemm == "onednn" and layout.capacity is not None:
+            # The library of the dispatch's biggest product, [gate, up] = rows @ W_gate_up, at this size.
+            row_gemm = "blas"
+            if device.type == "cpu" and layout.capacity is not None:
+                row_gemm = cpu_gemm(layout.capacity * d_model * 2 * expert_hidden)
+            if row_gemm == "onednn":
                 # Where oneDNN multiplies the padded rows, the same dispatch and floor with the BLAS of torch.bmm
                 # too: how much of the gain is the matrix library's and how much the dispatch's.
                 contenders["sorted_blas"] = _with_cpu_gemm(contenders["sorted"], "blas")
@@ -191,7 +196,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
             row = {"experts": n_experts, "layout": "padded" if layout.capacity is not None else "grouped",
                    "padding_fraction": layout.padding,
-                   "cpu_gemm": gemm if layout.capacity is not None and device.type == "cpu" else "blas"}
+                   "cpu_gemm": row_gemm}
             row.update({f"{name}_tokens_per_second": tokens / s for name, s in seconds.items()})
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]

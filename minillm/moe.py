@@ -30,6 +30,7 @@ import numbers
 import os
 import platform
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -396,9 +397,10 @@ def _onednn_linear():
 
 def _mkl_skips_avx512(machine: str, capability: str, build_config: str, vendor: str) -> bool:
     """True for an x86 CPU with AVX-512 that Intel did not make, when torch multiplies float32 with MKL."""
+    # "AMD(?!64)": Windows' platform.processor() falls back to the machine name "AMD64" on Intel CPUs too.
     return (machine.lower() in ("x86_64", "amd64") and capability.upper().startswith("AVX512")
             and "BLAS_INFO=mkl" in build_config and bool(vendor) and "GenuineIntel" not in vendor
-            and any(name in vendor for name in ("AMD", "Hygon")))
+            and re.search(r"AMD(?!64)|Hygon", vendor) is not None)
 
 
 def _cpu_vendor() -> str:
@@ -407,36 +409,62 @@ def _cpu_vendor() -> str:
             match = re.search(r"^vendor_id\s*:\s*(\S+)", file.read(), re.MULTILINE)
         if match:
             return match.group(1)
-    except OSError:
+    except (OSError, ValueError):
         pass
-    return platform.processor()   # Windows: "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD"
+    try:
+        return platform.processor() or ""   # Windows: "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD"
+    except Exception:   # an odd platform: no vendor, so no oneDNN by default
+        return ""
 
 
 @functools.lru_cache(maxsize=None)
 def _blas_skips_avx512() -> bool:
     """This machine and torch build: see _mkl_skips_avx512 (False where torch has no oneDNN)."""
-    return _onednn_linear() is not None and _mkl_skips_avx512(
-        platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.__config__.show(), _cpu_vendor())
+    try:
+        return _onednn_linear() is not None and _mkl_skips_avx512(
+            platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.__config__.show(), _cpu_vendor())
+    except Exception:   # a torch or platform without one of these: the BLAS of torch.bmm, as before
+        return False
 
 
-_CPU_GEMM_CHOSEN: list[str] = []   # set by `using_cpu_gemm` blocks, innermost last
+# Under "auto", an expert's product smaller than this many multiply-adds stays on torch.bmm: oneDNN is called
+# once per expert, and below about this size that per-call cost outweighs its faster kernel (a model with many
+# small experts ran 5 to 50 times slower with oneDNN than with one torch.bmm).
+ONEDNN_MIN_WORK = 1 << 23
+_CPU_GEMM_BLOCKS = threading.local()   # .chosen: the choices of this thread's `using_cpu_gemm` blocks, innermost last
 
 
-def cpu_gemm() -> str:
+def _cpu_gemm_chosen() -> list[str]:
+    if not hasattr(_CPU_GEMM_BLOCKS, "chosen"):
+        _CPU_GEMM_BLOCKS.chosen = []
+    return _CPU_GEMM_BLOCKS.chosen
+
+
+def _cpu_gemm_setting() -> str:
+    """What this thread asks for: its innermost `using_cpu_gemm` block's choice, else MINILLM_CPU_GEMM, else
+    "auto"."""
+    chosen = _cpu_gemm_chosen()
+    if chosen:
+        return chosen[-1]
+    choice = os.environ.get(CPU_GEMM_ENV, "auto").strip().lower() or "auto"
+    if choice not in CPU_GEMM_CHOICES:
+        raise ValueError(f"{CPU_GEMM_ENV}={os.environ[CPU_GEMM_ENV]!r} is not one of "
+                         f"{', '.join(CPU_GEMM_CHOICES)}; unset it (auto) or choose onednn or blas")
+    return choice
+
+
+def cpu_gemm(work: int | None = None) -> str:
     """The library the MoE's fused dispatch multiplies float32 expert rows with on a CPU: "onednn" or "blas".
 
-    Inside `with using_cpu_gemm(...)` that block's choice; else MINILLM_CPU_GEMM=onednn or =blas if set; else
-    "auto": oneDNN only where MKL would skip the CPU's AVX-512 (an AMD CPU), the BLAS of torch.bmm elsewhere.
+    Inside `with using_cpu_gemm(...)` (in this thread) that block's choice; else MINILLM_CPU_GEMM=onednn or =blas
+    if set; else "auto": oneDNN only where MKL would skip the CPU's AVX-512 (an AMD CPU) and oneDNN is enabled
+    (torch.backends.mkldnn.enabled), the BLAS of torch.bmm elsewhere; and, given `work` (the multiply-adds of
+    one expert's product), only from ONEDNN_MIN_WORK up. A chosen "onednn" takes every size.
     """
-    if _CPU_GEMM_CHOSEN:
-        choice = _CPU_GEMM_CHOSEN[-1]
-    else:
-        choice = os.environ.get(CPU_GEMM_ENV, "auto").strip().lower() or "auto"
-        if choice not in CPU_GEMM_CHOICES:
-            raise ValueError(f"{CPU_GEMM_ENV}={os.environ[CPU_GEMM_ENV]!r} is not one of "
-                             f"{', '.join(CPU_GEMM_CHOICES)}; unset it (auto) or choose onednn or blas")
+    choice = _cpu_gemm_setting()
     if choice == "auto":
-        return "onednn" if _blas_skips_avx512() else "blas"
+        small = work is not None and work < ONEDNN_MIN_WORK
+        return "onednn" if _blas_skips_avx512() and torch.backends.mkldnn.enabled and not small else "blas"
     if choice == "onednn" and _onednn_linear() is None:
         raise ValueError(f"{CPU_GEMM_ENV}=onednn, but this torch build has no oneDNN (torch.backends.mkldnn); "
                          "unset it or choose blas")
@@ -447,23 +475,26 @@ def cpu_gemm() -> str:
 def using_cpu_gemm(choice: str):
     """Within the block, the fused dispatch multiplies with `choice` on a CPU: "onednn", "blas" or "auto".
 
-    For comparing the two on one machine: `with using_cpu_gemm("blas"): layer(x).sum().backward()`.
+    For comparing the two on one machine: `with using_cpu_gemm("blas"): layer(x).sum().backward()`. The block
+    holds for its own thread, like torch.no_grad, and a forward run inside it keeps its choice for its backward.
     """
     if not isinstance(choice, str) or choice.strip().lower() not in CPU_GEMM_CHOICES:
         raise ValueError(f"using_cpu_gemm: {choice!r} is not one of {', '.join(CPU_GEMM_CHOICES)}")
-    _CPU_GEMM_CHOSEN.append(choice.strip().lower())
+    chosen = _cpu_gemm_chosen()
+    chosen.append(choice.strip().lower())
     try:
         cpu_gemm()   # "onednn" on a torch without it: the clear error now, not a silent fallback later
         yield
     finally:
-        _CPU_GEMM_CHOSEN.pop()
+        chosen.pop()
 
 
 def _onednn_rows_mm(a: torch.Tensor, b: torch.Tensor, capacity: int) -> torch.Tensor | None:
     """The padded rows product with oneDNN, one inner product per expert; None where it does not apply."""
     n_experts, inner, width = b.shape
     if (a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32 or not capacity
-            or not inner or not width or torch.is_grad_enabled() or cpu_gemm() != "onednn"):
+            or not inner or not width or torch.is_grad_enabled()
+            or cpu_gemm(capacity * inner * width) != "onednn"):
         return None
     linear = _onednn_linear()
     weights = b.transpose(1, 2)                # an inner product takes w as (out, in): x @ w^T
@@ -484,7 +515,9 @@ def _onednn_weight_mm(a: torch.Tensor, c: torch.Tensor, n_experts: int, capacity
     primitive, which reads both operands row by row (an inner product on the transposes would copy them)."""
     inner, width = a.shape[1], c.shape[1]
     if (a.device.type != "cpu" or a.dtype != torch.float32 or c.dtype != torch.float32 or not capacity
-            or not inner or not width or torch.is_grad_enabled() or cpu_gemm() != "onednn"):
+            or not inner or not width or torch.is_grad_enabled()
+            # half the work counted: two to_mkldnn copies and a to_dense per expert on top of the product
+            or cpu_gemm(capacity * inner * width // 2) != "onednn"):
         return None
     try:
         backward_weights = torch.ops.aten.mkldnn_linear_backward_weights
@@ -607,6 +640,8 @@ class _FusedExperts(torch.autograd.Function):
             out = _sum_over_pairs(y, layout.row_of_pair, tokens, top_k)
         ctx.save_for_backward(weight, xs, h, silu_gate, a, weighted_a, w1, w2)
         ctx.layout, ctx.top_k, ctx.kernels_backend = layout, top_k, kernels_backend
+        # A forward inside using_cpu_gemm(...): its backward multiplies alike, wherever backward() is called.
+        ctx.cpu_gemm = _cpu_gemm_setting() if x.device.type == "cpu" else None
         ctx.dtypes = (x.dtype, gate_weight.dtype, w_gate_up.dtype, w_down.dtype)
         return out.to(x.dtype)
 
@@ -619,7 +654,8 @@ class _FusedExperts(torch.autograd.Function):
         tokens, top_k = grad_out.shape[0], ctx.top_k
         need_x, _, need_gate, need_w1, need_w2, _ = ctx.needs_input_grad
         grad_x = grad_gate = grad_w1 = grad_w2 = None
-        with torch.autocast(grad_out.device.type, enabled=False):
+        same_gemm = using_cpu_gemm(ctx.cpu_gemm) if ctx.cpu_gemm is not None else contextlib.nullcontext()
+        with torch.autocast(grad_out.device.type, enabled=False), same_gemm:
             g = grad_out.to(xs.dtype).index_select(0, layout.token_of_row)
             if layout.pad_rows is not None:
                 g.index_fill_(0, layout.pad_rows, 0)

@@ -958,7 +958,7 @@ def test_cpu_gemm_takes_onednn_only_where_mkl_would_skip_avx512_and_says_what_is
     with pytest.raises(ValueError, match="no oneDNN"):            # _onednn_linear is None here
         with moe.using_cpu_gemm("onednn"):
             pass
-    assert not moe._CPU_GEMM_CHOSEN
+    assert not moe._cpu_gemm_chosen()
 
 
 @pytest.mark.parametrize("tokens,n_routed,top_k,hidden", [(64, 8, 2, 16), (90, 16, 8, 6), (37, 4, 3, 66)])
