@@ -20,9 +20,22 @@ def check_causal_attention(causal_attention) -> str:
         q, k, v = (torch.randn(batch, heads, time, head_dim, generator=generator) for _ in range(3))
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         saved = snapshot(q=q, k=k, v=v)
-        got = causal_attention(q, k, v)
+        try:
+            got = causal_attention(q, k, v)
+        except NotImplementedError:   # the unsolved stub (a RuntimeError too): its own message
+            raise
+        except RuntimeError as error:   # e.g. a mask built for one fixed size
+            raise AssertionError(f"causal_attention on shape {(batch, heads, time, head_dim)} raised "
+                                 f"RuntimeError: {str(error)[:300].rstrip('.')}. Hint: take T and head_dim from "
+                                 "q.shape (the check tries several sizes, T=1 too), and build the mask on q.device"
+                                 ) from error
         expect_unchanged(saved, f"causal_attention on shape {(batch, heads, time, head_dim)}",
                          hint="scale the scores (q @ k.transpose(-2, -1) / sqrt(head_dim)), not q in place")
+        if isinstance(got, torch.Tensor) and got.isnan().any():
+            raise AssertionError(f"causal_attention on shape {(batch, heads, time, head_dim)} returned NaN: a row "
+                                 "of scores was all -inf, so softmax divided 0 by 0. Hint: mask only the future "
+                                 "(s > t), never the diagonal: position t attends to itself, "
+                                 "torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)")
         expect_close(got, expected, f"causal_attention on shape {(batch, heads, time, head_dim)}", rtol=1e-4, atol=1e-5,
                      hint="scores = q @ k.transpose(-2, -1) / sqrt(head_dim); set scores above the diagonal "
                           "(future positions) to -inf before softmax over the last dimension; then weights @ v")
