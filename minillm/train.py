@@ -334,7 +334,8 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
         save_checkpoint(interrupt_path, model, optimizer, completed, config, scaler=scaler, rng_state=rng_after_step)
         bar.close()
         print(f"Interrupted after step {completed}/{config.steps}; saved a checkpoint to {interrupt_path}.\n"
-              f"Resume with: train(model, train_tokens, val_tokens, config, resume_from={interrupt_path!r})")
+              f"To resume, call train again with the same model, tokens and TrainConfig, adding "
+              f"resume_from={interrupt_path!r}")
     finally:
         bar.close()
     compiled = (forward_model is not model) if config.compile else None

@@ -163,6 +163,7 @@ def test_ctrl_c_saves_closes_and_returns_then_resumes(byte_tokens, monkeypatch, 
     assert result.checkpoint_path == str(expected_path) and expected_path.is_file()
     printed = capsys.readouterr().out
     assert str(expected_path) in printed and "resume_from" in printed
+    assert "same model, tokens and TrainConfig" in printed   # not a variable name the caller may not have
     saved = load_checkpoint(expected_path)
     assert saved["step"] == 3
     torch.testing.assert_close(parameters_of(saved["model"]), parameters_of(model))
