@@ -428,6 +428,9 @@ def load_or_train_base(fast: bool | None = None, device: str | torch.device | No
     train_config = TrainConfig(**{**asdict(recipe.train), "progress": progress,
                                   "device": str(device) if device is not None else recipe.train.device})
     result = train(model, train_tokens, val_tokens, train_config)
+    if result.interrupted:   # Stop pressed: later chapters would load a half-trained model as the base one
+        raise KeyboardInterrupt(f"training the base model stopped at step {result.step} of {train_config.steps}; "
+                                "nothing was saved, call load_or_train_base() again to train it from the start")
     info = {
         "val_loss": result.final_val_loss,
         "unigram_val_loss": unigram_loss(train_tokens, val_tokens, tokenizer.vocab_size),

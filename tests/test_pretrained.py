@@ -262,3 +262,22 @@ def test_load_base_refuses_a_tokenizer_json_from_another_run_of_the_same_vocabul
     other.save(folder / "tokenizer.json")
     with pytest.raises(ValueError, match="tokenizer.json is not the tokenizer this model was saved with"):
         load_base(fast=True)
+
+
+def test_an_interrupted_base_training_saves_nothing(tmp_path, monkeypatch):
+    # before: Stop during load_or_train_base's training saved the half-trained model as the base model
+    from minillm import train as train_module
+
+    real_lr_at = train_module.lr_at
+
+    def stop_at_step_2(step, config):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_lr_at(step, config)
+
+    monkeypatch.setattr(train_module, "lr_at", stop_at_step_2)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 1 of .*nothing was saved"):
+        load_or_train_base(fast=True, device="cpu", progress=False)
+    assert not (tmp_path / "runs" / "base" / "fast" / "model.pt").exists()
+    with pytest.raises(FileNotFoundError, match="chapter 03"):
+        load_base(fast=True)
