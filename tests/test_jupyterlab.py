@@ -8,20 +8,16 @@ Needs Chromium (Debian: `apt-get install chromium`; `.ci/run` installs it) and t
 check cell printed its ✓ line.
 """
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from jupyterlab_server import CHROMIUM, CHROMIUM_ARGS, CURRENT, KERNEL_IDLE, jupyterlab
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # chapter -> the check lines its solutions print
 CHAPTERS = {"00_setup.ipynb": ["ex00.1", "ex00.2"],
             "01_next_word.ipynb": [f"ex01.{i}" for i in range(1, 6)],
@@ -33,12 +29,6 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium (CI installs it)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(params=list(CHAPTERS))
 def lab(tmp_path, request):
     chapter = request.param
@@ -46,36 +36,13 @@ def lab(tmp_path, request):
     (work / "solutions").mkdir(parents=True)
     shutil.copy(ROOT / "solutions" / chapter, work / "solutions" / chapter)
     (work / "minillm").symlink_to(ROOT / "minillm")  # the bootstrap cell finds minillm by walking up
-    port = free_port()
-    env = {**os.environ, "MINILLM_RUNS": str(tmp_path / "runs"), "MINILLM_FAST": "1",
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"), "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings")}
-    env.pop("MINILLM_HEADLESS", None)  # a real front end: widgets may render
-    server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
-                               "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
-                               f"--ServerApp.root_dir={work}", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                               "--LabApp.expose_app_in_browser=True"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/api/status", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("JupyterLab did not start within 60 s")
+    with jupyterlab(work, tmp_path) as url:
         yield url, work / "solutions" / chapter
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
-CURRENT = "window.jupyterapp && window.jupyterapp.shell.currentWidget"
-KERNEL_IDLE = f"""() => {{ const w = {CURRENT}; const k = w && w.sessionContext && w.sessionContext.session
-    && w.sessionContext.session.kernel; return !!k && k.status === 'idle'; }}"""
 EXECUTION_COUNTS = f"""() => {{ const cells = ({CURRENT}).content.model.cells; const counts = [];
-    for (let i = 0; i < cells.length; i++) {{ const c = cells.get(i); if (c.type === 'code') counts.push(c.executionCount); }}
+    for (let i = 0; i < cells.length; i++) {{ const c = cells.get(i);
+      if (c.type === 'code') counts.push(c.executionCount); }}
     return counts; }}"""
 
 
@@ -84,9 +51,7 @@ def test_chapter_runs_in_jupyterlab(lab):
     url, notebook = lab
     code_cells = sum(1 for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{url}/lab/tree/solutions/{notebook.name}", timeout=90_000)
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)

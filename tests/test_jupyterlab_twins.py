@@ -9,37 +9,23 @@
 Fast mode (MINILLM_FAST=1). Needs Chromium and the `playwright` package, like tests/test_jupyterlab.py.
 """
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from jupyterlab_server import CHROMIUM, CHROMIUM_ARGS, CURRENT, KERNEL_IDLE, jupyterlab
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium (CI installs it)")
 
-CURRENT = "window.jupyterapp && window.jupyterapp.shell.currentWidget"
-KERNEL_IDLE = f"""() => {{ const w = {CURRENT}; const k = w && w.sessionContext && w.sessionContext.session
-    && w.sessionContext.session.kernel; return !!k && k.status === 'idle'; }}"""
 CELLS = f"""() => {{ const cells = ({CURRENT}).content.model.cells; const out = [];
     for (let i = 0; i < cells.length; i++) {{ const c = cells.get(i);
       out.push({{id: c.id, type: c.type, count: c.type === 'code' ? c.executionCount : null,
                  outputs: c.type === 'code' ? c.outputs.toJSON() : []}}); }}
     return out; }}"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def twin(chapter: str, solved: set[str], replace: dict[str, str] | None = None) -> str:
@@ -63,48 +49,25 @@ def lab(tmp_path):
     work = tmp_path / "course"
     (work / "notebooks").mkdir(parents=True)
     (work / "minillm").symlink_to(ROOT / "minillm")  # the bootstrap cell finds minillm by walking up
-    env = {**os.environ, "MINILLM_RUNS": str(tmp_path / "runs"), "MINILLM_FAST": "1",
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
-           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings")}
-    env.pop("MINILLM_HEADLESS", None)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
-                               "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
-                               f"--ServerApp.root_dir={work}", "--LabApp.news_url=",
-                               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                               "--LabApp.expose_app_in_browser=True"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     handles = []
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/api/status", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("JupyterLab did not start within 60 s")
-
+    with jupyterlab(work, tmp_path) as url:
         def start(chapter: str, text: str):
             (work / "notebooks" / chapter).write_text(text)
             p = playwright.sync_playwright().start()
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             handles.append((p, browser))
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{url}/lab/tree/notebooks/{chapter}", timeout=90_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
             page.wait_for_function(KERNEL_IDLE, timeout=120_000)
             return page
-        yield start
-    finally:
-        for p, browser in handles:
-            browser.close()
-            p.stop()
-        server.terminate()
-        server.wait(timeout=30)
+
+        try:
+            yield start
+        finally:
+            for p, browser in handles:
+                browser.close()
+                p.stop()
 
 
 def command(page, name: str) -> None:
