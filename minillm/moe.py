@@ -489,12 +489,18 @@ def using_cpu_gemm(choice: str):
         chosen.pop()
 
 
+def _onednn_takes(rows: int, inner: int, width: int, *operands: torch.Tensor, share: int = 1) -> bool:
+    """Whether oneDNN multiplies these float32 CPU operands, (rows, inner) by (inner, width) per expert, inside the
+    fused dispatch's forward or backward (no autograd graph to build); `share`: count 1/share of the work."""
+    work = rows * inner * width
+    return (work > 0 and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in operands)
+            and not torch.is_grad_enabled() and cpu_gemm(work // share) == "onednn")
+
+
 def _onednn_rows_mm(a: torch.Tensor, b: torch.Tensor, capacity: int) -> torch.Tensor | None:
     """The padded rows product with oneDNN, one inner product per expert; None where it does not apply."""
     n_experts, inner, width = b.shape
-    if (a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32 or not capacity
-            or not inner or not width or torch.is_grad_enabled()
-            or cpu_gemm(capacity * inner * width) != "onednn"):
+    if not _onednn_takes(capacity, inner, width, a, b):
         return None
     linear = _onednn_linear()
     weights = b.transpose(1, 2)                # an inner product takes w as (out, in): x @ w^T
@@ -514,10 +520,8 @@ def _onednn_weight_mm(a: torch.Tensor, c: torch.Tensor, n_experts: int, capacity
     """The padded weight gradients a[rows of e]^T c[rows of e] with oneDNN's inner-product backward-weights
     primitive, which reads both operands row by row (an inner product on the transposes would copy them)."""
     inner, width = a.shape[1], c.shape[1]
-    if (a.device.type != "cpu" or a.dtype != torch.float32 or c.dtype != torch.float32 or not capacity
-            or not inner or not width or torch.is_grad_enabled()
-            # half the work counted: two to_mkldnn copies and a to_dense per expert on top of the product
-            or cpu_gemm(capacity * inner * width // 2) != "onednn"):
+    # half the work counted: two to_mkldnn copies and a to_dense per expert on top of the product
+    if not _onednn_takes(capacity, inner, width, a, c, share=2):
         return None
     try:
         backward_weights = torch.ops.aten.mkldnn_linear_backward_weights
