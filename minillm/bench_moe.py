@@ -222,9 +222,10 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 row["blas_vs_naive_loop"] = row["sorted_blas_tokens_per_second"] / row["naive_loop_tokens_per_second"]
                 row["blas_floor_vs_naive_loop"] = (row["matmul_floor_blas_tokens_per_second"]
                                                    / row["naive_loop_tokens_per_second"])
-                parts.append(f"with torch.bmm's BLAS instead of oneDNN: sorted {row['sorted_blas_tokens_per_second']:,.0f}"
-                             f" ({row['blas_vs_naive_loop']:.2f}x the naive loop), matmuls alone "
-                             f"{row['matmul_floor_blas_tokens_per_second']:,.0f} ({row['blas_floor_vs_naive_loop']:.2f}x)")
+                parts.append(f"with torch.bmm's BLAS instead of oneDNN: sorted "
+                             f"{row['sorted_blas_tokens_per_second']:,.0f} ({row['blas_vs_naive_loop']:.2f}x the "
+                             f"naive loop), matmuls alone {row['matmul_floor_blas_tokens_per_second']:,.0f} "
+                             f"({row['blas_floor_vs_naive_loop']:.2f}x)")
             parts.append(f"rows {row['layout']} (padding to the busiest expert: +{layout.padding:.0%} rows)")
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "

@@ -157,7 +157,7 @@ class Meter:
     @property
     def price_source(self) -> str:
         """Where price_per_hour came from: a price table's entry (assumed unless you set it) or the caller."""
-        self.price_per_hour
+        _ = self.price_per_hour   # the first lookup in the price table sets the source too
         return self._price_source
 
     @property
@@ -1208,6 +1208,7 @@ _KEY_UNITS = [  # (test on the value's key, unit), first match wins
     (lambda key: key.endswith("percent"), "%"),
     (lambda key: key == "ratio", "x"),
 ]
+_NOT_REPORTED = ("tokens", "flops", "price_per_hour", "price_source")   # the other figures say what matters
 _REPORT_KEYS = ["seconds", "tokens_per_second", "flops_per_second", "dollars", "peak_memory_bytes"]
 _DISPLAY_NAMES = {"seconds": "time", "tokens_per_second": "speed", "flops_per_second": "compute",
                   "dollars": "cost", "peak_memory_bytes": "peak memory"}
@@ -1243,7 +1244,7 @@ def _describe_values(values: dict, limit: int = 6) -> str:
                 f"{format_quantity(ratio, 'x')} ({verdict})")
     flat = {key: value for key, value in _flatten(values).items() if value is not None and not isinstance(value, list)}
     order = [key for key in _REPORT_KEYS if key in flat] + [key for key in flat if key not in _REPORT_KEYS
-                                                            and key not in ("tokens", "flops", "price_per_hour", "price_source")]
+                                                            and key not in _NOT_REPORTED]
     parts = []
     for key in order[:limit]:
         value, unit = flat[key], _unit_for_key(key)

@@ -379,8 +379,8 @@ def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool) -> _Layo
 
 
 # Which library multiplies float32 matrices on a CPU. PyTorch's x86 wheels do it with Intel's MKL, which takes
-# its AVX-512 code only on Intel CPUs: on an AMD CPU with AVX-512 (Zen 4 and later) it runs its AVX2 code at
-# about half the speed the chip can reach. oneDNN, the other matrix library inside the same wheels, picks its
+# its AVX-512 code only on Intel CPUs: on an AMD CPU with AVX-512 (Zen 4 and later) it runs narrower code, well
+# below what the chip can reach. oneDNN, the other matrix library inside the same wheels, picks its
 # code from the CPU's features, whoever made it. `python -m minillm.bench moe` prints the experts' matmuls
 # done both ways (the "floor" columns), so the choice is measured on the reader's machine.
 CPU_GEMM_ENV = "MINILLM_CPU_GEMM"
