@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hardware_id, keep_freed_memory,
                           probe_hardware, resolve_device)
-from minillm import kernels
+from minillm import kernels, moe
 from minillm.paths import atomic_write_text
-from minillm.moe import (ONEDNN_MIN_WORK, MoE, MoEConfig, _pair_layout, _rows_mm, _weight_mm, cpu_gemm,
-                         per_expert_mask_loop, route, using_cpu_gemm)
+from minillm.moe import (ONEDNN_MIN_WORK, MoE, MoEConfig, _pair_layout, _row_granule, _rows_mm, _weight_mm,
+                         cpu_gemm, per_expert_mask_loop, route, using_cpu_gemm)
 
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
 
@@ -73,10 +76,14 @@ def _training_step(forward, x: torch.Tensor, parameters):
 
 
 def _routing_layout(layer: MoE, x: torch.Tensor):
-    """The rows layout the fused dispatch picks for this layer's routing of x (padded or grouped)."""
+    """The rows layout the fused dispatch picks for this layer's routing of x (padded or grouped), with the
+    matrix library it would use now (`minillm.moe.cpu_gemm`: oneDNN rounds the padded rows up)."""
+    config = layer.config
     with torch.no_grad():
-        routing = route(layer.router(x.reshape(-1, layer.n_embd)), None, layer.config.top_k)
-        return _pair_layout(routing.expert_index, layer.config.n_routed, pad=True)
+        routing = route(layer.router(x.reshape(-1, layer.n_embd)), None, config.top_k)
+        granule = _row_granule(layer.w_gate_up.dtype, x.device, layer.n_embd, 2 * config.expert_hidden,
+                               config.n_routed, routing.expert_index.numel())
+        return _pair_layout(routing.expert_index, config.n_routed, pad=True, granule=granule)
 
 
 def _matmul_floor(layer: MoE, layout, device):
@@ -103,6 +110,38 @@ def _matmul_floor(layer: MoE, layout, device):
             _weight_mm(xs, grad_h, layout)
 
     return products
+
+
+FRESH_STEPS = 12
+
+
+def _fresh_routing_ms(layer: MoE, tokens: int, device, blocks: int, steps: int = FRESH_STEPS) -> dict[str, float]:
+    """Milliseconds per forward+backward when every step brings new tokens, as training does: a new routing and
+    so a new busiest-expert count each step. The median of `blocks` blocks of `steps` steps, for oneDNN with
+    the padded rows rounded up to a granule (what the layer does), oneDNN with the exact busiest count, and the
+    BLAS of torch.bmm, in rotating order. The best-of-N timings above cannot show this: after its first call
+    each shape is cached, and the fastest run is one that built nothing."""
+    variants = {"onednn_rounded": ("onednn", moe.ONEDNN_ROWS_PER_GRANULE),
+                "onednn_exact": ("onednn", sys.maxsize),   # a granule of 1: no rounding
+                "blas": ("blas", moe.ONEDNN_ROWS_PER_GRANULE)}
+    names, times = list(variants), {name: [] for name in variants}
+    params, kept = list(layer.parameters()), moe.ONEDNN_ROWS_PER_GRANULE
+    for block in range(blocks):
+        for name in names[block % 3:] + names[:block % 3]:
+            choice, rows_per_granule = variants[name]
+            inputs = [torch.randn(1, tokens, layer.n_embd, device=device, requires_grad=True) for _ in range(steps)]
+            moe.ONEDNN_ROWS_PER_GRANULE = rows_per_granule
+            try:
+                with using_cpu_gemm(choice):
+                    start = time.perf_counter()
+                    for x in inputs:
+                        for p in params:
+                            p.grad = None
+                        layer(x).float().square().mean().backward()
+                    times[name].append((time.perf_counter() - start) / steps * 1e3)
+            finally:
+                moe.ONEDNN_ROWS_PER_GRANULE = kept
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _with_cpu_gemm(step, choice: str):
@@ -191,13 +230,17 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                 # Where oneDNN multiplies the padded rows, the same dispatch and floor with the BLAS of torch.bmm
                 # too: how much of the gain is the matrix library's and how much the dispatch's.
                 contenders["sorted_blas"] = _with_cpu_gemm(contenders["sorted"], "blas")
-                contenders["matmul_floor_blas"] = _with_cpu_gemm(contenders["matmul_floor"], "blas")
+                with using_cpu_gemm("blas"):   # its own layout: no rounding of the padded rows for oneDNN
+                    blas_layout = _routing_layout(layer, x)
+                contenders["matmul_floor_blas"] = _with_cpu_gemm(_matmul_floor(layer, blas_layout, device), "blas")
             # Alternating rounds, so a burst of load from elsewhere cannot favour one contender.
             seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
             row = {"experts": n_experts, "layout": "padded" if layout.capacity is not None else "grouped",
                    "padding_fraction": layout.padding,
                    "cpu_gemm": row_gemm}
             row.update({f"{name}_tokens_per_second": tokens / s for name, s in seconds.items()})
+            if row_gemm == "onednn":
+                row["fresh_routing_ms_per_step"] = _fresh_routing_ms(layer, tokens, device, blocks=repeats)
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["vs_autograd_slices"] = row["sorted_tokens_per_second"] / row["autograd_slices_tokens_per_second"]
@@ -226,7 +269,12 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                              f"{row['sorted_blas_tokens_per_second']:,.0f} ({row['blas_vs_naive_loop']:.2f}x the "
                              f"naive loop), matmuls alone {row['matmul_floor_blas_tokens_per_second']:,.0f} "
                              f"({row['blas_floor_vs_naive_loop']:.2f}x)")
-            parts.append(f"rows {row['layout']} (padding to the busiest expert: +{layout.padding:.0%} rows)")
+            parts.append(f"rows {row['layout']} (padding: +{layout.padding:.0%} rows)")
+            if "fresh_routing_ms_per_step" in row:
+                fresh = row["fresh_routing_ms_per_step"]
+                parts.append(f"new tokens every step as in training (median ms per step of {repeats} blocks of "
+                             f"{FRESH_STEPS}): oneDNN, rows rounded up {fresh['onednn_rounded']:.1f}, oneDNN, "
+                             f"exact busiest count {fresh['onednn_exact']:.1f}, torch.bmm {fresh['blas']:.1f}")
             print(f"  {n_experts:>3} experts: " + ", ".join(parts))
     print(f"bench moe: ratios are minillm's sorted dispatch over each baseline (>1: minillm faster); "
           f"{total.seconds:.1f} s in all")

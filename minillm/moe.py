@@ -352,14 +352,18 @@ class _Layout(NamedTuple):
     sizes: list[int]                    # pairs per expert
     offs: torch.Tensor                  # int32 end row of each expert's group (grouped_mm's offsets)
     capacity: int | None                # rows per expert when padded (then rows = n_experts * capacity)
-    padding: float                      # rows padding to the busiest expert adds, as a fraction of N (0 if N = 0)
+    padding: float                      # rows the padding adds, as a fraction of N (0 if N = 0)
 
 
-def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool) -> _Layout:
-    """The pairs sorted by expert; padded to the busiest expert's count when `pad` and the padding is small."""
+def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool, granule: int = 1) -> _Layout:
+    """The pairs sorted by expert; padded to the busiest expert's count when `pad` and the padding is small,
+    that count rounded up to a multiple of `granule` rows where the rounding keeps within PAD_LIMIT."""
     order, token_of_pair, counts = sort_by_expert(expert_index, n_experts)
     sizes = counts.tolist()
-    pairs, capacity = order.numel(), max(sizes, default=0)
+    pairs, busiest = order.numel(), max(sizes, default=0)
+    capacity = -(-busiest // granule) * granule
+    if pairs and (n_experts * capacity - pairs) / pairs > PAD_LIMIT:
+        capacity = busiest
     sorted_row = torch.arange(pairs, device=order.device)
     padding = (n_experts * capacity - pairs) / pairs if pairs else 0.0
     padded = pad and pairs > 0 and padding <= PAD_LIMIT
@@ -490,6 +494,29 @@ def using_cpu_gemm(choice: str):
         yield
     finally:
         chosen.pop()
+
+
+# oneDNN builds a primitive for each matrix shape it meets and keeps it for reuse; building one costs about as
+# much as the product itself at these sizes (a few hundred microseconds on a 2-core VM). In training the
+# routing changes every step, and with it the busiest expert's count: padding to exactly that count, the six
+# products would meet new shapes step after step. Rounded up to a multiple of a granule, a few shapes recur.
+# The granule is a power of two at most an expert's average rows / ONEDNN_ROWS_PER_GRANULE, so the rounding
+# adds under 1/ONEDNN_ROWS_PER_GRANULE of the rows (16 rows at 16 experts of the bench's 2048 tokens x top-8).
+# `python -m minillm.bench moe` times training-like steps (new tokens each) with and without the rounding.
+ONEDNN_ROWS_PER_GRANULE = 64
+
+
+def _row_granule(dtype: torch.dtype, device: torch.device, inner: int, width: int, n_experts: int,
+                 pairs: int) -> int:
+    """The multiple the padded rows per expert are rounded up to: where oneDNN would multiply them (float32 on a
+    CPU, an expert's average rows times (inner, width) from ONEDNN_MIN_WORK up, `cpu_gemm`) the largest power of
+    two up to the average rows / ONEDNN_ROWS_PER_GRANULE, else 1 (the busiest expert's exact count)."""
+    if device.type != "cpu" or dtype != torch.float32 or not n_experts or not pairs:
+        return 1
+    average = -(-pairs // n_experts)
+    if cpu_gemm(average * inner * width) != "onednn":
+        return 1
+    return 1 << max((average // ONEDNN_ROWS_PER_GRANULE).bit_length() - 1, 0)
 
 
 def _onednn_takes(rows: int, inner: int, width: int, *operands: torch.Tensor, share: int = 1) -> bool:
@@ -631,7 +658,9 @@ class _FusedExperts(torch.autograd.Function):
         if torch.is_autocast_enabled(device_type) and dtype != torch.float64:   # autocast leaves float64 alone
             dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            layout = _pair_layout(expert_index, n_experts, pad=kernels_backend is None)
+            granule = 1 if kernels_backend is not None else _row_granule(
+                dtype, x.device, x.shape[1], 2 * hidden, n_experts, expert_index.numel())
+            layout = _pair_layout(expert_index, n_experts, pad=kernels_backend is None, granule=granule)
             w1, w2 = w_gate_up.to(dtype), w_down.to(dtype)
             # Each row's gate weight (zero on padded rows, so they add nothing to any gradient).
             weight = w1.new_zeros(layout.token_of_row.numel()).scatter_(

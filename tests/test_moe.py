@@ -602,9 +602,12 @@ def test_bench_moe_shows_what_the_matrix_library_gives_where_it_multiplies_with_
     blas_columns = {"sorted_blas_tokens_per_second", "matmul_floor_blas_tokens_per_second", "blas_vs_naive_loop",
                     "blas_floor_vs_naive_loop"}
     if gemm == "blas":
-        assert not blas_columns & set(row)
-    else:   # the same dispatch and floor with torch.bmm beside them
+        assert not blas_columns & set(row) and "fresh_routing_ms_per_step" not in row
+    else:   # the same dispatch and floor with torch.bmm beside them, and steps with fresh routing
         assert blas_columns <= set(row)
+        fresh = row["fresh_routing_ms_per_step"]
+        assert set(fresh) == {"onednn_rounded", "onednn_exact", "blas"} and min(fresh.values()) > 0
+        assert moe.ONEDNN_ROWS_PER_GRANULE == 64   # put back after the exact-count steps
         assert row["blas_vs_naive_loop"] == pytest.approx(row["sorted_blas_tokens_per_second"]
                                                           / row["naive_loop_tokens_per_second"])
 
@@ -998,6 +1001,71 @@ def test_fused_dispatch_with_onednn_matches_the_batched_matmuls_and_the_mask_loo
         torch.testing.assert_close(got, same, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
         assert got.is_contiguous()
+
+
+def test_padded_rows_round_up_to_a_granule_so_that_onednn_meets_few_shapes_as_the_routing_changes():
+    # before: the padded layout took the busiest expert's exact count, which changes with every step's routing,
+    # and oneDNN built a new primitive for each new shape (as costly as the product at these sizes)
+    import minillm.moe as moe
+
+    torch.manual_seed(0)
+    tokens, n_routed, top_k, granule = 2048, 16, 8, 32
+    exact_capacities, rounded_capacities = set(), set()
+    for _ in range(20):
+        index = torch.rand(tokens, n_routed).topk(top_k, dim=-1).indices   # a fresh routing, as in training
+        exact = moe._pair_layout(index, n_routed, pad=True)
+        rounded = moe._pair_layout(index, n_routed, pad=True, granule=granule)
+        assert rounded.capacity % granule == 0 and exact.capacity <= rounded.capacity < exact.capacity + granule
+        assert rounded.padding == pytest.approx((n_routed * rounded.capacity - tokens * top_k) / (tokens * top_k))
+        assert rounded.token_of_row.numel() == n_routed * rounded.capacity
+        assert rounded.pad_rows.numel() == n_routed * rounded.capacity - tokens * top_k
+        exact_capacities.add(exact.capacity)
+        rounded_capacities.add(rounded.capacity)
+    assert len(rounded_capacities) <= 3 < len(exact_capacities)
+    # where rounding would pad more than PAD_LIMIT of the rows, the exact count stays (16 rows, not 32)
+    even = (torch.arange(64).unsqueeze(1) * 2 + torch.arange(2)) % 8
+    assert moe._pair_layout(even, 8, pad=True, granule=granule).capacity == 16
+
+
+def test_rows_round_up_only_where_onednn_multiplies_them(monkeypatch):
+    import minillm.moe as moe
+
+    if moe._onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn)")
+    cpu, f32 = torch.device("cpu"), torch.float32
+    with moe.using_cpu_gemm("onednn"):
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 16384) == 16      # 1024 rows an expert: 1024 / 64
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 16384 * 2 - 16) == 16   # 2047 rows: not yet 32
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 16384 * 4) == 64
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 16 * 40) == 1        # 40 rows: no rounding
+        assert moe._row_granule(torch.bfloat16, cpu, 256, 128, 16, 16384) == 1   # oneDNN takes float32 only
+        assert moe._row_granule(f32, torch.device("meta"), 256, 128, 16, 16384) == 1
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 0) == 1
+    with moe.using_cpu_gemm("blas"):
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 16384) == 1
+    with moe.using_cpu_gemm("auto"):   # auto: from ONEDNN_MIN_WORK up, on a CPU where MKL skips AVX-512
+        monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 16384) == 16
+        assert moe._row_granule(f32, cpu, 16, 8, 16, 16384) == 1                # too small for oneDNN
+        monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: False)
+        assert moe._row_granule(f32, cpu, 256, 128, 16, 16384) == 1
+
+    # the dispatch lays its rows out with the granule, and the result is the batched matmuls' result
+    torch.manual_seed(1)
+    tokens, n_routed, top_k, width, hidden = 1001, 4, 2, 8, 6
+    index = (torch.arange(tokens).unsqueeze(1) * top_k + torch.arange(top_k)) % n_routed   # 501 or 500 rows each
+    x, gate = torch.randn(tokens, width), torch.rand(tokens, top_k)
+    w1, w2 = torch.randn(n_routed, width, 2 * hidden) * 0.3, torch.randn(n_routed, hidden, width) * 0.3
+    capacities, real_layout = [], moe._pair_layout
+    monkeypatch.setattr(moe, "_pair_layout", lambda *a, **k: capacities.append(real_layout(*a, **k).capacity)
+                        or real_layout(*a, **k))
+    results = {}
+    for gemm in ("onednn", "blas"):
+        with moe.using_cpu_gemm(gemm):
+            results[gemm] = fused_dispatch(x, index, gate, w1, w2)
+    exact = real_layout(index, n_routed, pad=True).capacity
+    assert exact == 501 and capacities == [504, 501]   # 501 rows on average: a granule of 4
+    torch.testing.assert_close(results["onednn"], results["blas"], rtol=1e-4, atol=1e-5)
 
 
 def test_only_forwards_that_can_be_trained_on_count_toward_the_bias_update():
