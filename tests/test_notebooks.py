@@ -139,6 +139,43 @@ def test_solution_conventions(path):
             assert not cell["outputs"], f"{path.name}: cell {cell['id']} has outputs; solutions are stored clean"
 
 
+def _top_level_names(code: str) -> set[str]:
+    """Names a notebook cell sets at the top level (assignments, loops, imports, def and class)."""
+    import ast
+    tree = ast.parse("\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Store):
+                names.add(inner.id)
+            elif isinstance(inner, (ast.Import, ast.ImportFrom)):
+                names.update((alias.asname or alias.name).split(".")[0] for alias in inner.names)
+    return names
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_the_ledger_cells_read_names_that_only_one_other_cell_sets(path):
+    # before: chapter 02's roofline cell and its fusion section both set `rows, cols`; rerunning the roofline
+    # cell after the fusion section (as one does in JupyterLab) made the ledger label the softmax wrongly
+    import ast
+    cells = [c for c in load(path)["cells"] if c["cell_type"] == "code"]
+    set_by = {}
+    for cell in cells:
+        for name in _top_level_names(source(cell)):
+            set_by.setdefault(name, []).append(cell["id"])
+    for cell in cells:
+        if cell["id"] not in ("ledger", "savings"):
+            continue
+        own = _top_level_names(source(cell))
+        read = {n.id for n in ast.walk(ast.parse(source(cell))) if isinstance(n, ast.Name)
+                and isinstance(n.ctx, ast.Load)} - own
+        shared = {name: set_by[name] for name in read if len(set_by.get(name, [])) > 1}
+        assert not shared, f"{path.name}: cell {cell['id']} reads names that several cells set: {shared}"
+
+
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
 def test_student_twin_scores_zero_and_fails_only_on_stubs(path):
     """Grade the untouched student notebook: zero points, and nothing raised but the stubs' NotImplementedError."""
