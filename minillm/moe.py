@@ -394,8 +394,7 @@ CPU_GEMM_CHOICES = ("auto", "onednn", "blas")
 def _onednn_linear():
     """oneDNN's float32 inner product as PyTorch exposes it to its compiler (x @ w^T), or None without it.
     The overload itself (.default), not the packet: a packet call first picks its overload from the arguments,
-    which costs as much as a small product (about 7 of 20 microseconds here), and the dispatch calls it once
-    per expert per product."""
+    a fixed cost on top of oneDNN's own, and the dispatch calls it once per expert per product."""
     try:
         return torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
     except (AttributeError, RuntimeError):
@@ -496,10 +495,10 @@ def using_cpu_gemm(choice: str):
         chosen.pop()
 
 
-# oneDNN builds a primitive for each matrix shape it meets and keeps it for reuse; building one costs about as
-# much as the product itself at these sizes (a few hundred microseconds on a 2-core VM). In training the
-# routing changes every step, and with it the busiest expert's count: padding to exactly that count, the six
-# products would meet new shapes step after step. Rounded up to a multiple of a granule, a few shapes recur.
+# oneDNN builds a primitive for each matrix shape it meets and keeps it for reuse; building one can cost as
+# much as an expert's product at the sizes where the dispatch uses oneDNN. In training the routing changes
+# every step, and with it the busiest expert's count: padding to exactly that count, the six products would
+# meet new shapes step after step. Rounded up to a multiple of a granule, a few shapes recur.
 # The granule is a power of two at most an expert's average rows / ONEDNN_ROWS_PER_GRANULE, so the rounding
 # adds under 1/ONEDNN_ROWS_PER_GRANULE of the rows (16 rows at 16 experts of the bench's 2048 tokens x top-8).
 # `python -m minillm.bench moe` times training-like steps (new tokens each) with and without the rounding.
