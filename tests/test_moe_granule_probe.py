@@ -377,15 +377,19 @@ def test_fresh_routing_puts_the_granule_back_even_when_a_step_raises(monkeypatch
     # 1200 pairs on 4 experts: 300 rows on average, 300 // 3 = 100: a granule of 64 when rounded
     assert sorted(set(seen)) == sorted({("onednn", 3, 64), ("onednn", sys.maxsize, 1), ("blas", 3, 1)})
 
-    def boom(*args, **kwargs):
-        if moe.ONEDNN_ROWS_PER_GRANULE == sys.maxsize:
-            raise RuntimeError("a step failed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(moe, "_pair_layout", boom)
+    monkeypatch.setattr(moe, "_pair_layout", _failing_without_rounding(real, "a step failed"))
     with pytest.raises(RuntimeError, match="a step failed"):
         bench._fresh_routing_ms(layer, 64, "cpu", blocks=2, steps=2)
     assert moe.ONEDNN_ROWS_PER_GRANULE == 3 and not moe._cpu_gemm_chosen()
+
+
+def _failing_without_rounding(real, message):
+    """`_pair_layout` that raises `message` in the bench's exact-count steps (no rounding) and works otherwise."""
+    def layout(*args, **kwargs):
+        if moe.ONEDNN_ROWS_PER_GRANULE == sys.maxsize:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+    return layout
 
 
 @needs_onednn
@@ -401,14 +405,7 @@ def test_bench_moe_under_forced_onednn_leaves_the_granule_as_it_was(monkeypatch)
     assert row["cpu_gemm"] == "onednn" and set(row["fresh_routing_ms_per_step"]) == {
         "onednn_rounded", "onednn_exact", "blas"}
     assert moe.ONEDNN_ROWS_PER_GRANULE == 5
-    real = moe._pair_layout
-
-    def boom(*args, **kwargs):
-        if moe.ONEDNN_ROWS_PER_GRANULE == sys.maxsize:
-            raise RuntimeError("a fresh step failed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(moe, "_pair_layout", boom)
+    monkeypatch.setattr(moe, "_pair_layout", _failing_without_rounding(moe._pair_layout, "a fresh step failed"))
     with pytest.raises(RuntimeError, match="a fresh step failed"):
         bench_moe(experts="4", tokens=48, d_model=16, expert_hidden=8, top_k=2, repeats=1, device="cpu",
                   default_malloc=True)
