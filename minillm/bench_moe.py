@@ -19,9 +19,10 @@ under the same memory allocator setting, so the printed ratios hold for this mac
 bench times the experts' matmuls alone (the same per-expert products of the forward and backward passes
 on pre-sorted rows, batched or one per expert as the fused dispatch would do them, no routing, gathering
 or scattering): the floor for that dispatch, so naive loop / floor is about the most it could gain over the
-naive loop at that size. Where the dispatch multiplies with oneDNN (`minillm.moe.cpu_gemm`: a CPU on which
-MKL skips its AVX-512 code), the bench also times it and its matmuls with the BLAS of torch.bmm, so the
-printed ratios separate what the matrix library gives from what the dispatch gives.
+naive loop at that size. On a CPU on which MKL skips its AVX-512 code, `minillm.moe.cpu_gemm` times oneDNN
+against torch.bmm once (`cpu_gemm_trial`, printed in the header) and multiplies the big padded products with the
+faster; the bench then also times the dispatch and its matmuls with the other library, so the printed ratios
+separate what the matrix library gives from what the dispatch gives.
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hard
                           probe_hardware, resolve_device)
 from minillm import kernels, moe
 from minillm.paths import atomic_write_text
-from minillm.moe import (ONEDNN_MIN_WORK, MoE, MoEConfig, _pair_layout, _row_granule, _rows_mm, _weight_mm,
-                         cpu_gemm, per_expert_mask_loop, route, using_cpu_gemm)
+from minillm.moe import (ONEDNN_MIN_GAIN, ONEDNN_MIN_WORK, ONEDNN_TRIAL_SHAPE, MoE, MoEConfig, _pair_layout,
+                         _row_granule, _six_products, cpu_gemm, cpu_gemm_trial, per_expert_mask_loop, route,
+                         using_cpu_gemm)
 
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
 
@@ -88,7 +90,7 @@ def _routing_layout(layer: MoE, x: torch.Tensor):
 
 def _matmul_floor(layer: MoE, layout, device):
     """Only the expert matmuls of one forward+backward, on this routing's per-expert row counts, done by the
-    fused dispatch's own products (`_rows_mm`, `_weight_mm`: batched over padded rows when the load is nearly
+    fused dispatch's own products (`_six_products`: batched over padded rows when the load is nearly
     even, else grouped), with the CPU matrix library it would use now (`minillm.moe.cpu_gemm`)."""
     config = layer.config
     hidden = config.expert_hidden
@@ -101,13 +103,7 @@ def _matmul_floor(layer: MoE, layout, device):
         a = torch.randn(rows, hidden, device=device)
 
     def products():
-        with torch.no_grad():
-            _rows_mm(xs, w1, layout)                                    # forward: gate/up, then down
-            _rows_mm(a, w2, layout)
-            _rows_mm(grad_y, w2.transpose(1, 2), layout)              # backward: input and weight gradient of each
-            _weight_mm(a, grad_y, layout)
-            _rows_mm(grad_h, w1.transpose(1, 2), layout)
-            _weight_mm(xs, grad_h, layout)
+        _six_products(xs, a, grad_y, grad_h, w1, w2, layout)
 
     return products
 
@@ -181,9 +177,15 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
     if not has_transformers:
         print(f"bench moe: transformers is not installed, so its Mixtral block is skipped; {TRANSFORMERS_HINT}")
     gemm = cpu_gemm() if device.type == "cpu" else "blas"
-    multiplier = (f"oneDNN where an expert's product has >= 2**{ONEDNN_MIN_WORK.bit_length() - 1} multiply-adds "
-                  "(MKL would skip this CPU's AVX-512; see minillm.moe.cpu_gemm)" if gemm == "onednn"
-                  else "torch.bmm")
+    trial = cpu_gemm_trial() if device.type == "cpu" else None
+    multiplier = (f"oneDNN where an expert's product has >= 2**{ONEDNN_MIN_WORK.bit_length() - 1} multiply-adds"
+                  if gemm == "onednn" else "torch.bmm")
+    if trial is not None:   # MKL would skip this CPU's AVX-512: "auto" timed both libraries
+        experts, capacity, width, hidden = ONEDNN_TRIAL_SHAPE
+        multiplier += (f" (MKL skips this CPU's AVX-512, so minillm.moe.cpu_gemm timed the dispatch's six expert "
+                       f"products, {experts} experts x {capacity} rows, width {width}, hidden {hidden}: oneDNN "
+                       f"{trial['onednn']:.1f} ms, torch.bmm {trial['blas']:.1f} ms; \"auto\" takes oneDNN from "
+                       f"{ONEDNN_MIN_GAIN:.1f}x faster)")
     print(f"bench moe on {device}: {tokens} tokens, d_model {d_model}, SwiGLU experts of width {expert_hidden}, "
           f"top_k {top_k}, forward+backward, best of {repeats} alternating rounds, "
           f"{torch.get_num_threads()} CPU thread(s); padded expert rows multiplied by {multiplier}; allocator: "
@@ -223,23 +225,29 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             layout = _routing_layout(layer, x)
             contenders["matmul_floor"] = _matmul_floor(layer, layout, device)
             # The library of the dispatch's biggest product, [gate, up] = rows @ W_gate_up, at this size.
-            row_gemm = "blas"
+            row_gemm, other = "blas", None
             if device.type == "cpu" and layout.capacity is not None:
-                row_gemm = cpu_gemm(layout.capacity * d_model * 2 * expert_hidden)
-            if row_gemm == "onednn":
-                # Where oneDNN multiplies the padded rows, the same dispatch and floor with the BLAS of torch.bmm
-                # too: how much of the gain is the matrix library's and how much the dispatch's.
-                contenders["sorted_blas"] = _with_cpu_gemm(contenders["sorted"], "blas")
-                with using_cpu_gemm("blas"):   # its own layout: no rounding of the padded rows for oneDNN
-                    blas_layout = _routing_layout(layer, x)
-                contenders["matmul_floor_blas"] = _with_cpu_gemm(_matmul_floor(layer, blas_layout, device), "blas")
+                work = layout.capacity * d_model * 2 * expert_hidden
+                row_gemm = cpu_gemm(work)
+                if row_gemm == "onednn":
+                    other = "blas"
+                elif trial is not None and work >= ONEDNN_MIN_WORK:   # "auto" timed oneDNN and kept torch.bmm
+                    other = "onednn"
+            if other is not None:
+                # The same dispatch and floor with the other library too: how much of the speed is the matrix
+                # library's and how much the dispatch's. Each with its own layout (oneDNN rounds the rows up).
+                contenders[f"sorted_{other}"] = _with_cpu_gemm(contenders["sorted"], other)
+                with using_cpu_gemm(other):
+                    other_layout = _routing_layout(layer, x)
+                contenders[f"matmul_floor_{other}"] = _with_cpu_gemm(_matmul_floor(layer, other_layout, device),
+                                                                     other)
             # Alternating rounds, so a burst of load from elsewhere cannot favour one contender.
             seconds = best_seconds_interleaved(contenders, device=device, repeats=repeats, warmup=1)
             row = {"experts": n_experts, "layout": "padded" if layout.capacity is not None else "grouped",
                    "padding_fraction": layout.padding,
                    "cpu_gemm": row_gemm}
             row.update({f"{name}_tokens_per_second": tokens / s for name, s in seconds.items()})
-            if row_gemm == "onednn":
+            if other is not None:
                 row["fresh_routing_ms_per_step"] = _fresh_routing_ms(layer, tokens, device, blocks=repeats)
             row["vs_naive_loop"] = row["sorted_tokens_per_second"] / row["naive_loop_tokens_per_second"]
             row["floor_vs_naive_loop"] = row["matmul_floor_tokens_per_second"] / row["naive_loop_tokens_per_second"]
@@ -261,14 +269,16 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
             parts.append(f"matmuls alone {row['matmul_floor_tokens_per_second']:,.0f} "
                          f"(naive loop / these: {row['floor_vs_naive_loop']:.2f}x, about the most the dispatch "
                          f"could gain)")
-            if "sorted_blas_tokens_per_second" in row:
-                row["blas_vs_naive_loop"] = row["sorted_blas_tokens_per_second"] / row["naive_loop_tokens_per_second"]
-                row["blas_floor_vs_naive_loop"] = (row["matmul_floor_blas_tokens_per_second"]
-                                                   / row["naive_loop_tokens_per_second"])
-                parts.append(f"with torch.bmm's BLAS instead of oneDNN: sorted "
-                             f"{row['sorted_blas_tokens_per_second']:,.0f} ({row['blas_vs_naive_loop']:.2f}x the "
-                             f"naive loop), matmuls alone {row['matmul_floor_blas_tokens_per_second']:,.0f} "
-                             f"({row['blas_floor_vs_naive_loop']:.2f}x)")
+            if other is not None:
+                row[f"{other}_vs_naive_loop"] = (row[f"sorted_{other}_tokens_per_second"]
+                                                 / row["naive_loop_tokens_per_second"])
+                row[f"{other}_floor_vs_naive_loop"] = (row[f"matmul_floor_{other}_tokens_per_second"]
+                                                       / row["naive_loop_tokens_per_second"])
+                parts.append(f"with {'torch.bmm' if other == 'blas' else 'oneDNN'} instead of "
+                             f"{'oneDNN' if other == 'blas' else 'torch.bmm'}: sorted "
+                             f"{row[f'sorted_{other}_tokens_per_second']:,.0f} ({row[f'{other}_vs_naive_loop']:.2f}x "
+                             f"the naive loop), matmuls alone {row[f'matmul_floor_{other}_tokens_per_second']:,.0f} "
+                             f"({row[f'{other}_floor_vs_naive_loop']:.2f}x)")
             parts.append(f"rows {row['layout']} (padding: +{layout.padding:.0%} rows)")
             if "fresh_routing_ms_per_step" in row:
                 fresh = row["fresh_routing_ms_per_step"]
@@ -296,7 +306,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
               "torch": torch.__version__, "measured_at": _dt.datetime.now().isoformat(timespec="seconds"),
               "threads": torch.get_num_threads(), "tokens": tokens, "d_model": d_model,
               "expert_hidden": expert_hidden, "top_k": top_k, "repeats": repeats, "transformers": has_transformers,
-              "freed_memory_kept": kept, "cpu_gemm": gemm,
+              "freed_memory_kept": kept, "cpu_gemm": gemm, "cpu_gemm_trial_ms": trial,
               "rows": rows, "targets": targets}
     if out_dir is not None:
         name = f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}-{_dt.date.today().isoformat()}.json"

@@ -383,10 +383,10 @@ def _pair_layout(expert_index: torch.Tensor, n_experts: int, pad: bool, granule:
 
 
 # Which library multiplies float32 matrices on a CPU. PyTorch's x86 wheels do it with Intel's MKL, which takes
-# its AVX-512 code only on Intel CPUs: on an AMD CPU with AVX-512 (Zen 4 and later) it runs narrower code, well
-# below what the chip can reach. oneDNN, the other matrix library inside the same wheels, picks its
-# code from the CPU's features, whoever made it. `python -m minillm.bench moe` prints the experts' matmuls
-# done both ways (the "floor" columns), so the choice is measured on the reader's machine.
+# its AVX-512 code only on Intel CPUs: on an AMD CPU with AVX-512 (Zen 4 and later) it runs narrower code, which
+# may be below what the chip can reach. oneDNN, the other matrix library inside the same wheels, picks its
+# code from the CPU's features, whoever made it. Which is faster there is measured, not assumed (see
+# ONEDNN_TRIAL_SHAPE); `python -m minillm.bench moe` prints the experts' matmuls done both ways.
 CPU_GEMM_ENV = "MINILLM_CPU_GEMM"
 CPU_GEMM_CHOICES = ("auto", "onednn", "blas")
 
@@ -465,16 +465,102 @@ def cpu_gemm(work: int | None = None) -> str:
     Inside `with using_cpu_gemm(...)` (in this thread) that block's choice; else MINILLM_CPU_GEMM=onednn or =blas
     if set; else "auto": oneDNN only where MKL would skip the CPU's AVX-512 (an AMD CPU) and oneDNN is enabled
     (torch.backends.mkldnn.enabled), the BLAS of torch.bmm elsewhere; and, given `work` (the multiply-adds of
-    one expert's product), only from ONEDNN_MIN_WORK up. A chosen "onednn" takes every size.
+    one expert's product), only from ONEDNN_MIN_WORK up, and only if oneDNN did the dispatch's products at least
+    ONEDNN_MIN_GAIN times as fast as torch.bmm when this process timed both (`cpu_gemm_trial`). A chosen "onednn"
+    takes every size.
     """
     choice = _cpu_gemm_setting()
     if choice == "auto":
-        small = work is not None and work < ONEDNN_MIN_WORK
-        return "onednn" if _blas_skips_avx512() and torch.backends.mkldnn.enabled and not small else "blas"
+        if work is not None and work < ONEDNN_MIN_WORK or not _blas_skips_avx512() \
+                or not torch.backends.mkldnn.enabled:
+            return "blas"
+        trial = cpu_gemm_trial()
+        return "onednn" if trial is not None and trial["onednn"] * ONEDNN_MIN_GAIN <= trial["blas"] else "blas"
     if choice == "onednn" and _onednn_linear() is None:
         raise ValueError(f"{CPU_GEMM_ENV}=onednn, but this torch build has no oneDNN (torch.backends.mkldnn); "
                          "unset it or choose blas")
     return choice
+
+
+# Under "auto" the CPU's maker only says that oneDNN *may* be faster: on a core that runs AVX-512 at full width
+# it is, but where the core splits each 512-bit instruction into two 256-bit halves, MKL's AVX2 code keeps up,
+# and oneDNN's cost per call (one call per expert) and the copies its weight gradient needs tip it the other way.
+# So the first time "auto" would pick oneDNN, the process times the fused dispatch's six expert products at
+# this size both ways (experts, rows per expert, model width, expert hidden width: the bench's proportions)
+# and keeps oneDNN only if it was at least ONEDNN_MIN_GAIN times as fast: a timing on a busy machine wobbles,
+# and torch's own BLAS is the default everywhere else.
+ONEDNN_TRIAL_SHAPE = (8, 1024, 256, 64)
+ONEDNN_MIN_GAIN = 1.1
+ONEDNN_TRIAL_ROUNDS = 3
+
+
+def _six_products(xs: torch.Tensor, a: torch.Tensor, grad_y: torch.Tensor, grad_h: torch.Tensor,
+                  w1: torch.Tensor, w2: torch.Tensor, layout: _Layout) -> None:
+    """The expert matmuls of one fused forward+backward on rows already in `layout` (what _FusedExperts does
+    besides routing, gathering and summing): gate/up and down forward, then each one's input and weight
+    gradients. xs (rows, d), a (rows, hidden), grad_y (rows, d), grad_h (rows, 2 * hidden)."""
+    with torch.no_grad():
+        _rows_mm(xs, w1, layout)
+        _rows_mm(a, w2, layout)
+        _rows_mm(grad_y, w2.transpose(1, 2), layout)
+        _weight_mm(a, grad_y, layout)
+        _rows_mm(grad_h, w1.transpose(1, 2), layout)
+        _weight_mm(xs, grad_h, layout)
+
+
+def _even_layout(n_experts: int, capacity: int) -> _Layout:
+    """Rows already grouped by expert, `capacity` real rows each: a padded layout with no padding."""
+    pairs = n_experts * capacity
+    rows = torch.arange(pairs)
+    offs = torch.arange(1, n_experts + 1, dtype=torch.int32) * capacity
+    return _Layout(rows, rows, None, [capacity] * n_experts, offs, capacity, 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _timed_trial(threads: int) -> dict[str, float] | None:
+    from minillm.cost import best_seconds_interleaved   # minillm.cost is the course's one meter
+
+    def trial():
+        n_experts, capacity, width, hidden = ONEDNN_TRIAL_SHAPE
+        generator = torch.Generator().manual_seed(0)
+        rows = n_experts * capacity
+        xs, a, grad_y, grad_h = (torch.randn(rows, size, generator=generator, device="cpu", dtype=torch.float32)
+                                 for size in (width, hidden, width, 2 * hidden))
+        w1, w2 = (torch.randn(*shape, generator=generator, device="cpu", dtype=torch.float32) * 0.05
+                  for shape in ((n_experts, width, 2 * hidden), (n_experts, hidden, width)))
+        layout = _even_layout(n_experts, capacity)
+
+        def products(choice):
+            def run():
+                with using_cpu_gemm(choice):
+                    _six_products(xs, a, grad_y, grad_h, w1, w2, layout)
+            return run
+
+        return best_seconds_interleaved({"onednn": products("onednn"), "blas": products("blas")}, device="cpu",
+                                        repeats=ONEDNN_TRIAL_ROUNDS)
+
+    # Outside any dispatch mode the caller is in (a FlopCounterMode around the first forward, say), so the trial's
+    # products are counted nowhere. A private helper of torch's, so without it the trial runs where it is.
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:
+        _disable_current_modes = contextlib.nullcontext
+    try:
+        with _disable_current_modes(), torch.inference_mode():
+            seconds = trial()
+    except (RuntimeError, ValueError):   # oneDNN refused a product: torch.bmm, as without it
+        return None
+    return {name: value * 1e3 for name, value in seconds.items()}
+
+
+def cpu_gemm_trial() -> dict[str, float] | None:
+    """The timing behind "auto" on a CPU where MKL skips AVX-512: {"onednn": ms, "blas": ms}, the best of
+    ONEDNN_TRIAL_ROUNDS alternating runs of the fused dispatch's six expert products at ONEDNN_TRIAL_SHAPE with
+    each library, taken once per process and torch thread count when first needed. None on any other machine
+    (there "auto" is torch.bmm's BLAS without a trial) or where oneDNN refused the trial."""
+    if not _blas_skips_avx512():
+        return None
+    return _timed_trial(torch.get_num_threads())
 
 
 @contextlib.contextmanager

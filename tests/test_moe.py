@@ -612,6 +612,32 @@ def test_bench_moe_shows_what_the_matrix_library_gives_where_it_multiplies_with_
                                                           / row["naive_loop_tokens_per_second"])
 
 
+def test_bench_moe_times_onednn_beside_where_auto_timed_it_slower_and_kept_bmm(monkeypatch, capsys):
+    import minillm.bench_moe as bench
+    import minillm.moe as moe
+
+    if moe._onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn)")
+    slower = {"onednn": 3.25, "blas": 2.5}
+    monkeypatch.delenv(moe.CPU_GEMM_ENV, raising=False)
+    monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)       # as on an AMD CPU with AVX-512
+    monkeypatch.setattr(moe, "cpu_gemm_trial", lambda: slower)
+    monkeypatch.setattr(bench, "cpu_gemm_trial", lambda: slower)
+    monkeypatch.setattr(moe, "PAD_LIMIT", float("inf"))
+    monkeypatch.setattr(bench, "ONEDNN_MIN_WORK", 1)                   # the bench's tiny sizes count as big ones
+    result = bench.bench_moe(experts="4", tokens=64, d_model=32, expert_hidden=16, top_k=2, repeats=1,
+                             device="cpu", default_malloc=True)
+    row = result["rows"][0]
+    assert result["cpu_gemm"] == "blas" and row["cpu_gemm"] == "blas" and result["cpu_gemm_trial_ms"] == slower
+    assert {"sorted_onednn_tokens_per_second", "matmul_floor_onednn_tokens_per_second", "onednn_vs_naive_loop",
+            "onednn_floor_vs_naive_loop"} <= set(row) and "sorted_blas_tokens_per_second" not in row
+    assert row["onednn_vs_naive_loop"] == pytest.approx(row["sorted_onednn_tokens_per_second"]
+                                                        / row["naive_loop_tokens_per_second"])
+    assert set(row["fresh_routing_ms_per_step"]) == {"onednn_rounded", "onednn_exact", "blas"}
+    printed = capsys.readouterr().out
+    assert "oneDNN 3.2 ms, torch.bmm 2.5 ms" in printed and "with oneDNN instead of torch.bmm: sorted" in printed
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(experts="a,b"), "--experts='a,b' must be comma-separated whole numbers"),
     (dict(top_k=0), "--top-k=0 must be a whole number >= 1"),
@@ -944,6 +970,7 @@ def test_cpu_gemm_takes_onednn_only_where_mkl_would_skip_avx512_and_says_what_is
         moe.cpu_gemm()
     monkeypatch.delenv(moe.CPU_GEMM_ENV)
     monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+    monkeypatch.setattr(moe, "cpu_gemm_trial", lambda: {"onednn": 1.0, "blas": 2.0})   # oneDNN timed faster
     assert moe.cpu_gemm() == "onednn"
     monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: False)
     assert moe.cpu_gemm() == "blas"
@@ -962,6 +989,67 @@ def test_cpu_gemm_takes_onednn_only_where_mkl_would_skip_avx512_and_says_what_is
         with moe.using_cpu_gemm("onednn"):
             pass
     assert not moe._cpu_gemm_chosen()
+
+
+def test_auto_takes_onednn_only_where_its_trial_timed_it_faster_and_times_nothing_elsewhere(monkeypatch):
+    import minillm.moe as moe
+
+    real_trial = moe.cpu_gemm_trial
+    monkeypatch.delenv(moe.CPU_GEMM_ENV, raising=False)
+    monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+    gain = moe.ONEDNN_MIN_GAIN
+    for trial, expected in [({"onednn": 1.0, "blas": 2.0}, "onednn"), ({"onednn": 1.0, "blas": gain}, "onednn"),
+                            ({"onednn": 1.0, "blas": (1 + gain) / 2}, "blas"),   # faster, but within the wobble
+                            ({"onednn": 2.0, "blas": 1.0}, "blas"), (None, "blas")]:
+        monkeypatch.setattr(moe, "cpu_gemm_trial", lambda trial=trial: trial)
+        assert moe.cpu_gemm() == expected and moe.cpu_gemm(1 << 30) == expected, trial
+        assert moe.cpu_gemm(moe.ONEDNN_MIN_WORK - 1) == "blas"      # small products never need the trial
+    monkeypatch.setattr(moe, "cpu_gemm_trial", real_trial)
+    monkeypatch.setattr(moe, "_timed_trial", lambda threads: pytest.fail("timed a trial nobody needs"))
+    monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: False)   # Intel, ARM, or no oneDNN: no trial at all
+    assert moe.cpu_gemm_trial() is None and moe.cpu_gemm() == "blas" and moe.cpu_gemm(1 << 30) == "blas"
+    monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+    with moe.using_cpu_gemm("blas"):                                 # a chosen library needs no trial either
+        assert moe.cpu_gemm(1 << 30) == "blas"
+
+
+def test_the_trial_times_both_libraries_once_per_thread_count_and_gives_up_quietly(monkeypatch):
+    import minillm.moe as moe
+
+    if moe._onednn_linear() is None:
+        pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn)")
+    real, seen = moe._six_products, []
+
+    def products(*args):
+        seen.append(moe.cpu_gemm(1))    # inside the trial's using_cpu_gemm block: the library being timed
+        return real(*args)
+
+    monkeypatch.setattr(moe, "_six_products", products)
+    monkeypatch.setattr(moe, "ONEDNN_TRIAL_SHAPE", (2, 64, 32, 16))   # small: a test, not a measurement
+    monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+    moe._timed_trial.cache_clear()
+    try:
+        with FlopCounterMode(display=False) as flops:   # a FLOP count around a first forward counts no trial
+            trial = moe.cpu_gemm_trial()
+        assert set(trial) == {"onednn", "blas"} and min(trial.values()) > 0 and flops.get_total_flops() == 0
+        assert sorted(set(seen)) == ["blas", "onednn"] and len(seen) == 2 * (1 + moe.ONEDNN_TRIAL_ROUNDS)
+        assert moe.cpu_gemm_trial() is trial and len(seen) == 2 * (1 + moe.ONEDNN_TRIAL_ROUNDS)   # kept
+        assert not moe._cpu_gemm_chosen() and torch.is_grad_enabled()
+        threads = torch.get_num_threads()
+        assert moe._timed_trial(threads) is trial
+        moe._timed_trial.cache_clear()
+
+        def refused(*args):
+            if moe.cpu_gemm(1) == "onednn":
+                raise RuntimeError("onednn: could not create a primitive")
+            return real(*args)
+
+        monkeypatch.setattr(moe, "_six_products", refused)
+        monkeypatch.delenv(moe.CPU_GEMM_ENV, raising=False)
+        assert moe.cpu_gemm_trial() is None and moe.cpu_gemm(1 << 30) == "blas"
+        assert not moe._cpu_gemm_chosen()
+    finally:
+        moe._timed_trial.cache_clear()
 
 
 @pytest.mark.parametrize("tokens,n_routed,top_k,hidden", [(64, 8, 2, 16), (90, 16, 8, 6), (37, 4, 3, 66)])
@@ -1045,6 +1133,7 @@ def test_rows_round_up_only_where_onednn_multiplies_them(monkeypatch):
         assert moe._row_granule(f32, cpu, 256, 128, 16, 16384) == 1
     with moe.using_cpu_gemm("auto"):   # auto: from ONEDNN_MIN_WORK up, on a CPU where MKL skips AVX-512
         monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+        monkeypatch.setattr(moe, "cpu_gemm_trial", lambda: {"onednn": 1.0, "blas": 2.0})   # oneDNN timed faster
         assert moe._row_granule(f32, cpu, 256, 128, 16, 16384) == 16
         assert moe._row_granule(f32, cpu, 16, 8, 16, 16384) == 1                # too small for oneDNN
         monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: False)

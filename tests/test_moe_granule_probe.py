@@ -244,6 +244,7 @@ def test_a_natural_size_rounds_and_matches(layouts):
 def test_auto_rounds_where_it_picks_onednn_and_matches(monkeypatch, layouts):
     monkeypatch.delenv(moe.CPU_GEMM_ENV, raising=False)
     monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
+    monkeypatch.setattr(moe, "cpu_gemm_trial", lambda: {"onednn": 1.0, "blas": 2.0})   # oneDNN timed faster
     index = torch.tensor([0] * 151 + [1] * 149).unsqueeze(1)   # 150 rows x 256 x 256: over ONEDNN_MIN_WORK
     tensors = make(index, 2, 256, 128, seed=4)
     auto = run("auto", index, tensors)
