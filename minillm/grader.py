@@ -368,7 +368,7 @@ def _check_slot(cells: list, official_cells: list, found: list, index: int, copi
     before = next((k for k in earlier if found[k]), None)
     start = min(found[before]) if before is not None else None
     # The first course code cell after the exercise: a check that ran after it could test the library's version
-    # of the answer (cells like `from minillm.cost import copy_bytes` follow the exercises).
+    # of the answer (cells like `from minillm.cost import copy_bytes as library_copy_bytes` follow the exercises).
     later = [(i, k) for k in range(index + 1, len(official_cells)) if _is_course_code(official_cells[k])
              for i in found[k] if start is None or i > start]
     cap, cap_k = min(later) if later else (None, None)

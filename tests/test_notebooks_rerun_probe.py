@@ -9,7 +9,7 @@ Static checks over the solution notebooks' cell sources (the student twins share
 - a collection that several cells add to is made, empty, by a cell that adds nothing (chapter 01's validation
   losses were made by the smoothing cell: rerunning it dropped every later model from the table and the ledger);
 - chapter 04's savings take the MoE run from the cell that trains it (rerunning that cell with another γ
-  labelled the old run's figures with the new γ).
+  labelled the old run's figures with the new γ), and chapter 03's from the ladder, not the table that shows it.
 """
 from __future__ import annotations
 
@@ -160,3 +160,12 @@ def test_chapter_04_savings_take_the_moe_run_from_the_cell_that_trains_it():
     assert setters["moe_run"] == setters["runs"] == setters["gamma"] == ["collapse"], setters
     from_verdict = reads(cells["savings"]) & set(top_level_names(cells["verdict"]))
     assert not from_verdict, f"the savings read {from_verdict} from the verdict cell, which a rerun can leave stale"
+
+
+def test_chapter_03_savings_take_the_ladder_rows_from_the_ladder_not_its_table():
+    # before: the savings read `measured` and `baseline_row` from the table cell, so rerunning the ladder and
+    # skipping its table paired the old run's rows with the new run's target
+    cells = {c["id"]: source(c) for c in code_cells(ROOT / "solutions" / "03_pretraining.ipynb")}
+    from_table = reads(cells["savings"]) & set(top_level_names(cells["ladder-table"]))
+    assert not from_table, f"the savings read {from_table} from the table cell, which a rerun can leave stale"
+    assert {"ladder", "target"} <= reads(cells["savings"])
