@@ -575,7 +575,8 @@ def using_cpu_gemm(choice: str):
     chosen = _cpu_gemm_chosen()
     chosen.append(choice.strip().lower())
     try:
-        cpu_gemm()   # "onednn" on a torch without it: the clear error now, not a silent fallback later
+        if chosen[-1] == "onednn":
+            cpu_gemm()   # on a torch without oneDNN: the clear error now, not a silent fallback later (no trial)
         yield
     finally:
         chosen.pop()

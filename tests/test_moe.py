@@ -1011,6 +1011,8 @@ def test_auto_takes_onednn_only_where_its_trial_timed_it_faster_and_times_nothin
     monkeypatch.setattr(moe, "_blas_skips_avx512", lambda: True)
     with moe.using_cpu_gemm("blas"):                                 # a chosen library needs no trial either
         assert moe.cpu_gemm(1 << 30) == "blas"
+    with moe.using_cpu_gemm("auto"):                                 # nor entering a block: only a big product
+        assert moe.cpu_gemm(moe.ONEDNN_MIN_WORK - 1) == "blas"
 
 
 def test_the_trial_times_both_libraries_once_per_thread_count_and_gives_up_quietly(monkeypatch):
