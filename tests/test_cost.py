@@ -79,6 +79,20 @@ def test_probe_and_ids_describe_this_machine():
     assert len(cost.format_hardware().splitlines()) == 2
 
 
+def test_the_cpu_generation_tells_two_vms_named_alike_apart():
+    # a cloud VM names its CPU "AMD EPYC" whether its cores are Zen 4 or Zen 5; the family and model differ
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    zen5 = zen4.replace(": 25", ": 26").replace(": 17", ": 2")
+    assert cost._cpu_generation(zen4) == "family 25, model 17"
+    assert cost._cpu_generation(zen5) == "family 26, model 2"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    assert cost._cpu_generation(arm) is None and cost._cpu_generation("") is None
+    box = dict(CPU_BOX, cpu="AMD EPYC", cpu_generation="family 25, model 17")
+    assert cost.format_hardware(box).startswith("CPU: AMD EPYC (family 25, model 17), 2 cores")
+    assert cost.hardware_id(box) == cost.hardware_id(dict(box, cpu_generation=None)) == "cpu-amd-epyc-2c"
+    assert cost.format_hardware(CPU_BOX).startswith("CPU: Intel(R) Xeon(R) Processor, 2 cores")   # none known
+
+
 @pytest.mark.parametrize("name, model", [
     ("Tesla T4", "T4"), ("NVIDIA L4", "L4"), ("NVIDIA A100-SXM4-80GB", "A100"),
     ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H800", "H800"), ("NVIDIA H200", "H200"),
