@@ -560,7 +560,8 @@ def cpu_gemm_trial() -> dict[str, float] | None:
     (there "auto" is torch.bmm's BLAS without a trial) or where oneDNN refused the trial."""
     if not _blas_skips_avx512():
         return None
-    return _timed_trial(torch.get_num_threads())
+    trial = _timed_trial(torch.get_num_threads())
+    return None if trial is None else dict(trial)   # a copy: the kept timing is not the caller's to change
 
 
 @contextlib.contextmanager
