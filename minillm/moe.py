@@ -15,10 +15,9 @@ Taught in chapter 04 (mixture of experts). The layer replaces a GPT block's MLP
   contiguous slice (or all experts at once as one padded batched GEMM), and the weighted results are
   added back onto their tokens. `fused_dispatch` (the CPU default) does the same as one op with a
   hand-written backward and grouped matmuls (batched matmuls over rows padded per expert when the load is
-  nearly even; on an AMD CPU those padded products go to oneDNN, see `cpu_gemm`). `reference_moe_loop` (one
-  token at a time) and
-  `per_expert_mask_loop` (the loop most libraries start with) are the references it is tested and
-  benchmarked against.
+  nearly even; on an AMD CPU with AVX-512 those padded products go to oneDNN where a timed trial found it
+  faster, see `cpu_gemm`). `reference_moe_loop` (one token at a time) and `per_expert_mask_loop` (the loop
+  most libraries start with) are the references it is tested and benchmarked against.
 """
 from __future__ import annotations
 
