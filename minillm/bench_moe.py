@@ -43,6 +43,7 @@ from minillm.moe import (ONEDNN_MIN_GAIN, ONEDNN_MIN_WORK, ONEDNN_TRIAL_SHAPE, M
                          _row_granule, _six_products, cpu_gemm, cpu_gemm_trial, per_expert_mask_loop, route,
                          using_cpu_gemm)
 
+LIBRARY_NAMES = {"blas": "torch.bmm", "onednn": "oneDNN"}   # minillm.moe.cpu_gemm's choices, as printed
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
 
 
@@ -274,8 +275,7 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
                                                  / row["naive_loop_tokens_per_second"])
                 row[f"{other}_floor_vs_naive_loop"] = (row[f"matmul_floor_{other}_tokens_per_second"]
                                                        / row["naive_loop_tokens_per_second"])
-                parts.append(f"with {'torch.bmm' if other == 'blas' else 'oneDNN'} instead of "
-                             f"{'oneDNN' if other == 'blas' else 'torch.bmm'}: sorted "
+                parts.append(f"with {LIBRARY_NAMES[other]} instead of {LIBRARY_NAMES[row_gemm]}: sorted "
                              f"{row[f'sorted_{other}_tokens_per_second']:,.0f} ({row[f'{other}_vs_naive_loop']:.2f}x "
                              f"the naive loop), matmuls alone {row[f'matmul_floor_{other}_tokens_per_second']:,.0f} "
                              f"({row[f'{other}_floor_vs_naive_loop']:.2f}x)")
