@@ -581,6 +581,8 @@ def test_bench_moe_reports_ratios_against_the_naive_loop(tmp_path):
                                                            / row["naive_loop_tokens_per_second"])
         assert row["vs_naive_loop"] == pytest.approx(row["sorted_tokens_per_second"]
                                                      / row["naive_loop_tokens_per_second"])
+        assert row["vs_matmul_floor"] == pytest.approx(row["sorted_tokens_per_second"]
+                                                       / row["matmul_floor_tokens_per_second"])
         # the layout the fused dispatch used: padded exactly when padding adds at most PAD_LIMIT of the rows
         assert row["padding_fraction"] >= 0
         assert (row["layout"] == "padded") == (row["padding_fraction"] <= PAD_LIMIT)
