@@ -40,8 +40,8 @@ from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hard
 from minillm import kernels, moe
 from minillm.paths import atomic_write_text
 from minillm.moe import (ONEDNN_MIN_GAIN, ONEDNN_MIN_WORK, ONEDNN_TRIAL_SHAPE, MoE, MoEConfig, _pair_layout,
-                         _row_granule, _six_products, cpu_gemm, cpu_gemm_trial, per_expert_mask_loop, route,
-                         using_cpu_gemm)
+                         _row_granule, _six_products, _with_cpu_gemm, cpu_gemm, cpu_gemm_trial, per_expert_mask_loop,
+                         route, using_cpu_gemm)
 
 LIBRARY_NAMES = {"blas": "torch.bmm", "onednn": "oneDNN"}   # minillm.moe.cpu_gemm's choices, as printed
 TRANSFORMERS_HINT = "pip install transformers   (into this environment: .venv/bin/pip install transformers)"
@@ -139,13 +139,6 @@ def _fresh_routing_ms(layer: MoE, tokens: int, device, blocks: int, steps: int =
             finally:
                 moe.ONEDNN_ROWS_PER_GRANULE = kept
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _with_cpu_gemm(step, choice: str):
-    def run():
-        with using_cpu_gemm(choice):
-            step()
-    return run
 
 
 def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 256, expert_hidden: int = 64,

@@ -528,15 +528,9 @@ def _timed_trial(threads: int) -> dict[str, float] | None:
         w1, w2 = (torch.randn(*shape, generator=generator, device="cpu", dtype=torch.float32) * 0.05
                   for shape in ((n_experts, width, 2 * hidden), (n_experts, hidden, width)))
         layout = _even_layout(n_experts, capacity)
-
-        def products(choice):
-            def run():
-                with using_cpu_gemm(choice):
-                    _six_products(xs, a, grad_y, grad_h, w1, w2, layout)
-            return run
-
-        return best_seconds_interleaved({"onednn": products("onednn"), "blas": products("blas")}, device="cpu",
-                                        repeats=ONEDNN_TRIAL_ROUNDS)
+        products = functools.partial(_six_products, xs, a, grad_y, grad_h, w1, w2, layout)
+        return best_seconds_interleaved({choice: _with_cpu_gemm(products, choice) for choice in ("onednn", "blas")},
+                                        device="cpu", repeats=ONEDNN_TRIAL_ROUNDS)
 
     # Outside any dispatch mode the caller is in (a FlopCounterMode around the first forward, say), so the trial's
     # products are counted nowhere. A private helper of torch's, so without it the trial runs where it is.
@@ -580,6 +574,14 @@ def using_cpu_gemm(choice: str):
         yield
     finally:
         chosen.pop()
+
+
+def _with_cpu_gemm(step: Callable[[], object], choice: str) -> Callable[[], None]:
+    """`step` as a function that runs it inside `using_cpu_gemm(choice)`: for timing one library against another."""
+    def run():
+        with using_cpu_gemm(choice):
+            step()
+    return run
 
 
 # oneDNN builds a primitive for each matrix shape it meets and keeps it for reuse; building one can cost as
