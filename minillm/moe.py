@@ -929,6 +929,10 @@ class MoE(nn.Module):
         """Routed expert `index` as a function of (tokens, n_embd)."""
         return lambda tokens: _swiglu(tokens, self.w_gate_up[index], self.w_down[index])
 
+    # Left out of torch.compile's graphs: the layout of the pairs depends on how many tokens each expert got,
+    # a new set of sizes each step, on which a compiled graph would split and recompile again and again (up to
+    # dynamo's limit, minutes on a CPU). The dispatch is a few whole-tensor ops; the rest of the model compiles.
+    @torch.compiler.disable
     def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         kind = self.config.dispatch
         if kind == "auto":

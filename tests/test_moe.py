@@ -1174,3 +1174,28 @@ def test_only_forwards_that_can_be_trained_on_count_toward_the_bias_update():
     assert int(layer.step_load.sum()) == 2 * 5 * 2
     layer.after_optimizer_step()
     assert layer.load_history[-1] == layer.last_routing.expert_index.reshape(-1).bincount(minlength=4).tolist()
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "grouped", "slices"])
+def test_compiled_layer_matches_eager_and_compiles_once(dispatch):
+    """torch.compile of a MoE layer: same output, gradients and load counts as eager, and no recompilation when
+    the next batch routes its tokens differently (the experts' token counts change every step)."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    torch.manual_seed(0)
+    layer = MoE(16, MoEConfig(n_routed=8, top_k=2, n_shared=1, expert_hidden=8, dispatch=dispatch))
+    compiled = torch.compile(layer)
+    dynamo.reset()
+    for seed in range(3):   # a new routing each time; after the first call every recompile is an error
+        x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        layer.reset_load()
+        expected = layer(x)
+        grads = torch.autograd.grad(expected.square().sum(), [x, layer.w_gate_up, layer.router.weight])
+        load = layer.step_load.clone()
+        layer.reset_load()
+        with dynamo.config.patch(error_on_recompile=seed > 0):
+            got = compiled(x)
+        got_grads = torch.autograd.grad(got.square().sum(), [x, layer.w_gate_up, layer.router.weight])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for g, e in zip(got_grads, grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        assert torch.equal(layer.step_load, load)
