@@ -31,12 +31,11 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from minillm.cost import (Meter, best_seconds_interleaved, format_hardware, hardware_id, keep_freed_memory,
-                          probe_hardware, resolve_device)
+from minillm.cost import (Meter, benchmark_path, best_seconds_interleaved, format_hardware, hardware_id,
+                          keep_freed_memory, probe_hardware, resolve_device)
 from minillm import kernels, moe
 from minillm.paths import atomic_write_text
 from minillm.moe import (ONEDNN_MIN_GAIN, ONEDNN_MIN_WORK, ONEDNN_TRIAL_SHAPE, MoE, MoEConfig, _pair_layout,
@@ -304,8 +303,8 @@ def bench_moe(experts: str = "8,16,32,64,128", top_k: int = 8, d_model: int = 25
               "freed_memory_kept": kept, "cpu_gemm": gemm, "cpu_gemm_trial_ms": trial,
               "rows": rows, "targets": targets}
     if out_dir is not None:
-        name = f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}-{_dt.date.today().isoformat()}.json"
-        path = Path(out_dir) / name
+        path = benchmark_path(out_dir, f"moe-{hardware_id(hardware)}-top{top_k}-h{expert_hidden}",
+                              result["hardware"])
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
         result["path"] = str(path)

@@ -30,7 +30,7 @@ from .paths import PACKAGE_DIR, _expand_user, atomic_write_bytes, atomic_write_t
 
 __all__ = [
     "synchronize", "Meter", "best_seconds", "best_seconds_interleaved", "keep_freed_memory", "freed_memory_kept",
-    "probe_hardware", "hardware_id", "format_hardware", "default_device", "resolve_device",
+    "probe_hardware", "hardware_id", "format_hardware", "benchmark_path", "default_device", "resolve_device",
     "measure_peaks", "DATASHEET", "datasheet_peaks", "load_prices", "price_per_hour", "set_price_per_hour",
     "Ledger", "savings_table", "report", "format_quantity",
 ]
@@ -455,6 +455,29 @@ def hardware_id(hw: dict | None = None) -> str:
     cores = hw.get("cores")
     name = _slug(str(hw.get("cpu") or "unknown"))[:60].strip("-") or "unknown"
     return f"cpu-{name}-{cores}c" if cores else f"cpu-{name}"
+
+
+def benchmark_path(folder: str | os.PathLike, stem: str, hardware: str) -> Path:
+    """folder/<stem>-<today>.json for a benchmark's figures, measured on the machine `hardware` describes
+    (format_hardware's text, which the JSON stores under "hardware").
+
+    Two machines can share a hardware_id (two AMD EPYC VMs of different generations, both "cpu-amd-epyc-2c"):
+    a file of today's from another machine is kept, and this run's figures go to <stem>-<today>-2.json (or the
+    next free number). A rerun on the same machine replaces its own file of the day.
+    """
+    folder = Path(folder)
+    base = f"{stem}-{_dt.date.today().isoformat()}"
+    for number in range(1, 1000):
+        path = folder / (f"{base}.json" if number == 1 else f"{base}-{number}.json")
+        if not path.exists():
+            return path
+        try:
+            same_machine = json.loads(path.read_text(encoding="utf-8")).get("hardware") == hardware
+        except (OSError, ValueError, AttributeError):   # unreadable, not JSON, or not an object: keep it
+            same_machine = False
+        if same_machine:
+            return path
+    raise FileExistsError(f"benchmark_path: {folder} already holds 999 files named {base}*.json; move some away")
 
 
 def format_hardware(hw: dict | None = None) -> str:

@@ -1014,3 +1014,23 @@ def test_meter_without_a_device_still_waits_for_gpu_work(monkeypatch):
     with cost.Meter("CPU work", price_per_hour=0.0) as meter:
         pass
     assert len(waits) == 2 and meter.device.type == "cpu"
+
+
+def test_benchmark_path_keeps_another_machines_file_of_the_day_and_replaces_its_own(tmp_path):
+    import datetime as dt
+
+    today = dt.date.today().isoformat()
+    first = cost.benchmark_path(tmp_path / "new-folder", "moe-cpu-amd-epyc-2c", "CPU: AMD EPYC (family 25, model 1)")
+    assert first == tmp_path / "new-folder" / f"moe-cpu-amd-epyc-2c-{today}.json"   # a folder not there yet is fine
+    first = cost.benchmark_path(tmp_path, "moe-x", "machine A")
+    first.write_text(json.dumps({"hardware": "machine A", "rows": [1]}))
+    assert cost.benchmark_path(tmp_path, "moe-x", "machine A") == first                # a rerun replaces its own
+    second = cost.benchmark_path(tmp_path, "moe-x", "machine B")                       # the same id, another machine
+    assert second == tmp_path / f"moe-x-{today}-2.json"
+    second.write_text(json.dumps({"hardware": "machine B"}))
+    assert cost.benchmark_path(tmp_path, "moe-x", "machine B") == second
+    assert cost.benchmark_path(tmp_path, "moe-x", "machine C") == tmp_path / f"moe-x-{today}-3.json"
+    # A file that is not a benchmark's JSON (half-written by hand, a list) is never overwritten.
+    (tmp_path / f"odd-{today}.json").write_text("[1, 2]")
+    (tmp_path / f"odd-{today}-2.json").write_text("{not json")
+    assert cost.benchmark_path(tmp_path, "odd", "machine A") == tmp_path / f"odd-{today}-3.json"

@@ -564,13 +564,21 @@ def test_gpt_config_validates_moe_fields():
 def test_bench_moe_reports_ratios_against_the_naive_loop(tmp_path):
     import json
 
-    from minillm.bench import main
+    import datetime as dt
 
+    from minillm.bench import main
+    from minillm.cost import hardware_id
+
+    # Today's file from another machine with the same hardware_id (another VM generation) must be kept.
+    other = tmp_path / f"moe-{hardware_id()}-top2-h16-{dt.date.today().isoformat()}.json"
+    other.write_text(json.dumps({"hardware": "CPU: another machine", "rows": []}))
     result = main(["moe", "--experts", "4,16", "--tokens", "64", "--d-model", "32", "--expert-hidden", "16",
                    "--top-k", "2", "--repeats", "1", "--out-dir", str(tmp_path), "--default-malloc"])
     assert result["freed_memory_kept"] is False          # --default-malloc leaves this process's allocator alone
     assert [row["experts"] for row in result["rows"]] == [4, 16]
     assert json.loads(open(result["path"]).read())["rows"] == result["rows"]
+    assert result["path"] == str(other.with_name(other.stem + "-2.json"))
+    assert json.loads(other.read_text())["hardware"] == "CPU: another machine"
     # The 2x target is judged at 16+ experts only, from the measured ratios.
     assert result["targets"]["sorted >= 2x the naive loop at 16+ experts"] == {
         "16": result["rows"][1]["vs_naive_loop"] >= 2.0}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cost import hardware_id, probe_hardware
+from ..cost import benchmark_path, format_hardware, hardware_id, probe_hardware
 from ..paths import atomic_write_text, repo_root
 
 
@@ -200,13 +200,14 @@ def bench_kernels(size: int = 4096, out_dir: str | None = None, write: bool = Tr
     }
     for name, met in targets.items():
         print(f"target {name}: {'met' if met else 'NOT met'}")
-    result = {"gpu": hardware.get("gpu"), "hardware_id": hardware_id(hardware), "torch": torch.__version__,
+    result = {"gpu": hardware.get("gpu"), "hardware": format_hardware(hardware), "hardware_id": hardware_id(hardware),
+              "torch": torch.__version__,
               "triton": triton.__version__, "measured_at": _dt.datetime.now().isoformat(timespec="seconds"),
               "copy_gb_per_second": copy_gb_per_second, "rows": rows, "targets": targets}
     if write:
         folder = Path(out_dir) if out_dir else (repo_root() or Path.cwd()) / "benchmarks"
         slug = hardware_id(hardware).removeprefix("cuda-")
-        path = folder / f"kernels-{slug}-{_dt.date.today().isoformat()}.json"
+        path = benchmark_path(folder, f"kernels-{slug}", result["hardware"])
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
         result["path"] = str(path)
