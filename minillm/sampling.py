@@ -156,15 +156,15 @@ def _context_window(model) -> int:
     # Models that only look a few tokens back (bigram, MLP) say so; a GPT sees its whole block.
     config = getattr(model, "config", None)
     block_size = getattr(config, "block_size", None)
-    window = getattr(model, "context_window", None) or block_size
-    if window is None:
+    window = getattr(model, "context_window", None)   # `is None`, not `or`: a window of 0 is wrong, not missing
+    if window is None and block_size is None:
         raise TypeError(f"generate: {type(model).__name__} has neither context_window nor config.block_size; "
                         "give the model one of them so generate knows how much context to pass")
-    window = min(window, block_size) if block_size else window
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-        raise TypeError(f"generate: {type(model).__name__}'s context window (context_window or config.block_size) "
-                        f"is {window!r}; it must be a whole number of tokens >= 1")
-    return int(window)
+    for name, value in (("context_window", window), ("config.block_size", block_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise TypeError(f"generate: {type(model).__name__}'s context window ({name}) is {value!r}; it must be "
+                            "a whole number of tokens >= 1")
+    return int(min(w for w in (window, block_size) if w is not None))
 
 
 def _last_logits(output, batch: int, model) -> torch.Tensor:

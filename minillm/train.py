@@ -407,18 +407,24 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
-            # The file reads fine but holds an object (a numpy scalar, a Path, a class instance) that a safe
-            # load does not rebuild: not corruption, so deleting it would be the wrong advice.
-            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-            what = f" (e.g. {refused.group(1)})" if refused else ""
-            raise ValueError(f"load_checkpoint: {path} holds objects a safe (weights-only) load refuses{what}; "
+        # The file reads fine but holds an object (a numpy scalar, a Path, a class instance) that a safe load does
+        # not rebuild: not corruption, so deleting it would be the wrong advice. Only torch's "Unsupported global"
+        # says so: a file that is no pickle at all (a tokenizer's JSON given by mistake) fails the safe load too.
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if isinstance(error, pickle.UnpicklingError) and refused:
+            raise ValueError(f"load_checkpoint: {path} holds objects a safe (weights-only) load refuses "
+                             f"(e.g. {refused.group(1)}); "
                              "it was written by an older or other version of minillm, or by code that stored "
                              "such objects. If you trust the file, torch.load(path, weights_only=False) reads it; "
                              "save it again with this version's save_checkpoint, which stores plain values"
                              ) from error
-        raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({type(error).__name__}: "
-                         f"{error}); it is truncated or corrupt, delete it and use another checkpoint") from error
+        # torch's text for a safe load that failed says that an unsafe one "will likely succeed": not on a file
+        # that is no pickle. Only its reason is kept (e.g. "Unsupported operand 123").
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        detail = f"torch.load's safe reader stopped at: {reason.group(1).strip()}" if reason else \
+            f"{type(error).__name__}: {error}"
+        raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({detail}); either it is not a file torch.save wrote (check the path: save_checkpoint "
+                         "writes .pt files) or it is truncated or corrupt; use another checkpoint") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load_checkpoint: {path} was not written by minillm.train.save_checkpoint")
     missing = [key for key in ("model_state", "model_config", "step") if key not in checkpoint]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -325,6 +326,18 @@ def test_generate_explains_a_model_that_does_not_follow_the_protocol():
         sampling.generate(LastPositionOnly(), torch.tensor([[1, 2], [3, 4]]), 1)
     with pytest.raises(TypeError, match="context window .* is 2.5"):
         sampling.generate(HalfAWindow(), torch.tensor([1]), 1)
+
+    class NoWindow(HalfAWindow):
+        context_window = 0
+
+    class NoWindowInABlock(NoWindow):
+        config = SimpleNamespace(block_size=8)
+
+    # before: "has neither context_window nor config.block_size" (0 taken for missing), or a window of 0 silently
+    # replaced by the block size
+    for model in (NoWindow(), NoWindowInABlock()):
+        with pytest.raises(TypeError, match=r"context window \(context_window\) is 0; it must be a whole number"):
+            sampling.generate(model, torch.tensor([1]), 1)
 
 
 def test_non_contiguous_inputs_give_the_same_results():

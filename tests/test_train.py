@@ -490,6 +490,24 @@ def test_a_checkpoint_holding_objects_a_safe_load_refuses_is_not_called_corrupt(
     assert "weights_only=False" in str(error.value)
 
 
+def test_a_file_that_is_no_checkpoint_is_not_said_to_be_from_an_older_version(tmp_path):
+    # before: a tokenizer's JSON or a plain pickle given by mistake was "written by an older version of minillm",
+    # with advice (torch.load(..., weights_only=False)) that fails on it too
+    import pickle
+
+    from minillm.tokenizers import BPETokenizer
+
+    tokenizer = tmp_path / "tokenizer.json"
+    BPETokenizer().save(tokenizer)
+    pickled = tmp_path / "plain.pkl"
+    pickled.write_bytes(pickle.dumps({"a": 1}))
+    for path in (tokenizer, pickled):
+        with pytest.raises(ValueError, match=rf"(?s){path.name} is not a readable checkpoint.*check the path") as error:
+            load_checkpoint(path)
+        assert "older" not in str(error.value) and "weights_only" not in str(error.value)
+        assert "delete" not in str(error.value) and "will likely succeed" not in str(error.value)
+
+
 def test_a_checkpoint_without_a_model_config_entry_is_a_clear_error(tmp_path):
     path = tmp_path / "partial.pt"
     torch.save({"format": train_module.CHECKPOINT_FORMAT, "model_state": byte_model().state_dict(), "step": 1}, path)
