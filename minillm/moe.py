@@ -271,6 +271,8 @@ def run_experts_on_slices(x_sorted: torch.Tensor, counts: torch.Tensor, w_gate_u
     gate_ups, downs = w_gate_up.unbind(0), w_down.unbind(0)
     parts = [_swiglu(part, gate_ups[e], downs[e])
              for e, part in enumerate(x_sorted.split(sizes)) if sizes[e] > 0]
+    if not parts and gate_ups:   # no tokens: an expert on zero rows, so the weights get zero gradients, not None
+        parts = [_swiglu(x_sorted[:0], gate_ups[0], downs[0])]
     return torch.cat(parts) if parts else x_sorted.new_zeros(0, w_down.shape[-1])
 
 

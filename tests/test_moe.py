@@ -1207,3 +1207,13 @@ def test_compiled_layer_matches_eager_and_compiles_once(dispatch):
         for g, e in zip(got_grads, grads):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
         assert torch.equal(layer.step_load, load)
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "grouped", "slices"])
+def test_an_empty_batch_gives_every_dispatch_zero_weight_gradients_not_none(dispatch):
+    # before: dispatch="slices" left the experts' .grad at None on an empty batch, where the others gave zeros
+    layer = make_layer(n_routed=4, top_k=2, n_shared=0, dispatch=dispatch)
+    x = torch.randn(2, 0, 16, requires_grad=True)
+    layer(x).sum().backward()
+    for weight in (layer.w_gate_up, layer.w_down):
+        assert weight.grad is not None and weight.grad.shape == weight.shape and not weight.grad.any()
