@@ -16,8 +16,10 @@ import importlib
 import math
 import numbers
 import operator
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -67,11 +69,29 @@ def check(grade_id: str, *answer: Any, **options: Any) -> int:
     """Run the registered checker on the student's answer; print one line and return the points earned.
 
     What the student's functions return reaches the checker as plain values (see `plain`)."""
+    # What a student reads under the cell: their own frames, not the checker's. A wrong answer's hint comes with no
+    # traceback through minillm/checks (whose source, shown around the raise, holds the reference); an error in the
+    # student's code (their stub's NotImplementedError, a bug) keeps the frames from their function on, and
+    # IPython skips this one (__tracebackhide__). The exception is unchanged: graders still see its type.
+    __tracebackhide__ = True
     ex = get_exercise(grade_id)
-    verdict = ex.checker(*map(_returning_plain, answer), **options) or "matches the reference"
+    try:
+        verdict = ex.checker(*map(_returning_plain, answer), **options) or "matches the reference"
+    except Exception as error:
+        raise error.with_traceback(_from_the_students_code(error.__traceback__)) from None
     plural = "s" if ex.points != 1 else ""
     print(f"✓ {ex.grade_id} {ex.title} {verdict} ({ex.points} point{plural})")
     return ex.points
+
+
+_GRADING_FILES = (__file__.removesuffix("c"), str(Path(__file__).with_name("checks")) + os.sep)
+
+
+def _from_the_students_code(tb):
+    """The traceback `tb` without its leading frames in minillm.grading and minillm/checks (None if all are)."""
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_GRADING_FILES):
+        tb = tb.tb_next
+    return tb
 
 
 def plain(value):

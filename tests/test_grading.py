@@ -33,6 +33,30 @@ def test_stub_raises_not_implemented():
         grading.check("ex00.1", stub)
 
 
+def test_a_failed_check_shows_the_students_frames_not_the_checkers():
+    """Under the cell a student sees their own code; the checker's source (which holds the reference) stays out."""
+    import traceback
+
+    def frames(error):
+        return [(Path(frame.filename).name, frame.name) for frame in traceback.extract_tb(error.__traceback__)]
+
+    def helper_of_the_student(m):
+        raise NotImplementedError("exercise ex00.1: replace this line with your code")
+
+    def stub(m, k, n):
+        return helper_of_the_student(m)
+
+    with pytest.raises(NotImplementedError, match="replace this line") as error:
+        grading.check("ex00.1", stub)
+    assert frames(error.value)[-2:] == [("test_grading.py", "stub"), ("test_grading.py", "helper_of_the_student")]
+    assert not any(name.startswith("ch00") for name, _ in frames(error.value))
+    assert error.value.__suppress_context__
+    with pytest.raises(AssertionError, match="Hint") as error:   # the checker's verdict: no frame of minillm/checks
+        grading.check("ex00.1", lambda m, k, n: m * k * n)
+    assert frames(error.value)[-1] == ("grading.py", "check")
+    assert not any(name.startswith("ch00") or fn == "<lambda>" for name, fn in frames(error.value))
+
+
 def test_unknown_exercise_and_bad_ids():
     with pytest.raises(KeyError, match="ex00.1"):
         grading.check("ex00.99", lambda: 0)

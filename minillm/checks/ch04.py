@@ -129,8 +129,8 @@ def check_bias_update(update_expert_bias) -> str:
         expect_unchanged(saved, f"update_expert_bias(bias, tokens_per_expert={load.tolist()}, gamma={rate})",
                          hint="load = tokens_per_expert.float() makes a new tensor to compute with")
         if got is None:
-            raise AssertionError("update_expert_bias returned None. Hint: return the new bias "
-                                 "(bias + gamma * torch.sign(mean_load - load))")
+            raise AssertionError("update_expert_bias returned None. Hint: end with `return` and the new bias "
+                                 "tensor (updating bias in place is fine, but return it too)")
         expect_close(got, expected, f"update_expert_bias(bias, tokens_per_expert={load.tolist()}, gamma={rate})",
                      rtol=0, atol=1e-7, hint="above the mean load: bias - gamma; below: bias + gamma; exactly at "
                                              "the mean: unchanged (torch.sign does all three); the mean is over "
