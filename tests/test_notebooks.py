@@ -250,3 +250,23 @@ def test_a_chapter_that_runs_out_of_time_names_the_cell_and_the_way_to_allow_mor
     assert not run.ok
     assert "cell 1 (slow: 'import time')" in run.error, run.error
     assert "2 s per cell" in run.error and "--timeout 4" in run.error and "TIMEOUT=4" in run.error
+
+
+def test_chapter_02_measures_the_ceilings_again_when_the_cached_ones_were_taken_on_a_busy_machine(tmp_path,
+                                                                                               monkeypatch):
+    # before: a ceiling cached by chapter 00 while the machine was busy stayed, and chapter 02 printed its best
+    # matmul at 188% of "the measured peak"
+    from minillm.cost import hardware_id, probe_hardware
+    from minillm.notebooks import run_chapter
+
+    monkeypatch.setenv("MINILLM_RUNS", str(tmp_path))
+    cache = tmp_path / f"peaks-{hardware_id(probe_hardware())}.json"
+    cache.write_text(json.dumps({"device": "cpu", "measured_at": "2026-01-01T00:00:00+00:00", "fast": True,
+                                 "matmul_flops_per_second": {"float32": 1e6}, "memory_bytes_per_second": 1e9}))
+    run = run_chapter(ROOT / "solutions" / "02_gpu_linear_algebra.ipynb", fast=True, timeout=600,
+                      out_dir=tmp_path / "out")
+    assert run.ok, run.error
+    printed = "".join("".join(output.get("text", "")) for cell in load(run.output_path)["cells"]
+                      for output in cell.get("outputs", []))
+    assert "well above the cached ceiling (1 MFLOP/s, measured 2026-01-01T00:00" in printed
+    assert json.loads(cache.read_text())["matmul_flops_per_second"]["float32"] > 1e6   # measured again, cached
