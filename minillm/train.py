@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minillm.cost import Meter, resolve_device
+from minillm.cost import Meter, best_seconds_interleaved, resolve_device
 from minillm.data import BatchSampler
 from minillm.model import plain_number
 from minillm.paths import atomic_write_with, ensure_writable_folder, runs_dir
@@ -340,6 +341,58 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
         bar.close()
     compiled = (forward_model is not model) if config.compile else None
     return TrainResult(history, meter, final_val_loss, completed, interrupted, interrupt_path, compiled)
+
+
+def step_speeds(models: dict, tokens, config: TrainConfig | None = None, *, repeats: int = 5) -> dict[str, float]:
+    """Training tokens/s of each model, from single training steps timed in alternating rounds.
+
+    `train`'s meter times a whole run, and two runs one after the other can meet different loads on a shared
+    machine (another program, a laptop throttling): their tokens/s are then no fair comparison. This times one
+    step as `train` takes it (forward, backward, gradient clipping, the optimizer's update, an MoE's bias update;
+    config's precision, batch_size and device; one micro-batch) of each model in turn, a, b, a, b, ..., and keeps
+    each one's fastest. It works on copies: the models, their MoE load counters and the RNG are left as they were.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"step_speeds: config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(models, dict) or not models:
+        raise TypeError("step_speeds: models must be a non-empty dict of name -> minillm model, e.g. "
+                        "{'dense': dense_model, 'MoE': moe_model}")
+    for name, model in models.items():
+        if not all(hasattr(model, attribute) for attribute in ("config", "configure_optimizer")):
+            raise TypeError(f"step_speeds: models[{name!r}] must be a minillm model (a GPT, or one of minillm.lm's "
+                            f"models), got {type(model).__name__}")
+    device = _resolve_device(config.device)
+    precision = _resolve_precision(config.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision in ("bf16", "fp16"))
+    rng = _rng_state()
+    steps, tokens_per_step = {}, {}
+    try:
+        for name, model in models.items():
+            copy = deepcopy(model).to(device).train()
+            block_size = copy.config.block_size
+            data = _as_token_tensor(tokens, "step_speeds: tokens", copy.config.vocab_size, block_size)
+            x, y = BatchSampler(data, block_size, config.batch_size, config.seed, device).batch(1)
+            optimizer = copy.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
+            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+            def step(copy=copy, x=x, y=y, optimizer=optimizer, scaler=scaler):
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = copy(x, y)[1]
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(copy.parameters(), config.grad_clip or math.inf)
+                scaler.step(optimizer)
+                scaler.update()
+                if hasattr(copy, "after_optimizer_step"):
+                    copy.after_optimizer_step()
+            steps[name], tokens_per_step[name] = step, config.batch_size * block_size
+        seconds = best_seconds_interleaved(steps, device=device, repeats=repeats, warmup=1)
+    finally:
+        _set_rng_state(rng)
+    return {name: tokens_per_step[name] / seconds[name] for name in models}
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, step: int = 0,

@@ -798,3 +798,44 @@ def test_a_map_location_this_machine_lacks_is_not_called_a_corrupt_checkpoint(tm
         loaded = load_checkpoint(path, map_location=location)["model"]
         for name, tensor in model.state_dict().items():
             torch.testing.assert_close(loaded.state_dict()[name].cpu(), tensor)
+
+
+def test_step_speeds_times_copies_in_alternating_rounds_and_leaves_the_models_alone():
+    import time
+
+    from minillm.train import step_speeds
+
+    class SlowGPT(GPT):   # a model whose every forward waits: it must come out far slower than its twin
+        def forward(self, idx, targets=None):
+            time.sleep(0.02)
+            return super().forward(idx, targets)
+
+    tokens = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0))
+    moe = byte_model(moe=MoEConfig(n_routed=4, top_k=2, n_shared=1, expert_hidden=16, bias_update_rate=0.1))
+    torch.manual_seed(1)
+    slow = SlowGPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("moe", moe), ("slow", slow))}
+    moe.eval()                                            # the copies train; the models keep their mode
+    rng = torch.get_rng_state()
+    speeds = step_speeds({"MoE": moe, "slow": slow}, tokens, TrainConfig(batch_size=4), repeats=2)
+    assert set(speeds) == {"MoE", "slow"} and all(speed > 0 for speed in speeds.values())
+    assert speeds["slow"] < 4 * 32 / 0.02                  # a step of 4 x 32 tokens takes at least the 20 ms wait
+    assert speeds["MoE"] > 2 * speeds["slow"]
+    for name, model in (("moe", moe), ("slow", slow)):    # weights, bias, load counters: as they were
+        assert all(torch.equal(saved[name][k], v) for k, v in model.state_dict().items())
+    assert not moe.moe_layers()[0].step_load.any() and not moe.moe_layers()[0].load_history
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert slow.training and not moe.training
+
+
+@pytest.mark.parametrize("models, tokens, error, message", [
+    ({}, list(range(100)), TypeError, "non-empty dict"),
+    ({"x": torch.nn.Linear(2, 2)}, list(range(100)), TypeError, r"models\['x'\] must be a minillm model"),
+    ({"gpt": "byte"}, [1, 2, 3], ValueError, "too few for block_size=32"),
+])
+def test_step_speeds_refuses_what_it_cannot_time(models, tokens, error, message):
+    from minillm.train import step_speeds
+
+    models = {name: byte_model() if model == "byte" else model for name, model in models.items()}
+    with pytest.raises(error, match=message):
+        step_speeds(models, tokens)
