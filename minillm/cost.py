@@ -1206,6 +1206,7 @@ def savings_table(chapter: str, rows: list[dict], ledger: Ledger | None = None, 
     Ratio > 1 means the improvement won (for "lower" rows: baseline / improved). Saving is the share of
     time, bytes or dollars no longer needed for the same work, 1 - 1/ratio; negative when it lost.
     Appends one ledger entry per row, labelled "savings: <what>". Returns the text; prints nothing.
+    `minillm report` shows each chapter's newest table on each machine, whole: a chapter's rows go in one table.
     """
     if not rows:
         raise ValueError("savings_table: no rows; pass at least one baseline-vs-improved measurement")
@@ -1218,9 +1219,10 @@ def savings_table(chapter: str, rows: list[dict], ledger: Ledger | None = None, 
                          "(e.g. add what was compared), since the report keeps one entry per name")
     ledger = Ledger() if ledger is None else ledger
     hw = probe_hardware()
+    table = f"{_now_iso()}-{os.getpid()}-{id(parsed):x}"   # the report shows one chapter's newest table whole
     for row in parsed:
         ledger.append(chapter, f"savings: {row['what']}", {key: row[key] for key in row if key != "what"},
-                      hardware=hw)
+                      hardware=hw, savings_table=table)
     body = [[row["what"], f"{row['baseline_name']}: {format_quantity(row['baseline'], row['unit'])}",
              f"{row['improved_name']}: {format_quantity(row['improved'], row['unit'])}",
              format_quantity(row["ratio"], "x"), format_quantity(row["saving_percent"], "%")]
@@ -1300,10 +1302,23 @@ def _machine(entry: dict) -> str:
     return str(hw_id) if hw_id not in (None, "") else "unknown machine"
 
 
+def _without_older_savings_tables(entries: list[dict]) -> list[dict]:
+    """The entries less the savings rows of a chapter's older tables on the same machine: a table whose row names
+    name sizes (a fast run's "24^3", a full run's "256^3") would otherwise leave its rows beside the newer table's.
+    Rows written before savings_table tagged its tables are dropped only where a newer table is tagged."""
+    newest: dict[tuple, str | None] = {}
+    for entry in entries:
+        if str(entry.get("label", "")).startswith("savings: "):
+            newest[(str(entry["chapter"]), _machine(entry))] = entry.get("savings_table")
+    return [entry for entry in entries
+            if not str(entry.get("label", "")).startswith("savings: ")
+            or newest[(str(entry["chapter"]), _machine(entry))] in (None, entry.get("savings_table"))]
+
+
 def _latest_per_label(entries: list[dict], by_machine: bool = False) -> dict[str, dict[str, dict]]:
     """{chapter: {row name: latest entry}}; with by_machine, each machine keeps its own row ("label [machine]")."""
     by_chapter: dict[str, dict[str, dict]] = {}
-    for entry in entries:
+    for entry in _without_older_savings_tables(entries):
         # one line per row: a newline or tab typed into a label must not break the table's columns
         name = re.sub(r"[\x00-\x1f\x7f]+", " ", str(entry["label"]))
         name += f" [{_machine(entry)}]" if by_machine else ""

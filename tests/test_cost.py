@@ -1034,3 +1034,19 @@ def test_benchmark_path_keeps_another_machines_file_of_the_day_and_replaces_its_
     (tmp_path / f"odd-{today}.json").write_text("[1, 2]")
     (tmp_path / f"odd-{today}-2.json").write_text("{not json")
     assert cost.benchmark_path(tmp_path, "odd", "machine A") == tmp_path / f"odd-{today}-3.json"
+
+
+def test_report_shows_a_chapters_newest_savings_table_not_rows_left_from_older_ones(isolated_runs):
+    # before: a fast run's "python 24^3" row stayed beside a full run's "python 256^3" row, in the text and the plot
+    ledger = cost.Ledger(isolated_runs / "ledger.jsonl")
+    ledger.append("02", "savings: matmul (python 8^3)", {"baseline": 1.0, "improved": 5.0, "ratio": 5.0})  # untagged
+    row = {"baseline": ("python", 1.0), "improved": ("torch", 9.0), "unit": "FLOP/s", "better": "higher"}
+    cost.savings_table("02", [dict(row, what="matmul (python 24^3)")], ledger=ledger)
+    cost.savings_table("01", [dict(row, what="bigram speed")], ledger=ledger)
+    cost.savings_table("02", [dict(row, what="matmul (python 256^3)"), dict(row, what="softmax time")], ledger=ledger)
+    ledger.append("02", "torch add", {"seconds": 0.5})   # not a savings row: stays whatever the tables
+    text, _ = cost.report(ledger, out_dir=isolated_runs)
+    assert "matmul (python 256^3)" in text and "softmax time" in text and "bigram speed" in text
+    assert "24^3" not in text and "8^3" not in text and "torch add" in text
+    tags = {e.get("savings_table") for e in ledger.entries() if e["label"].startswith("savings: ")}
+    assert len(tags) == 4 and None in tags   # one tag per table (three), and the untagged old row
