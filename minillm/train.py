@@ -220,6 +220,7 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
     if not all(hasattr(model, name) for name in ("config", "configure_optimizer")):
         raise TypeError(f"train: model must be a minillm model (a GPT, or one of minillm.lm's models: they have "
                         f".config and .configure_optimizer), got {type(model).__name__}; e.g. GPT(GPTConfig(...))")
+    _check_trainable(model, "train: model")
     device = _resolve_device(config.device)
     precision = _resolve_precision(config.precision, device)
     model.to(device)
@@ -362,6 +363,7 @@ def step_speeds(models: dict, tokens, config: TrainConfig | None = None, *, repe
         if not all(hasattr(model, attribute) for attribute in ("config", "configure_optimizer")):
             raise TypeError(f"step_speeds: models[{name!r}] must be a minillm model (a GPT, or one of minillm.lm's "
                             f"models), got {type(model).__name__}")
+        _check_trainable(model, f"step_speeds: models[{name!r}]")
     device = _resolve_device(config.device)
     precision = _resolve_precision(config.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
@@ -781,6 +783,15 @@ def _sigint_deferred():
         signal.signal(signal.SIGINT, previous)
     if received:
         previous(*received[0])  # the default handler raises KeyboardInterrupt here
+
+
+def _check_trainable(model: torch.nn.Module, who: str) -> None:
+    """A model with no parameter that requires a gradient has nothing to train (autograd would only say that the
+    loss "does not require grad")."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{who} ({type(model).__name__}) has no parameter that requires a gradient, so there is "
+                         "nothing to train: a CountingBigram is counted (CountingBigram.from_tokens), not trained; "
+                         "a frozen model needs requires_grad_(True) on what should learn")
 
 
 def _rng_state() -> dict:

@@ -839,3 +839,18 @@ def test_step_speeds_refuses_what_it_cannot_time(models, tokens, error, message)
     models = {name: byte_model() if model == "byte" else model for name, model in models.items()}
     with pytest.raises(error, match=message):
         step_speeds(models, tokens)
+
+
+def test_a_model_with_nothing_to_train_is_a_clear_error():
+    # before: autograd's "element 0 of tensors does not require grad and does not have a grad_fn"
+    from minillm import lm
+    from minillm.train import step_speeds
+
+    counting = lm.CountingBigram(torch.full((5, 5), 0.2))
+    frozen = byte_model().requires_grad_(False)
+    tokens = torch.randint(0, 5, (200,))
+    for model in (counting, frozen):
+        with pytest.raises(ValueError, match="no parameter that requires a gradient, so there is nothing to train"):
+            train(model, tokens, config=quick_config())
+        with pytest.raises(ValueError, match=r"step_speeds: models\['m'\].*nothing to train"):
+            step_speeds({"m": model}, tokens)
