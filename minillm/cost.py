@@ -1305,14 +1305,25 @@ def _machine(entry: dict) -> str:
 def _without_older_savings_tables(entries: list[dict]) -> list[dict]:
     """The entries less the savings rows of a chapter's older tables on the same machine: a table whose row names
     name sizes (a fast run's "24^3", a full run's "256^3") would otherwise leave its rows beside the newer table's.
-    Rows written before savings_table tagged its tables are dropped only where a newer table is tagged."""
-    newest: dict[tuple, str | None] = {}
-    for entry in entries:
-        if str(entry.get("label", "")).startswith("savings: "):
-            newest[(str(entry["chapter"]), _machine(entry))] = entry.get("savings_table")
-    return [entry for entry in entries
-            if not str(entry.get("label", "")).startswith("savings: ")
-            or newest[(str(entry["chapter"]), _machine(entry))] in (None, entry.get("savings_table"))]
+    A savings row without a table's tag (written by an older minillm, or by hand) stays unless a tagged table is
+    newer than it."""
+    def key(entry):
+        return str(entry["chapter"]), _machine(entry)
+
+    def is_savings(entry):
+        return str(entry.get("label", "")).startswith("savings: ")
+
+    newest: dict[tuple, tuple[int, object]] = {}   # (chapter, machine) -> (position, tag) of the newest table
+    for position, entry in enumerate(entries):
+        if is_savings(entry) and entry.get("savings_table") is not None:
+            newest[key(entry)] = (position, entry["savings_table"])
+    kept = []
+    for position, entry in enumerate(entries):
+        table_position, tag = newest.get(key(entry), (-1, None))
+        if not is_savings(entry) or (entry.get("savings_table") == tag if entry.get("savings_table") is not None
+                                     else position > table_position):
+            kept.append(entry)
+    return kept
 
 
 def _latest_per_label(entries: list[dict], by_machine: bool = False) -> dict[str, dict[str, dict]]:

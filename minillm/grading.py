@@ -69,27 +69,32 @@ def check(grade_id: str, *answer: Any, **options: Any) -> int:
     """Run the registered checker on the student's answer; print one line and return the points earned.
 
     What the student's functions return reaches the checker as plain values (see `plain`)."""
-    # What a student reads under the cell: their own frames, not the checker's. A wrong answer's hint comes with no
-    # traceback through minillm/checks (whose source, shown around the raise, holds the reference); an error in the
-    # student's code (their stub's NotImplementedError, a bug) keeps the frames from their function on, and
-    # IPython skips this one (__tracebackhide__). The exception is unchanged: graders still see its type.
+    # What a student reads under the cell: their own frames, not minillm's. A wrong answer's hint (or a Ctrl-C
+    # while the checker runs) comes with no traceback through minillm/checks, whose source, shown around the
+    # raise, holds the reference; an error in the student's code (their stub's NotImplementedError, a bug, a
+    # Ctrl-C there) keeps the frames from their function on, and its chain of causes, and IPython skips this
+    # frame (__tracebackhide__). The exception itself is the same object: graders still see its type.
     __tracebackhide__ = True
     ex = get_exercise(grade_id)
     try:
         verdict = ex.checker(*map(_returning_plain, answer), **options) or "matches the reference"
-    except Exception as error:
-        raise error.with_traceback(_from_the_students_code(error.__traceback__)) from None
+    except BaseException as error:
+        students = _from_the_students_code(error.__traceback__)
+        if students is None:   # raised by minillm: the checker's verdict, whose message says it all
+            raise error.with_traceback(None) from None
+        raise error.with_traceback(students)
     plural = "s" if ex.points != 1 else ""
     print(f"✓ {ex.grade_id} {ex.title} {verdict} ({ex.points} point{plural})")
     return ex.points
 
 
-_GRADING_FILES = (__file__.removesuffix("c"), str(Path(__file__).with_name("checks")) + os.sep)
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 def _from_the_students_code(tb):
-    """The traceback `tb` without its leading frames in minillm.grading and minillm/checks (None if all are)."""
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_GRADING_FILES):
+    """The traceback `tb` from the first frame outside the minillm package on (None if there is none): the
+    checker's frames, and library code it calls the student's function through, go."""
+    while tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
         tb = tb.tb_next
     return tb
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import pickle
 import re
@@ -195,6 +196,10 @@ def estimate_loss(model: torch.nn.Module, tokens, block_size: int, batch_size: i
     return torch.stack(losses).mean().item()
 
 
+# Training needs autograd: a call from inside torch.no_grad() or torch.inference_mode() (a notebook cell that
+# evaluated under one) still trains, rather than failing on "element 0 of tensors does not require grad".
+@torch.inference_mode(False)
+@torch.enable_grad()
 def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainConfig | None = None, *,
           resume_from: str | None = None, meter: Meter | None = None) -> TrainResult:
     """Train `model` on random windows of `train_tokens`; returns the history and the measured cost.
@@ -344,6 +349,8 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
     return TrainResult(history, meter, final_val_loss, completed, interrupted, interrupt_path, compiled)
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()
 def step_speeds(models: dict, tokens, config: TrainConfig | None = None, *, repeats: int = 5) -> dict[str, float]:
     """Training tokens/s of each model, from single training steps timed in alternating rounds.
 
@@ -356,6 +363,8 @@ def step_speeds(models: dict, tokens, config: TrainConfig | None = None, *, repe
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"step_speeds: config must be a TrainConfig, got {type(config).__name__}")
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
+        raise ValueError(f"step_speeds: repeats={repeats!r} must be a whole number >= 1 (timed rounds per model)")
     if not isinstance(models, dict) or not models:
         raise TypeError("step_speeds: models must be a non-empty dict of name -> minillm model, e.g. "
                         "{'dense': dense_model, 'MoE': moe_model}")

@@ -1050,3 +1050,7 @@ def test_report_shows_a_chapters_newest_savings_table_not_rows_left_from_older_o
     assert "24^3" not in text and "8^3" not in text and "torch add" in text
     tags = {e.get("savings_table") for e in ledger.entries() if e["label"].startswith("savings: ")}
     assert len(tags) == 4 and None in tags   # one tag per table (three), and the untagged old row
+    # A row appended by hand after the newest table stays, and brings no older table back.
+    ledger.append("02", "savings: by hand", {"baseline": 1.0, "improved": 2.0, "ratio": 2.0})
+    text, _ = cost.report(ledger, out_dir=isolated_runs)
+    assert "by hand" in text and "matmul (python 256^3)" in text and "24^3" not in text and "8^3" not in text

@@ -832,13 +832,29 @@ def test_step_speeds_times_copies_in_alternating_rounds_and_leaves_the_models_al
     ({}, list(range(100)), TypeError, "non-empty dict"),
     ({"x": torch.nn.Linear(2, 2)}, list(range(100)), TypeError, r"models\['x'\] must be a minillm model"),
     ({"gpt": "byte"}, [1, 2, 3], ValueError, "too few for block_size=32"),
+    ({"gpt": "byte"}, list(range(100)), ValueError, r"step_speeds: repeats=1.0 must be a whole number >= 1"),
 ])
 def test_step_speeds_refuses_what_it_cannot_time(models, tokens, error, message):
     from minillm.train import step_speeds
 
     models = {name: byte_model() if model == "byte" else model for name, model in models.items()}
     with pytest.raises(error, match=message):
-        step_speeds(models, tokens)
+        step_speeds(models, tokens, repeats=1.0 if "repeats" in message else 1)
+
+
+def test_train_and_step_speeds_work_inside_no_grad_and_inference_mode():
+    # before: autograd's "element 0 of tensors does not require grad" from a cell that evaluated under no_grad
+    from minillm.train import step_speeds
+
+    tokens = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0))
+    for mode in (torch.no_grad, torch.inference_mode):
+        model = byte_model()
+        before = model.lm_head.weight.detach().clone()
+        with mode():
+            assert step_speeds({"gpt": model}, tokens, TrainConfig(batch_size=4), repeats=1)["gpt"] > 0
+            result = train(model, tokens, tokens, quick_config())
+            assert not torch.is_grad_enabled()   # and the caller's mode is back
+        assert result.step == quick_config().steps and not torch.equal(model.lm_head.weight.detach(), before)
 
 
 def test_a_model_with_nothing_to_train_is_a_clear_error():
