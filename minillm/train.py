@@ -222,9 +222,6 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
                          f"inside it, e.g. {os.path.join(config.checkpoint_path, 'checkpoint.pt')!r}")
     if config.checkpoint_path is not None:   # an unwritable folder too: found now, not after the whole run
         ensure_writable_folder(config.checkpoint_path, "train: checkpoint_path")
-    if not all(hasattr(model, name) for name in ("config", "configure_optimizer")):
-        raise TypeError(f"train: model must be a minillm model (a GPT, or one of minillm.lm's models: they have "
-                        f".config and .configure_optimizer), got {type(model).__name__}; e.g. GPT(GPTConfig(...))")
     _check_trainable(model, "train: model")
     device = _resolve_device(config.device)
     precision = _resolve_precision(config.precision, device)
@@ -235,8 +232,7 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
         val_tokens = _as_token_tensor(val_tokens, "val_tokens", vocab_size, block_size)
     optimizer = model.configure_optimizer(config.lr, config.weight_decay, config.betas, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=precision in ("bf16", "fp16"))
+    autocast = _autocast(precision, device)
     completed = 0
     if resume_from is not None:
         # This config's optimizer settings, not the saved run's: load_state_dict brings back the saved ones.
@@ -369,14 +365,10 @@ def step_speeds(models: dict, tokens, config: TrainConfig | None = None, *, repe
         raise TypeError("step_speeds: models must be a non-empty dict of name -> minillm model, e.g. "
                         "{'dense': dense_model, 'MoE': moe_model}")
     for name, model in models.items():
-        if not all(hasattr(model, attribute) for attribute in ("config", "configure_optimizer")):
-            raise TypeError(f"step_speeds: models[{name!r}] must be a minillm model (a GPT, or one of minillm.lm's "
-                            f"models), got {type(model).__name__}")
         _check_trainable(model, f"step_speeds: models[{name!r}]")
     device = _resolve_device(config.device)
     precision = _resolve_precision(config.precision, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=precision in ("bf16", "fp16"))
+    autocast = _autocast(precision, device)
     rng = _rng_state()
     steps, tokens_per_step = {}, {}
     try:
@@ -487,8 +479,9 @@ def load_checkpoint(path, model: torch.nn.Module | None = None, optimizer: torch
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
         detail = f"torch.load's safe reader stopped at: {reason.group(1).strip()}" if reason else \
             f"{type(error).__name__}: {error}"
-        raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({detail}); either it is not a file torch.save wrote (check the path: save_checkpoint "
-                         "writes .pt files) or it is truncated or corrupt; use another checkpoint") from error
+        raise ValueError(f"load_checkpoint: {path} is not a readable checkpoint ({detail}); either it is not a file "
+                         "torch.save wrote (check the path: save_checkpoint writes .pt files) or it is truncated or "
+                         "corrupt; use another checkpoint") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load_checkpoint: {path} was not written by minillm.train.save_checkpoint")
     missing = [key for key in ("model_state", "model_config", "step") if key not in checkpoint]
@@ -719,6 +712,12 @@ def _resolve_device(name: str) -> torch.device:
     return resolve_device(name, "TrainConfig")
 
 
+def _autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context for a resolved precision ("bf16", "fp16" or "fp32": off)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          enabled=precision in ("bf16", "fp16"))
+
+
 def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type == "cuda":
@@ -795,8 +794,11 @@ def _sigint_deferred():
 
 
 def _check_trainable(model: torch.nn.Module, who: str) -> None:
-    """A model with no parameter that requires a gradient has nothing to train (autograd would only say that the
-    loss "does not require grad")."""
+    """`model` is a minillm model with something to train: with no parameter that requires a gradient, autograd
+    would only say that the loss "does not require grad"."""
+    if not all(hasattr(model, name) for name in ("config", "configure_optimizer")):
+        raise TypeError(f"{who} must be a minillm model (a GPT, or one of minillm.lm's models: they have .config "
+                        f"and .configure_optimizer), got {type(model).__name__}; e.g. GPT(GPTConfig(...))")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"{who} ({type(model).__name__}) has no parameter that requires a gradient, so there is "
                          "nothing to train: a CountingBigram is counted (CountingBigram.from_tokens), not trained; "

@@ -800,32 +800,42 @@ def test_a_map_location_this_machine_lacks_is_not_called_a_corrupt_checkpoint(tm
             torch.testing.assert_close(loaded.state_dict()[name].cpu(), tensor)
 
 
-def test_step_speeds_times_copies_in_alternating_rounds_and_leaves_the_models_alone():
-    import time
-
+def test_step_speeds_times_copies_in_alternating_rounds_and_leaves_the_models_alone(monkeypatch):
+    from minillm import train as train_module
     from minillm.train import step_speeds
 
-    class SlowGPT(GPT):   # a model whose every forward waits: it must come out far slower than its twin
+    calls = []
+
+    class Recording(GPT):   # every forward says whose it is (the copies keep the tag)
         def forward(self, idx, targets=None):
-            time.sleep(0.02)
+            calls.append(self.tag)
             return super().forward(idx, targets)
 
+    timed = {}
+
+    def keep_seconds(fns, **options):   # the real timing, with what it measured kept for the check below
+        timed.update(real_interleaved(fns, **options))
+        return timed
+
+    real_interleaved = train_module.best_seconds_interleaved
+    monkeypatch.setattr(train_module, "best_seconds_interleaved", keep_seconds)
     tokens = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0))
-    moe = byte_model(moe=MoEConfig(n_routed=4, top_k=2, n_shared=1, expert_hidden=16, bias_update_rate=0.1))
-    torch.manual_seed(1)
-    slow = SlowGPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
-    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("moe", moe), ("slow", slow))}
+    torch.manual_seed(0)
+    moe = Recording(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                              moe=MoEConfig(n_routed=4, top_k=2, n_shared=1, expert_hidden=16, bias_update_rate=0.1)))
+    dense = Recording(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    moe.tag, dense.tag = "MoE", "dense"
+    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("moe", moe), ("dense", dense))}
     moe.eval()                                            # the copies train; the models keep their mode
     rng = torch.get_rng_state()
-    speeds = step_speeds({"MoE": moe, "slow": slow}, tokens, TrainConfig(batch_size=4), repeats=2)
-    assert set(speeds) == {"MoE", "slow"} and all(speed > 0 for speed in speeds.values())
-    assert speeds["slow"] < 4 * 32 / 0.02                  # a step of 4 x 32 tokens takes at least the 20 ms wait
-    assert speeds["MoE"] > 2 * speeds["slow"]
-    for name, model in (("moe", moe), ("slow", slow)):    # weights, bias, load counters: as they were
+    speeds = step_speeds({"MoE": moe, "dense": dense}, tokens, TrainConfig(batch_size=4), repeats=2)
+    assert calls == ["MoE", "dense"] * 3                  # one warm-up each, then two alternating rounds
+    assert speeds == {"MoE": 4 * 32 / timed["MoE"], "dense": 4 * 16 / timed["dense"]}   # each its own block
+    for name, model in (("moe", moe), ("dense", dense)):  # weights, bias, load counters: as they were
         assert all(torch.equal(saved[name][k], v) for k, v in model.state_dict().items())
     assert not moe.moe_layers()[0].step_load.any() and not moe.moe_layers()[0].load_history
     assert torch.equal(torch.get_rng_state(), rng)
-    assert slow.training and not moe.training
+    assert dense.training and not moe.training
 
 
 @pytest.mark.parametrize("models, tokens, error, message", [

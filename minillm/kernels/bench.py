@@ -201,8 +201,8 @@ def bench_kernels(size: int = 4096, out_dir: str | None = None, write: bool = Tr
     for name, met in targets.items():
         print(f"target {name}: {'met' if met else 'NOT met'}")
     result = {"gpu": hardware.get("gpu"), "hardware": format_hardware(hardware), "hardware_id": hardware_id(hardware),
-              "torch": torch.__version__,
-              "triton": triton.__version__, "measured_at": _dt.datetime.now().isoformat(timespec="seconds"),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "measured_at": _dt.datetime.now().isoformat(timespec="seconds"),
               "copy_gb_per_second": copy_gb_per_second, "rows": rows, "targets": targets}
     if write:
         folder = Path(out_dir) if out_dir else (repo_root() or Path.cwd()) / "benchmarks"
