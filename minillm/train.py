@@ -196,10 +196,6 @@ def estimate_loss(model: torch.nn.Module, tokens, block_size: int, batch_size: i
     return torch.stack(losses).mean().item()
 
 
-# Training needs autograd: a call from inside torch.no_grad() or torch.inference_mode() (a notebook cell that
-# evaluated under one) still trains, rather than failing on "element 0 of tensors does not require grad".
-@torch.inference_mode(False)
-@torch.enable_grad()
 def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainConfig | None = None, *,
           resume_from: str | None = None, meter: Meter | None = None) -> TrainResult:
     """Train `model` on random windows of `train_tokens`; returns the history and the measured cost.
@@ -283,7 +279,9 @@ def train(model: torch.nn.Module, train_tokens, val_tokens=None, config: TrainCo
     run_start = last_time = time.perf_counter()
     model.train()
     try:
-        with timing:
+        # Training needs autograd: a call from inside torch.no_grad() or torch.inference_mode() (a notebook cell
+        # that had just evaluated) still trains, rather than failing on "element 0 of tensors does not require grad".
+        with timing, torch.inference_mode(False), torch.enable_grad():
             for step in range(completed + 1, config.steps + 1):
                 lr = lr_at(step, config)
                 for group in optimizer.param_groups:
